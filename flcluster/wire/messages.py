@@ -1,0 +1,302 @@
+"""Typed cluster messages carried in frames (spec/cluster-protocol.md, "Messages").
+
+Each message is a small frozen attrs record registered under its wire name. :func:`to_frame` turns one
+into a frame header; :func:`from_frame` turns a received header back into a record, checking that every
+field is present, of the declared type, and that there are no extra fields. A frame that fails these
+checks raises :class:`~flcluster.errors.FrameError` and changes nothing: the receiver answers with
+:class:`ErrorReply` (or drops the connection) and carries on.
+
+Field types are limited to ``str``, ``int``, ``bool``, ``float`` and tuples of a nested message record,
+which is all the cluster protocol needs and keeps the checker small.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from flcluster.errors import FrameError
+from flcluster.wire.frames import Frame
+
+MAX_STRING = 4096
+MAX_ITEMS = 100_000
+
+M = TypeVar("M")
+_REGISTRY: dict[str, type[Any]] = {}
+
+
+def register(cls: type[M]) -> type[M]:
+    """Class decorator: register an attrs message record under its wire name ``cls.TYPE``."""
+    name: str = getattr(cls, "TYPE")  # noqa: B009 - TYPE is a ClassVar every message declares
+    if name in _REGISTRY:
+        raise RuntimeError(f"message type {name!r} registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+# ----------------------------------------------------------------------------------- records
+
+
+@attrs.frozen
+class MemberRecord:
+    """A membership row on the wire (see :class:`flcluster.core.cluster.Member`)."""
+
+    rank: int
+    node_id: str
+    host: str
+    port: int
+    device_port: int
+    alive: bool
+
+
+@attrs.frozen
+class NodeProcess:
+    """A node's process, as reported to ``flcluster finish``."""
+
+    node_id: str
+    role: str
+    host: str
+    pid: int
+    finished: bool
+
+
+# -------------------------------------------------------------------- Server <-> Scheduler
+
+
+@register
+@attrs.frozen
+class Register:
+    """Server → Scheduler: join the cluster (first frame on a Server's Scheduler link)."""
+
+    TYPE: ClassVar[str] = "register"
+    node_id: str
+    role: str
+    host: str
+    port: int
+    device_port: int
+    pid: int
+    server_num: int
+    fl_iteration_num: int
+    recovering: bool
+
+
+@register
+@attrs.frozen
+class RegisterReply:
+    """Scheduler → Server: accepted with ``rank``, or refused with ``reason``."""
+
+    TYPE: ClassVar[str] = "register_reply"
+    accepted: bool
+    rank: int
+    reason: str
+
+
+@register
+@attrs.frozen
+class HeartbeatMsg:
+    """Server → Scheduler: I am alive."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    node_id: str
+
+
+@register
+@attrs.frozen
+class HeartbeatReply:
+    """Scheduler → Server: the cluster state, by name."""
+
+    TYPE: ClassVar[str] = "heartbeat_reply"
+    state: str
+
+
+@register
+@attrs.frozen
+class Membership:
+    """Scheduler → every Server: the cluster state and every member."""
+
+    TYPE: ClassVar[str] = "membership"
+    state: str
+    members: tuple[MemberRecord, ...]
+
+
+@register
+@attrs.frozen
+class Shutdown:
+    """Scheduler → Server: stop serving, answer :class:`Finished`, exit."""
+
+    TYPE: ClassVar[str] = "shutdown"
+    reason: str
+
+
+@register
+@attrs.frozen
+class Finished:
+    """Server → Scheduler: I have stopped serving and am exiting."""
+
+    TYPE: ClassVar[str] = "finished"
+    node_id: str
+
+
+# --------------------------------------------------------------------- operator tool <-> Scheduler
+
+
+@register
+@attrs.frozen
+class FinishCluster:
+    """Operator tool → Scheduler: finish the whole cluster gracefully."""
+
+    TYPE: ClassVar[str] = "finish_cluster"
+
+
+@register
+@attrs.frozen
+class FinishReply:
+    """Scheduler → operator tool: every process of the cluster, and whether it finished."""
+
+    TYPE: ClassVar[str] = "finish_reply"
+    nodes: tuple[NodeProcess, ...]
+
+
+# ---------------------------------------------------------------------------- Server <-> Server
+
+
+@register
+@attrs.frozen
+class PeerHello:
+    """Follower → leader: the first frame on a peer link."""
+
+    TYPE: ClassVar[str] = "peer_hello"
+    node_id: str
+    rank: int
+
+
+@register
+@attrs.frozen
+class PeerHelloReply:
+    """Leader → follower: the link is open."""
+
+    TYPE: ClassVar[str] = "peer_hello_reply"
+    node_id: str
+    rank: int
+
+
+@register
+@attrs.frozen
+class PeerPing:
+    """Either side of a peer link: keep-alive."""
+
+    TYPE: ClassVar[str] = "peer_ping"
+    seq: int
+
+
+@register
+@attrs.frozen
+class ErrorReply:
+    """Any direction: the previous frame broke a rule; ``reason`` says which. Nothing changed."""
+
+    TYPE: ClassVar[str] = "error"
+    reason: str
+
+
+Message = (
+    Register
+    | RegisterReply
+    | HeartbeatMsg
+    | HeartbeatReply
+    | Membership
+    | Shutdown
+    | Finished
+    | FinishCluster
+    | FinishReply
+    | PeerHello
+    | PeerHelloReply
+    | PeerPing
+    | ErrorReply
+)
+
+
+# ------------------------------------------------------------------------------- conversion
+
+
+def to_header(msg: Any) -> dict[str, Any]:
+    """The frame header for a registered message record."""
+    header: dict[str, Any] = {"type": type(msg).TYPE}
+    for field in attrs.fields(type(msg)):
+        header[field.name] = _to_json(getattr(msg, field.name))
+    return header
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if attrs.has(type(value)):
+        return {f.name: _to_json(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    return value
+
+
+def from_frame(frame: Frame) -> Message:
+    """Decode a frame's header into its message record.
+
+    Raises:
+        FrameError: unknown type, missing or extra fields, or a field of the wrong type.
+    """
+    cls = _REGISTRY.get(frame.type)
+    if cls is None:
+        raise FrameError(f"unknown message type {frame.type!r}; known types: {sorted(_REGISTRY)}")
+    body = {k: v for k, v in frame.header.items() if k != "type"}
+    result: Message = _build(cls, body, frame.type)
+    return result
+
+
+def _build(cls: type[Any], body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise FrameError(f"{where}: expected a JSON object, got {type(body).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = attrs.fields(cls)
+    names = {f.name for f in fields}
+    extra = sorted(set(body) - names)
+    if extra:
+        raise FrameError(f"{where}: unexpected fields {extra}")
+    values: dict[str, Any] = {}
+    for field in fields:
+        if field.name not in body:
+            raise FrameError(f"{where}: missing field {field.name!r}")
+        values[field.name] = _check(hints[field.name], body[field.name], f"{where}.{field.name}")
+    return cls(**values)
+
+
+def _check(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise FrameError(f"{where}: expected a list, got {type(value).__name__}")
+        if len(value) > MAX_ITEMS:
+            raise FrameError(f"{where}: {len(value)} items exceed the limit of {MAX_ITEMS}")
+        return tuple(_check(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(hint, type) and attrs.has(hint):
+        return _build(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise FrameError(f"{where}: expected a bool, got {value!r:.80}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FrameError(f"{where}: expected an int, got {value!r:.80}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FrameError(f"{where}: expected a number, got {value!r:.80}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise FrameError(f"{where}: expected a string, got {value!r:.80}")
+        if len(value) > MAX_STRING:
+            raise FrameError(f"{where}: string of {len(value)} characters exceeds {MAX_STRING}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no union fields today
+        raise FrameError(f"{where}: union fields are not supported")
+    raise TypeError(f"{where}: unsupported field type {hint!r}")  # a programming error, not bad input
