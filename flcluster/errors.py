@@ -28,6 +28,13 @@ class FrameError(ProtocolError):
     """A cluster TCP frame is malformed, truncated, oversized or of an unknown type."""
 
 
+class MessageError(FrameError):
+    """A well-framed cluster message is of an unknown type or has missing, extra or mistyped fields.
+
+    Unlike other frame errors the byte stream is still in sync: the receiver answers and reads on.
+    """
+
+
 class IllegalEvent(ProtocolError):
     """A state machine was fed an event that is not legal in its current state (nothing changed)."""
 

@@ -77,7 +77,7 @@ class FrameDecoder:
         """Bytes received but not yet returned as a frame."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Add received bytes."""
         self._buffer += data
 

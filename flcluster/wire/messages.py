@@ -3,7 +3,7 @@
 Each message is a small frozen attrs record registered under its wire name. :func:`to_frame` turns one
 into a frame header; :func:`from_frame` turns a received header back into a record, checking that every
 field is present, of the declared type, and that there are no extra fields. A frame that fails these
-checks raises :class:`~flcluster.errors.FrameError` and changes nothing: the receiver answers with
+checks raises :class:`~flcluster.errors.MessageError` and changes nothing: the receiver answers with
 :class:`ErrorReply` (or drops the connection) and carries on.
 
 Field types are limited to ``str``, ``int``, ``bool``, ``float`` and tuples of a nested message record,
@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from flcluster.errors import FrameError
+from flcluster.errors import MessageError
 from flcluster.wire.frames import Frame
 
 MAX_STRING = 4096
@@ -241,11 +241,11 @@ def from_frame(frame: Frame) -> Message:
     """Decode a frame's header into its message record.
 
     Raises:
-        FrameError: unknown type, missing or extra fields, or a field of the wrong type.
+        MessageError: unknown type, missing or extra fields, or a field of the wrong type.
     """
     cls = _REGISTRY.get(frame.type)
     if cls is None:
-        raise FrameError(f"unknown message type {frame.type!r}; known types: {sorted(_REGISTRY)}")
+        raise MessageError(f"unknown message type {frame.type!r}; known types: {sorted(_REGISTRY)}")
     body = {k: v for k, v in frame.header.items() if k != "type"}
     result: Message = _build(cls, body, frame.type)
     return result
@@ -253,17 +253,17 @@ def from_frame(frame: Frame) -> Message:
 
 def _build(cls: type[Any], body: Any, where: str) -> Any:
     if not isinstance(body, dict):
-        raise FrameError(f"{where}: expected a JSON object, got {type(body).__name__}")
+        raise MessageError(f"{where}: expected a JSON object, got {type(body).__name__}")
     hints = typing.get_type_hints(cls)
     fields = attrs.fields(cls)
     names = {f.name for f in fields}
     extra = sorted(set(body) - names)
     if extra:
-        raise FrameError(f"{where}: unexpected fields {extra}")
+        raise MessageError(f"{where}: unexpected fields {extra}")
     values: dict[str, Any] = {}
     for field in fields:
         if field.name not in body:
-            raise FrameError(f"{where}: missing field {field.name!r}")
+            raise MessageError(f"{where}: missing field {field.name!r}")
         values[field.name] = _check(hints[field.name], body[field.name], f"{where}.{field.name}")
     return cls(**values)
 
@@ -273,30 +273,30 @@ def _check(hint: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         (item_hint, _ellipsis) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise FrameError(f"{where}: expected a list, got {type(value).__name__}")
+            raise MessageError(f"{where}: expected a list, got {type(value).__name__}")
         if len(value) > MAX_ITEMS:
-            raise FrameError(f"{where}: {len(value)} items exceed the limit of {MAX_ITEMS}")
+            raise MessageError(f"{where}: {len(value)} items exceed the limit of {MAX_ITEMS}")
         return tuple(_check(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(hint, type) and attrs.has(hint):
         return _build(hint, value, where)
     if hint is bool:
         if not isinstance(value, bool):
-            raise FrameError(f"{where}: expected a bool, got {value!r:.80}")
+            raise MessageError(f"{where}: expected a bool, got {value!r:.80}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise FrameError(f"{where}: expected an int, got {value!r:.80}")
+            raise MessageError(f"{where}: expected an int, got {value!r:.80}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise FrameError(f"{where}: expected a number, got {value!r:.80}")
+            raise MessageError(f"{where}: expected a number, got {value!r:.80}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise FrameError(f"{where}: expected a string, got {value!r:.80}")
+            raise MessageError(f"{where}: expected a string, got {value!r:.80}")
         if len(value) > MAX_STRING:
-            raise FrameError(f"{where}: string of {len(value)} characters exceeds {MAX_STRING}")
+            raise MessageError(f"{where}: string of {len(value)} characters exceeds {MAX_STRING}")
         return value
     if isinstance(hint, types.UnionType):  # pragma: no cover - no union fields today
-        raise FrameError(f"{where}: union fields are not supported")
+        raise MessageError(f"{where}: union fields are not supported")
     raise TypeError(f"{where}: unsupported field type {hint!r}")  # a programming error, not bad input

@@ -1,0 +1,88 @@
+"""The Scheduler's management REST API (spec/management-api.md).
+
+The shapes are the original's (reference §4): every answer is JSON; success is HTTP 200 with
+``"code": "0"``; an error is HTTP 400 with ``{"error_message": ..., "code": "1"}``. As in the
+original, the HTTP method is not checked, and bodies sent to endpoints that take none are ignored.
+Unlike the original, the bind address is configurable (``scheduler_manage_host``, loopback by
+default) and an unknown path gets a JSON 404 in the same error shape.
+
+The app only *reads* the cluster through a :class:`ClusterView`; it never changes membership itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from quart import Response, jsonify
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from flcluster.core.cluster import ClusterState, Member
+
+ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+
+
+class ClusterView(Protocol):
+    """What the management API needs to know about the cluster."""
+
+    @property
+    def state(self) -> ClusterState:
+        """The current cluster state."""
+        ...
+
+    @property
+    def scheduler_node_id(self) -> str:
+        """The Scheduler's own node id."""
+        ...
+
+    def members(self) -> tuple[Member, ...]:
+        """Every registered Server, by rank."""
+        ...
+
+
+def error_response(message: str, status: int = 400) -> Response:
+    """The original's error shape: ``{"error_message": message, "code": "1"}``."""
+    response = jsonify({"error_message": message, "code": "1"})
+    response.status_code = status
+    return response
+
+
+def create_management_app(view: ClusterView, *, max_body: int) -> QuartTrio:
+    """Build the management app over ``view``; bodies over ``max_body`` bytes are refused."""
+    app = QuartTrio("flcluster.management")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+
+    @app.route("/nodes", methods=ANY_METHOD)
+    async def nodes() -> Response:
+        rows: list[dict[str, Any]] = [
+            {
+                "alive": "true" if m.alive else "false",
+                "nodeId": m.node_id,
+                "rankId": str(m.rank),
+                "role": "SERVER",
+            }
+            for m in view.members()
+        ]
+        rows.append({"alive": "true", "nodeId": view.scheduler_node_id, "rankId": "0", "role": "SCHEDULER"})
+        return jsonify({"code": "0", "message": "Get nodes info successful.", "nodeIds": rows})
+
+    @app.route("/state", methods=ANY_METHOD)
+    async def state() -> Response:
+        return jsonify(
+            {"code": "0", "message": "Get cluster state successful.", "cluster_state": view.state.name}
+        )
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        if exc.code == 413:
+            return error_response(f"The post message is bigger than {max_body} bytes.")
+        if exc.code == 404:
+            return error_response(f"The management API has no endpoint at this path: {exc.description}", 404)
+        return error_response(str(exc.description), exc.code or 400)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        app.logger.exception("management request failed")
+        return error_response(f"Internal error: {type(exc).__name__}", 500)
+
+    return app

@@ -1,0 +1,95 @@
+"""Framed message links over any trio stream (spec/cluster-protocol.md, "Frames").
+
+:class:`FramedLink` wraps a :class:`trio.abc.Stream` (a TCP connection in production, an in-memory
+stream pair in tests) with the sans-IO :class:`~flcluster.wire.frames.FrameDecoder`. Sends are
+serialised by a lock so two tasks can share a link; receives are done by one task per link.
+
+Two kinds of bad input are told apart, because they call for different answers:
+
+- a *stream* error (bad length, oversized frame, header that is not JSON) leaves the byte stream
+  unusable: :meth:`FramedLink.receive` raises :class:`~flcluster.errors.FrameError` and the owner
+  closes the link;
+- a *message* error (unknown type, missing field, wrong type) leaves the stream in sync: the owner
+  answers :class:`~flcluster.wire.messages.ErrorReply` and keeps reading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from flcluster.errors import FrameError
+from flcluster.wire.frames import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
+from flcluster.wire.messages import Message, from_frame, to_header
+
+RECEIVE_CHUNK = 256 * 1024
+
+
+class LinkClosed(Exception):
+    """The other side closed the link (or it broke)."""
+
+
+class FramedLink:
+    """A bidirectional link carrying cluster frames."""
+
+    def __init__(self, stream: trio.abc.Stream, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._stream = stream
+        self._decoder = FrameDecoder(max_frame=max_frame)
+        self._max_frame = max_frame
+        self._send_lock = trio.Lock()
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The underlying stream."""
+        return self._stream
+
+    async def send(self, msg: Any, payload: bytes = b"") -> None:
+        """Send one message record (and an optional raw payload).
+
+        Raises:
+            LinkClosed: the link broke.
+        """
+        data = encode_frame(to_header(msg), payload, max_frame=self._max_frame)
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise LinkClosed(str(exc)) from None
+
+    async def receive_frame(self) -> Frame:
+        """Receive the next whole frame.
+
+        Raises:
+            LinkClosed: the other side closed the link (or it broke).
+            FrameError: the byte stream is malformed; close the link.
+        """
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                return frame
+            try:
+                data = await self._stream.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise LinkClosed(str(exc)) from None
+            if not data:
+                if self._decoder.buffered:
+                    raise FrameError(f"link closed in the middle of a frame ({self._decoder.buffered} bytes)")
+                raise LinkClosed("end of stream")
+            self._decoder.feed(data)
+
+    async def receive(self) -> tuple[Message, bytes]:
+        """Receive the next message and its payload.
+
+        Raises:
+            LinkClosed: the link closed.
+            FrameError: a stream error or a malformed message (see the module docstring).
+        """
+        frame = await self.receive_frame()
+        return from_frame(frame), frame.payload
+
+    async def aclose(self) -> None:
+        """Close the link (idempotent)."""
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await self._stream.aclose()

@@ -1,0 +1,420 @@
+"""The Scheduler process: the trio driver of :class:`flcluster.core.cluster.ClusterMachine`.
+
+Nursery tree (one ``trio.run`` per process)::
+
+    scheduler ─┬ cluster listener (TCP, scheduler_port) ─ one task per connection
+               │                                          ├ reader: frames → events
+               │                                          └ writer: outbound queue → frames
+               ├ liveness reaper (sleeps until the next heartbeat deadline → LivenessCheck)
+               ├ start-up deadline (cluster_available_timeout → StartupDeadlinePassed)
+               └ management HTTP (hypercorn.trio.serve, quart-trio app, scheduler_manage_port)
+
+The Scheduler is the only writer of the cluster machine, and every change goes through
+:meth:`SchedulerNode.dispatch`, which feeds one event and carries out the instructions in order. Each
+Server link has a bounded outbound queue drained by its own writer task, so a slow or stuck Server can
+never stall the Scheduler: when its queue is full, its link is dropped and it reconnects.
+
+A connection's first frame says what it is: ``register`` opens a Server link; ``finish_cluster`` is
+the operator's ``flcluster finish``. Anything else is answered with ``error`` and closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from flcluster.core.cluster import (
+    AcceptRegistration,
+    BeginShutdown,
+    ClusterConfig,
+    ClusterMachine,
+    ClusterState,
+    Event,
+    ExitCluster,
+    Heartbeat,
+    LivenessCheck,
+    Member,
+    NodeFinished,
+    NodeInfo,
+    NodeLivenessChanged,
+    RefuseRegistration,
+    RegisterNode,
+    Role,
+    SendMembership,
+    SendShutdown,
+    ShutdownDeadlinePassed,
+    StartupDeadlinePassed,
+    StateChanged,
+)
+from flcluster.errors import FrameError, IllegalEvent, MessageError
+from flcluster.http.management import create_management_app
+from flcluster.http.serving import serve_app
+from flcluster.runtime.links import FramedLink, LinkClosed
+from flcluster.wire.messages import (
+    ErrorReply,
+    FinishCluster,
+    Finished,
+    FinishReply,
+    HeartbeatMsg,
+    HeartbeatReply,
+    MemberRecord,
+    Membership,
+    NodeProcess,
+    Register,
+    RegisterReply,
+    Shutdown,
+)
+
+log = logging.getLogger("flcluster.scheduler")
+
+HANDSHAKE_TIMEOUT = 10.0
+OUTBOUND_QUEUE = 64
+
+
+@attrs.frozen
+class SchedulerSettings:
+    """What a Scheduler process needs to run (taken from :class:`flcluster.config.FLContext`).
+
+    Attributes:
+        node_id: The Scheduler's own node id (listed by ``/nodes``).
+        server_num: Servers that make up the cluster.
+        bind_host: Address of the cluster TCP listener.
+        port: Cluster TCP port (``scheduler_port``); 0 picks a free one.
+        manage_host: Address of the management HTTP port (loopback by default).
+        manage_port: Management HTTP port (``scheduler_manage_port``); 0 picks a free one.
+        heartbeat_timeout: Seconds of silence before a node is not alive.
+        cluster_available_timeout: Seconds the cluster may take to form before the Scheduler exits.
+        finish_timeout: Seconds a graceful finish waits for the Servers before giving up on them.
+        max_message_size: Limit on cluster frames and management bodies, in bytes.
+    """
+
+    node_id: str
+    server_num: int
+    bind_host: str = "127.0.0.1"
+    port: int = 6667
+    manage_host: str = "127.0.0.1"
+    manage_port: int = 11202
+    heartbeat_timeout: float = 30.0
+    cluster_available_timeout: float = 900.0
+    finish_timeout: float = 10.0
+    max_message_size: int = 100 * 1024 * 1024
+
+
+@attrs.frozen
+class SchedulerAddresses:
+    """Where a started Scheduler listens (reported by :meth:`SchedulerNode.serve`)."""
+
+    port: int
+    manage_urls: list[str]
+
+
+class _ServerLink:
+    """One registered Server's connection: the link and its bounded outbound queue."""
+
+    def __init__(self, node_id: str, link: FramedLink) -> None:
+        self.node_id = node_id
+        self.link = link
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Any](OUTBOUND_QUEUE)
+
+    def post(self, msg: Any) -> bool:
+        """Queue a message; False when the Server is too slow (the caller drops the link)."""
+        try:
+            self.send_channel.send_nowait(msg)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+
+class SchedulerNode:
+    """A running Scheduler: the cluster machine, the Server links and the management view."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.machine = ClusterMachine(
+            ClusterConfig(server_num=settings.server_num, heartbeat_timeout=settings.heartbeat_timeout)
+        )
+        self._links: dict[str, _ServerLink] = {}
+        self._changed = trio.Event()
+        self._exited = trio.Event()
+        self._exit: ExitCluster | None = None
+        self._finish_replied = trio.Event()
+        self._finish_requested = False
+        self._nursery: trio.Nursery | None = None
+
+    # ----------------------------------------------------------------------- ClusterView (management)
+
+    @property
+    def state(self) -> ClusterState:
+        """The current cluster state."""
+        return self.machine.state
+
+    @property
+    def scheduler_node_id(self) -> str:
+        """The Scheduler's own node id."""
+        return self.settings.node_id
+
+    def members(self) -> tuple[Member, ...]:
+        """Every registered Server, by rank."""
+        return self.machine.members()
+
+    # ---------------------------------------------------------------------------------- running
+
+    async def serve(
+        self,
+        *,
+        with_management: bool = True,
+        task_status: trio.TaskStatus[SchedulerAddresses] = trio.TASK_STATUS_IGNORED,
+    ) -> ExitCluster:
+        """Run the Scheduler until the cluster exits; report its addresses once listening.
+
+        Returns:
+            The exit instruction (reason and nodes that did not finish).
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, self.handle_stream, self.settings.port, host=self.settings.bind_host)
+            )
+            port = listeners[0].socket.getsockname()[1]
+            urls: list[str] = []
+            if with_management:
+                app = create_management_app(self, max_body=self.settings.max_message_size)
+                urls = await nursery.start(
+                    serve_app, app, self.settings.manage_host, self.settings.manage_port
+                )
+            nursery.start_soon(self._reap_silent_nodes)
+            nursery.start_soon(self._startup_deadline)
+            log.info("Scheduler %s listening on port %d, management %s", self.settings.node_id, port, urls)
+            task_status.started(SchedulerAddresses(port=port, manage_urls=urls))
+            await self._exited.wait()
+            if self._finish_requested:
+                with trio.move_on_after(2):
+                    await self._finish_replied.wait()
+            nursery.cancel_scope.cancel()
+        assert self._exit is not None
+        return self._exit
+
+    def dispatch(self, event: Event, reply_to: FramedLink | None = None) -> list[Any]:
+        """Feed one event to the cluster machine and carry out its instructions.
+
+        Returns:
+            Replies meant for the connection that caused the event (registration answers).
+
+        Raises:
+            IllegalEvent: the event was illegal; nothing changed.
+        """
+        instructions = self.machine.handle(event)
+        replies: list[Any] = []
+        for ins in instructions:
+            match ins:
+                case AcceptRegistration(rank=rank):
+                    replies.append(RegisterReply(accepted=True, rank=rank, reason=""))
+                case RefuseRegistration(reason=reason):
+                    log.warning("refused registration of %r: %s", ins.node_id, reason)
+                    replies.append(RegisterReply(accepted=False, rank=-1, reason=reason))
+                case SendMembership(state=state, members=members):
+                    msg = Membership(
+                        state=state.name, members=tuple(MemberRecord(**attrs.asdict(m)) for m in members)
+                    )
+                    for server_link in list(self._links.values()):
+                        self._post(server_link, msg)
+                case StateChanged(old=old, new=new, reason=reason):
+                    log.info("cluster state %s -> %s (%s)", old.name, new.name, reason)
+                case NodeLivenessChanged(node_id=node_id, alive=alive):
+                    log.info("node %r is %s", node_id, "alive" if alive else "not alive (heartbeat timeout)")
+                case SendShutdown(node_ids=node_ids):
+                    for node_id in node_ids:
+                        target = self._links.get(node_id)
+                        if target is not None:
+                            self._post(target, Shutdown(reason="the operator asked the cluster to finish"))
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._shutdown_deadline)
+                case ExitCluster(reason=reason):
+                    log.info("Scheduler exits: %s", reason)
+                    self._exit = ins
+                    self._exited.set()
+        self._changed.set()
+        self._changed = trio.Event()
+        return replies
+
+    def _post(self, link: _ServerLink, msg: Any) -> None:
+        if not link.post(msg):
+            log.warning("Server %r is not reading its link; dropping it", link.node_id)
+            link.send_channel.close()
+            if self._links.get(link.node_id) is link:
+                del self._links[link.node_id]
+
+    # -------------------------------------------------------------------------------- timers
+
+    async def _reap_silent_nodes(self) -> None:
+        while True:
+            deadline = self.machine.next_liveness_deadline()
+            changed = self._changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
+            now = trio.current_time()
+            if now >= self.machine.next_liveness_deadline():
+                self.dispatch(LivenessCheck(cause=f"liveness@{now:.3f}", now=now))
+
+    async def _startup_deadline(self) -> None:
+        await trio.sleep(self.settings.cluster_available_timeout)
+        self.dispatch(StartupDeadlinePassed(cause="cluster_available_timeout"))
+
+    async def _shutdown_deadline(self) -> None:
+        await trio.sleep(self.settings.finish_timeout)
+        self.dispatch(ShutdownDeadlinePassed(cause="finish_timeout"))
+
+    # ---------------------------------------------------------------------------- connections
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one incoming connection (a Server link or an operator request) until it closes."""
+        link = FramedLink(stream, max_frame=self.settings.max_message_size)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                msg, _payload = await link.receive()
+            match msg:
+                case Register():
+                    await self._serve_server_link(link, msg)
+                case FinishCluster():
+                    await self._serve_finish(link)
+                case _:
+                    await link.send(
+                        ErrorReply(reason=f"expected 'register' or 'finish_cluster', got {msg.TYPE!r}")
+                    )
+        except FrameError as exc:
+            log.warning("dropping a connection that sent a bad frame: %s", exc)
+            with trio.move_on_after(1):
+                with contextlib.suppress(LinkClosed):
+                    await link.send(ErrorReply(reason=str(exc)))
+        except (LinkClosed, trio.TooSlowError):
+            pass
+        finally:
+            await link.aclose()
+
+    async def _serve_server_link(self, link: FramedLink, msg: Register) -> None:
+        try:
+            role = Role(msg.role)
+        except ValueError:
+            await link.send(RegisterReply(accepted=False, rank=-1, reason=f"unknown role {msg.role!r}"))
+            return
+        info = NodeInfo(
+            node_id=msg.node_id,
+            role=role,
+            host=msg.host,
+            port=msg.port,
+            device_port=msg.device_port,
+            pid=msg.pid,
+        )
+        event = RegisterNode(
+            cause=f"register:{msg.node_id}",
+            info=info,
+            server_num=msg.server_num,
+            fl_iteration_num=msg.fl_iteration_num,
+            recovering=msg.recovering,
+            now=trio.current_time(),
+        )
+        server_link = _ServerLink(msg.node_id, link)
+        previous = self._links.get(msg.node_id)
+        # Register the link before dispatching, so a membership broadcast caused by this very
+        # registration reaches the new node too (after its register reply, queued first).
+        self._links[msg.node_id] = server_link
+        replies = self.dispatch(event)
+        reply = replies[0]
+        if not reply.accepted:
+            del self._links[msg.node_id]
+            if previous is not None:
+                self._links[msg.node_id] = previous
+            await link.send(reply)
+            return
+        if previous is not None:
+            previous.send_channel.close()
+        log.info("Server %r registered from %s:%d with rank %d", msg.node_id, msg.host, msg.port, reply.rank)
+        await link.send(reply)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_link, server_link)
+            try:
+                await self._read_link(server_link)
+            finally:
+                nursery.cancel_scope.cancel()
+                if self._links.get(msg.node_id) is server_link:
+                    del self._links[msg.node_id]
+
+    async def _write_link(self, server_link: _ServerLink) -> None:
+        async with server_link.receive_channel:
+            async for msg in server_link.receive_channel:
+                await server_link.link.send(msg)
+        # The queue was closed: this link was replaced or dropped.
+        await server_link.link.aclose()
+
+    async def _read_link(self, server_link: _ServerLink) -> None:
+        link = server_link.link
+        while True:
+            try:
+                msg, _payload = await link.receive()
+            except MessageError as exc:
+                server_link.post(ErrorReply(reason=str(exc)))
+                continue
+            try:
+                match msg:
+                    case HeartbeatMsg(node_id=node_id) if node_id == server_link.node_id:
+                        self.dispatch(
+                            Heartbeat(cause=f"hb:{node_id}", node_id=node_id, now=trio.current_time())
+                        )
+                        server_link.post(HeartbeatReply(state=self.machine.state.name))
+                    case Finished(node_id=node_id) if node_id == server_link.node_id:
+                        self.dispatch(NodeFinished(cause=f"finished:{node_id}", node_id=node_id))
+                    case _:
+                        server_link.post(
+                            ErrorReply(
+                                reason=f"unexpected {msg.TYPE!r} on the link of {server_link.node_id!r}"
+                            )
+                        )
+            except IllegalEvent as exc:
+                server_link.post(ErrorReply(reason=str(exc)))
+
+    async def _serve_finish(self, link: FramedLink) -> None:
+        self._finish_requested = True
+        try:
+            self.dispatch(BeginShutdown(cause="flcluster finish"))
+        except IllegalEvent as exc:
+            await link.send(ErrorReply(reason=str(exc)))
+            return
+        await self._exited.wait()
+        nodes = [
+            NodeProcess(
+                node_id=m.node_id,
+                role="SERVER",
+                host=info.host,
+                pid=info.pid,
+                finished=self.machine.is_finished(m.node_id),
+            )
+            for m in self.machine.members()
+            if (info := self.machine.node_info(m.node_id)) is not None
+        ]
+        nodes.append(
+            NodeProcess(
+                node_id=self.settings.node_id, role="SCHEDULER", host="", pid=os.getpid(), finished=True
+            )
+        )
+        try:
+            await link.send(FinishReply(nodes=tuple(nodes)))
+        finally:
+            self._finish_replied.set()
+
+
+def new_node_id() -> str:
+    """A random node id, the original's fallback when neither MS_NODE_ID nor config.json sets one."""
+    return str(uuid.uuid4())
+
+
+async def run_scheduler(settings: SchedulerSettings) -> ExitCluster:
+    """Run one Scheduler until the cluster exits (the body of ``flcluster scheduler``)."""
+    node = SchedulerNode(settings)
+    return await node.serve()

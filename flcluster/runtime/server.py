@@ -1,0 +1,369 @@
+"""The Server process: joins the cluster, links to its peers, serves devices over HTTP.
+
+Nursery tree (one ``trio.run`` per process)::
+
+    server ────┬ peer listener (TCP, ephemeral port; followers' links to the leader land here)
+               ├ scheduler link (register, heartbeats, membership; reconnects forever)
+               │   ├ heartbeat sender (every heartbeat_interval)
+               │   └ reader (membership, heartbeat replies, shutdown)
+               ├ peer link to the leader, rank 0 (followers only; hello, then keep-alive pings)
+               └ device HTTP (hypercorn.trio.serve, quart-trio app, fl_server_port)
+
+Start-up order is the guide's: register with the Scheduler (retrying every ``connect_interval`` until it
+is up), wait for the membership that makes the cluster ``CLUSTER_READY``, open the peer links (each
+follower to rank 0), open the device port, and only then log exactly ``Server started successfully.``.
+
+The Server keeps serving when the Scheduler goes away (the Scheduler is not on the data path): the
+scheduler link just reconnects and registers again with ``recovering=True``, and the Scheduler gives
+the same node id its old rank back. A ``shutdown`` from the Scheduler (``flcluster finish``) makes the
+Server answer ``finished`` and leave its root scope under a short deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from flcluster.core.cluster import ClusterState
+from flcluster.errors import ClusterError, FrameError, MessageError, RegistrationRefused
+from flcluster.http.device import create_device_app
+from flcluster.http.serving import serve_app
+from flcluster.runtime.links import FramedLink, LinkClosed
+from flcluster.wire.messages import (
+    ErrorReply,
+    Finished,
+    HeartbeatMsg,
+    HeartbeatReply,
+    MemberRecord,
+    Membership,
+    PeerHello,
+    PeerHelloReply,
+    PeerPing,
+    Register,
+    RegisterReply,
+    Shutdown,
+)
+
+log = logging.getLogger("flcluster.server")
+
+STARTED_MESSAGE = "Server started successfully."
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class ServerSettings:
+    """What a Server process needs to run (taken from :class:`flcluster.config.FLContext`).
+
+    Attributes:
+        node_id: Stable identity (``MS_NODE_ID``).
+        server_num: Servers that make up the cluster.
+        fl_iteration_num: Iterations of the job; every Server must agree.
+        scheduler_host: The Scheduler's address (``scheduler_ip``).
+        scheduler_port: The Scheduler's cluster TCP port.
+        device_port: This Server's device HTTP port (``fl_server_port``).
+        device_host: Bind address of the device HTTP port.
+        url_prefix: ``http_url_prefix`` before every round path.
+        advertise_host: The address peers reach this Server at; empty = the first usable IPv4 address
+            towards the Scheduler (loopback when the Scheduler is on loopback).
+        heartbeat_interval: Seconds between heartbeats to the Scheduler and pings to the leader.
+        connect_interval: Seconds between attempts to reach the Scheduler or the leader.
+        max_message_size: Limit on cluster frames, in bytes.
+        max_device_body: Limit on device HTTP bodies, in bytes.
+    """
+
+    node_id: str
+    server_num: int
+    fl_iteration_num: int
+    scheduler_host: str = "127.0.0.1"
+    scheduler_port: int = 6667
+    device_port: int = 6668
+    device_host: str = "0.0.0.0"
+    url_prefix: str = ""
+    advertise_host: str = ""
+    heartbeat_interval: float = 3.0
+    connect_interval: float = 3.0
+    max_message_size: int = 100 * 1024 * 1024
+    max_device_body: int = 64 * 1024 * 1024
+
+
+def advertised_address(scheduler_host: str) -> str:
+    """The first usable IPv4 address of this host on the way to the Scheduler.
+
+    Loopback when the Scheduler is on loopback; otherwise the source address the kernel picks for the
+    route to the Scheduler (a UDP ``connect`` sends nothing), which on a single-NIC host is the NIC's
+    address, as the guide expects.
+    """
+    try:
+        infos = socket.getaddrinfo(scheduler_host, None, socket.AF_INET)
+    except socket.gaierror:
+        return "127.0.0.1"
+    target = str(infos[0][4][0])
+    if target.startswith("127."):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((target, 9))
+        except OSError:
+            return "127.0.0.1"
+        return str(probe.getsockname()[0])
+
+
+@attrs.frozen
+class ServerStarted:
+    """Reported by :meth:`ServerNode.serve` once the Server is fully up."""
+
+    rank: int
+    peer_port: int
+    device_urls: list[str]
+
+
+class ServerNode:
+    """A running Server: its link to the Scheduler, its peer links and its device port."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.host = settings.advertise_host or advertised_address(settings.scheduler_host)
+        self.rank: int | None = None
+        self.cluster_state = ClusterState.CLUSTER_STARTING
+        self.members: tuple[MemberRecord, ...] = ()
+        self.peer_port = 0
+        self._ready = trio.Event()
+        self._membership_changed = trio.Event()
+        self._shutdown = trio.Event()
+        self._leader_link_up = trio.Event()
+        self.followers: dict[str, FramedLink] = {}
+
+    async def serve(self, *, task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the Server until the cluster finishes it (or the surrounding scope is cancelled).
+
+        Raises:
+            RegistrationRefused: the Scheduler refused this Server (the message says why).
+        """
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, self._handle_peer, 0, host=self.host))
+            self.peer_port = listeners[0].socket.getsockname()[1]
+            await nursery.start(self._run_scheduler_link)
+            await self._ready.wait()
+            assert self.rank is not None
+            if self.rank != 0:
+                await nursery.start(self._run_leader_link)
+            app = create_device_app(
+                url_prefix=self.settings.url_prefix, max_body=self.settings.max_device_body
+            )
+            urls = await nursery.start(serve_app, app, self.settings.device_host, self.settings.device_port)
+            log.info(STARTED_MESSAGE)
+            task_status.started(ServerStarted(rank=self.rank, peer_port=self.peer_port, device_urls=urls))
+            await self._shutdown.wait()
+            nursery.cancel_scope.cancel()
+
+    # -------------------------------------------------------------------------- scheduler link
+
+    async def _connect(self, host: str, port: int, what: str) -> trio.SocketStream:
+        """Connect, retrying every ``connect_interval`` until it works (start-up order is free)."""
+        attempt = 0
+        while True:
+            try:
+                return await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                attempt += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    log.info("waiting for the %s at %s:%d (%s); retrying", what, host, port, exc)
+                await trio.sleep(self.settings.connect_interval)
+
+    async def _run_scheduler_link(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        registered = False
+        while True:
+            stream = await self._connect(
+                self.settings.scheduler_host, self.settings.scheduler_port, "Scheduler"
+            )
+            link = FramedLink(stream, max_frame=self.settings.max_message_size)
+            try:
+                reply = await self._register(link, recovering=registered)
+                if not registered:
+                    registered = True
+                    task_status.started()
+                log.info("registered with the Scheduler as %r, rank %d", self.settings.node_id, reply.rank)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_heartbeats, link)
+                    await self._read_scheduler(link)
+                    nursery.cancel_scope.cancel()
+                if self._shutdown.is_set():
+                    return
+            except (LinkClosed, FrameError, trio.TooSlowError) as exc:
+                if self._shutdown.is_set():
+                    return
+                log.warning("lost the Scheduler link (%s); reconnecting", exc)
+            finally:
+                await link.aclose()
+            await trio.sleep(self.settings.connect_interval)
+
+    async def _register(self, link: FramedLink, *, recovering: bool) -> RegisterReply:
+        s = self.settings
+        await link.send(
+            Register(
+                node_id=s.node_id,
+                role="SERVER",
+                host=self.host,
+                port=self.peer_port,
+                device_port=s.device_port,
+                pid=os.getpid(),
+                server_num=s.server_num,
+                fl_iteration_num=s.fl_iteration_num,
+                recovering=recovering,
+            )
+        )
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            msg, _ = await link.receive()
+        if isinstance(msg, ErrorReply):
+            raise RegistrationRefused(f"the Scheduler refused the registration: {msg.reason}")
+        if not isinstance(msg, RegisterReply):
+            raise ClusterError(f"expected a register reply from the Scheduler, got {msg.TYPE!r}")
+        if not msg.accepted:
+            raise RegistrationRefused(msg.reason)
+        self.rank = msg.rank
+        return msg
+
+    async def _send_heartbeats(self, link: FramedLink) -> None:
+        while True:
+            await link.send(HeartbeatMsg(node_id=self.settings.node_id))
+            await trio.sleep(self.settings.heartbeat_interval)
+
+    async def _read_scheduler(self, link: FramedLink) -> None:
+        while True:
+            try:
+                msg, _ = await link.receive()
+            except MessageError as exc:
+                log.warning("ignoring a bad message from the Scheduler: %s", exc)
+                continue
+            match msg:
+                case Membership():
+                    self._apply_membership(msg)
+                case HeartbeatReply(state=state) if state in ClusterState.__members__:
+                    self.cluster_state = ClusterState[state]
+                case Shutdown(reason=reason):
+                    log.info("the Scheduler asked this Server to finish: %s", reason)
+                    await link.send(Finished(node_id=self.settings.node_id))
+                    self._shutdown.set()
+                    return
+                case ErrorReply(reason=reason):
+                    log.warning("the Scheduler reports an error: %s", reason)
+                case _:
+                    log.warning("ignoring an unexpected %r from the Scheduler", msg.TYPE)
+
+    def _apply_membership(self, msg: Membership) -> None:
+        if msg.state not in ClusterState.__members__:
+            log.warning("ignoring a membership with unknown state %r", msg.state)
+            return
+        self.cluster_state = ClusterState[msg.state]
+        self.members = msg.members
+        for member in msg.members:
+            if member.node_id == self.settings.node_id:
+                self.rank = member.rank
+        log.info(
+            "membership: %s, %s",
+            msg.state,
+            ", ".join(
+                f"{m.rank}={m.node_id}@{m.host}:{m.port}{'' if m.alive else ' (down)'}" for m in msg.members
+            ),
+        )
+        if self.cluster_state is ClusterState.CLUSTER_READY:
+            self._ready.set()
+        self._membership_changed.set()
+        self._membership_changed = trio.Event()
+
+    def leader(self) -> MemberRecord | None:
+        """The rank-0 member, once the membership is known."""
+        return next((m for m in self.members if m.rank == 0), None)
+
+    # ------------------------------------------------------------------------------ peer links
+
+    async def _run_leader_link(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep a link from this follower to the leader; reconnect when it breaks."""
+        started = False
+        while True:
+            leader = self.leader()
+            assert leader is not None
+            stream = await self._connect(leader.host, leader.port, "leader (rank 0)")
+            link = FramedLink(stream, max_frame=self.settings.max_message_size)
+            try:
+                assert self.rank is not None
+                await link.send(PeerHello(node_id=self.settings.node_id, rank=self.rank))
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    reply, _ = await link.receive()
+                if not isinstance(reply, PeerHelloReply):
+                    raise ClusterError(f"the leader answered the peer hello with {reply.TYPE!r}")
+                self._leader_link_up.set()
+                if not started:
+                    started = True
+                    task_status.started()
+                await self._ping(link)
+            except (LinkClosed, FrameError, trio.TooSlowError) as exc:
+                log.warning("lost the link to the leader (%s); reconnecting", exc)
+            finally:
+                await link.aclose()
+            self._leader_link_up = trio.Event()
+            await trio.sleep(self.settings.connect_interval)
+
+    async def _ping(self, link: FramedLink) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                while True:
+                    await link.receive()
+
+            nursery.start_soon(drain)
+            seq = 0
+            while True:
+                await link.send(PeerPing(seq=seq))
+                seq += 1
+                await trio.sleep(self.settings.heartbeat_interval)
+
+    async def _handle_peer(self, stream: trio.abc.Stream) -> None:
+        """Serve one incoming peer link (a follower connecting to this leader)."""
+        link = FramedLink(stream, max_frame=self.settings.max_message_size)
+        node_id = ""
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                msg, _ = await link.receive()
+            if not isinstance(msg, PeerHello) or not any(m.node_id == msg.node_id for m in self.members):
+                await link.send(
+                    ErrorReply(reason="a peer link must start with the hello of a cluster member")
+                )
+                return
+            node_id = msg.node_id
+            self.followers[node_id] = link
+            await link.send(
+                PeerHelloReply(node_id=self.settings.node_id, rank=self.rank if self.rank is not None else -1)
+            )
+            while True:
+                try:
+                    msg, _ = await link.receive()
+                except MessageError as exc:
+                    await link.send(ErrorReply(reason=str(exc)))
+                    continue
+                if not isinstance(msg, PeerPing):
+                    await link.send(ErrorReply(reason=f"unexpected {msg.TYPE!r} on a peer link"))
+        except (LinkClosed, FrameError, trio.TooSlowError):
+            pass
+        finally:
+            if node_id and self.followers.get(node_id) is link:
+                del self.followers[node_id]
+            await link.aclose()
+
+
+async def run_server(
+    settings: ServerSettings, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run one Server until the cluster finishes it (the body of ``flcluster server``)."""
+    node = ServerNode(settings)
+    await node.serve(task_status=task_status)

@@ -1,0 +1,49 @@
+"""A whole cluster (Scheduler + 4 Servers) in one trio process, over real loopback sockets."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from flcluster.core.cluster import ClusterState
+from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
+from flcluster.runtime.server import ServerNode, ServerSettings
+from tests.helpers import free_ports
+
+
+async def test_four_servers_form_a_ready_cluster() -> None:
+    ports = free_ports(5)
+    scheduler = SchedulerNode(SchedulerSettings(node_id="20", server_num=4, port=0, manage_port=0))
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(scheduler.serve)
+        servers = [
+            ServerNode(
+                ServerSettings(
+                    node_id=str(i),
+                    server_num=4,
+                    fl_iteration_num=20,
+                    scheduler_port=addrs.port,
+                    device_port=ports[i],
+                    device_host="127.0.0.1",
+                    connect_interval=0.05,
+                )
+            )
+            for i in range(4)
+        ]
+        started = []
+        with trio.fail_after(20):
+            for server in servers:
+                nursery.start_soon(server.serve)
+            while len(scheduler.members()) < 4 or not all(s.cluster_state is ClusterState.CLUSTER_READY for s in servers):
+                await trio.sleep(0.05)
+            async with httpx.AsyncClient() as client:
+                nodes = (await client.get(f"{addrs.manage_urls[0]}/nodes")).json()
+                state = (await client.get(f"{addrs.manage_urls[0]}/state")).json()
+                device = await client.post(f"http://127.0.0.1:{ports[0]}/startFLJob", content=b"x")
+        assert state["cluster_state"] == "CLUSTER_READY"
+        assert sorted(r["nodeId"] for r in nodes["nodeIds"]) == ["0", "1", "2", "20", "3"]
+        assert all(r["alive"] == "true" for r in nodes["nodeIds"])
+        assert device.text == "The server's training job is not ready."
+        assert {s.rank for s in servers} == {0, 1, 2, 3}
+        started.append(True)
+        nursery.cancel_scope.cancel()
