@@ -1,0 +1,135 @@
+"""The ``flcluster`` command.
+
+::
+
+    flcluster scheduler [--<any FL context key>=<value> ...]
+    flcluster server    [--<any FL context key>=<value> ...] [--local_server_num N] [--background]
+    flcluster finish    [--scheduler_ip 127.0.0.1] --scheduler_port P
+    flcluster nodes     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202]
+    flcluster state     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202]
+
+``scheduler`` and ``server`` take every :class:`~flcluster.config.FLContext` key as a flag, exactly as
+the guide's scripts do. ``server`` with ``--local_server_num N`` (N > 1, or ``--background``) starts N
+Server processes, one per device port ``fl_server_port + i``, in ``./server_<i>/``; in the foreground
+it then waits for them and stops them on Ctrl-C, with ``--background`` it returns at once as the
+guide's ``run_mobile_server.py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import httpx
+import trio
+
+from flcluster.config import FLContext, add_context_arguments, build_fl_context, context_kwargs_from_args
+from flcluster.errors import FLClusterError
+from flcluster.launch import start_servers
+from flcluster.roles import configure_logging, run_role
+from flcluster.runtime.finish import finish_cluster
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flcluster", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sched = sub.add_parser("scheduler", help="run the Scheduler in the foreground")
+    add_context_arguments(sched)
+
+    server = sub.add_parser("server", help="run one Server, or start several with --local_server_num")
+    add_context_arguments(server)
+    server.add_argument("--local_server_num", type=int, default=-1, help="Servers to start on this host")
+    server.add_argument("--background", action="store_true", help="start the Servers and return at once")
+
+    finish = sub.add_parser("finish", help="stop the whole cluster gracefully through the Scheduler")
+    finish.add_argument("--scheduler_ip", default="127.0.0.1")
+    finish.add_argument("--scheduler_port", type=int, default=6667)
+    finish.add_argument("--grace", type=float, default=15.0, help="seconds to wait before signalling")
+
+    for name, what in (
+        ("nodes", "list the nodes (GET /nodes)"),
+        ("state", "show the cluster state (GET /state)"),
+    ):
+        query = sub.add_parser(name, help=what)
+        query.add_argument("--scheduler_manage_host", default="127.0.0.1")
+        query.add_argument("--scheduler_manage_port", type=int, default=11202)
+    return parser
+
+
+def _context(args: argparse.Namespace, role: str) -> tuple[FLContext, dict[str, object]]:
+    kwargs = context_kwargs_from_args(args)
+    kwargs["ms_role"] = role
+    return build_fl_context(kwargs, os.environ), kwargs
+
+
+def _run_servers(args: argparse.Namespace) -> int:
+    ctx, kwargs = _context(args, "MS_SERVER")
+    count = ctx.server_num if args.local_server_num == -1 else args.local_server_num
+    if not 1 <= count <= ctx.server_num:
+        print(
+            f"flcluster: --local_server_num={count} must be between 1 and server_num={ctx.server_num}",
+            file=sys.stderr,
+        )
+        return 2
+    if count == 1 and not args.background:
+        return run_role(ctx)
+    started = start_servers(
+        [sys.executable, "-u", "-m", "flcluster", "server"], kwargs, local_server_num=count
+    )
+    for _proc, launched in started:
+        print(f"started Server pid {launched.pid}, log {launched.log}", flush=True)
+    if args.background:
+        return 0
+    try:
+        codes = [proc.wait() for proc, _ in started]
+    except KeyboardInterrupt:
+        for proc, _ in started:
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait() for proc, _ in started]
+    return max(codes, default=0)
+
+
+def _query(host: str, port: int, path: str) -> int:
+    try:
+        response = httpx.get(f"http://{host}:{port}{path}", timeout=10.0)
+    except httpx.HTTPError as exc:
+        print(
+            f"flcluster: the Scheduler's management port {host}:{port} did not answer: {exc}", file=sys.stderr
+        )
+        return 1
+    print(json.dumps(response.json(), indent=4))
+    return 0 if response.status_code == 200 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flcluster`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    configure_logging()
+    try:
+        match args.command:
+            case "scheduler":
+                ctx, _ = _context(args, "MS_SCHED")
+                return run_role(ctx)
+            case "server":
+                return _run_servers(args)
+            case "finish":
+                ended = trio.run(
+                    partial(finish_cluster, args.scheduler_ip, args.scheduler_port, grace=args.grace)
+                )
+                return 0 if ended else 1
+            case "nodes" | "state":
+                return _query(args.scheduler_manage_host, args.scheduler_manage_port, f"/{args.command}")
+    except FLClusterError as exc:
+        print(f"flcluster: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Run this process as the role its FL context names: the body of every training script.
+
+A training script (``examples/mobile/test_mobile_lenet.py``) calls ``flcluster.set_fl_context(...)``
+and then :func:`run_role`; so do ``flcluster scheduler`` and ``flcluster server``. The role's settings
+are derived here, once, from the validated :class:`~flcluster.config.FLContext`, the ``MS_*``
+environment (explicit keys win) and ``config.json``; then one ``trio.run`` drives the node until it
+exits. A refused registration or a bad configuration ends the process with a one-line message and
+exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+
+import trio
+
+from flcluster.config import (
+    FLContext,
+    apply_environment,
+    explicit_fl_context_keys,
+    get_fl_context,
+    load_cluster_config,
+    resolve_node_id,
+)
+from flcluster.errors import ConfigError, FLClusterError
+from flcluster.runtime.scheduler import SchedulerSettings, run_scheduler
+from flcluster.runtime.server import ServerSettings, run_server
+
+log = logging.getLogger("flcluster")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log to stderr in one format for every role (idempotent)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+
+
+def scheduler_settings(ctx: FLContext, node_id: str) -> SchedulerSettings:
+    """The Scheduler's settings from a validated context."""
+    return SchedulerSettings(
+        node_id=node_id,
+        server_num=ctx.server_num,
+        bind_host=ctx.scheduler_ip,
+        port=ctx.scheduler_port,
+        manage_host=ctx.scheduler_manage_host,
+        manage_port=ctx.scheduler_manage_port,
+        heartbeat_timeout=ctx.heartbeat_timeout,
+        cluster_available_timeout=ctx.cluster_available_timeout,
+        max_message_size=ctx.max_message_size,
+    )
+
+
+def server_settings(ctx: FLContext, node_id: str) -> ServerSettings:
+    """A Server's settings from a validated context."""
+    return ServerSettings(
+        node_id=node_id,
+        server_num=ctx.server_num,
+        fl_iteration_num=ctx.fl_iteration_num,
+        scheduler_host=ctx.scheduler_ip,
+        scheduler_port=ctx.scheduler_port,
+        device_port=ctx.fl_server_port,
+        device_host=ctx.fl_server_host,
+        url_prefix=ctx.http_url_prefix,
+        heartbeat_interval=ctx.heartbeat_interval,
+        connect_interval=ctx.connect_interval,
+        max_message_size=ctx.max_message_size,
+        max_device_body=ctx.max_device_body,
+    )
+
+
+def resolve_context(environ: Mapping[str, str] | None = None) -> FLContext:
+    """The process's context: :func:`~flcluster.config.set_fl_context` values over the environment."""
+    env = os.environ if environ is None else environ
+    return apply_environment(get_fl_context(), env, explicit=explicit_fl_context_keys())
+
+
+def run_role(ctx: FLContext | None = None) -> int:
+    """Run this process as ``ctx.ms_role`` until the node exits; return the exit status.
+
+    Args:
+        ctx: the context to run; by default the one set with ``set_fl_context`` plus the environment.
+
+    Returns:
+        0 when the node finished normally, 1 when it was refused or misconfigured.
+    """
+    configure_logging()
+    try:
+        ctx = resolve_context() if ctx is None else ctx
+        cluster_config = load_cluster_config(ctx.config_file_path or None)
+        node_id = resolve_node_id(ctx, cluster_config)
+        match ctx.ms_role:
+            case "MS_SCHED":
+                result = trio.run(run_scheduler, scheduler_settings(ctx, node_id))
+                log.info("Scheduler finished: %s", result.reason)
+            case "MS_SERVER":
+                trio.run(run_server, server_settings(ctx, node_id))
+                log.info("Server %r finished.", node_id)
+            case _:
+                raise ConfigError(
+                    f"ms_role={ctx.ms_role!r} cannot be run by flcluster: a cross-device cluster has only "
+                    "MS_SCHED and MS_SERVER processes"
+                )
+    except FLClusterError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,157 @@
+"""``flcluster finish``: stop the whole cluster gracefully through the Scheduler (cluster-protocol §6).
+
+The tool sends ``finish_cluster`` to the Scheduler, which shuts every Server down and answers with
+every process of the cluster. The tool then waits for each process on this host to end and prints
+``killed <pid>`` for it, as the guide shows; a process still there after the grace period gets
+SIGTERM, then SIGKILL. When the Scheduler cannot be reached at all, the tool falls back to the
+original's way: signal every local process whose command line names this ``--scheduler_port``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import trio
+
+from flcluster.errors import ClusterError, FrameError
+from flcluster.runtime.links import FramedLink, LinkClosed
+from flcluster.wire.messages import ErrorReply, FinishCluster, FinishReply, NodeProcess
+
+log = logging.getLogger("flcluster.finish")
+
+REPLY_TIMEOUT = 30.0
+
+
+def pid_running(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process on this host."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    # The state letter follows the parenthesised command name, which may itself contain spaces.
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def processes_naming_port(port: int) -> list[int]:
+    """Local pids whose command line carries ``--scheduler_port=<port>`` (or as two arguments)."""
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        pairs = zip(text, [*text[1:], ""], strict=True)
+        if f"--scheduler_port={port}" in text or any(
+            a == "--scheduler_port" and b == str(port) for a, b in pairs
+        ):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+async def request_finish(host: str, port: int) -> tuple[NodeProcess, ...]:
+    """Ask the Scheduler at ``host:port`` to finish the cluster; return every process it reports.
+
+    Raises:
+        ClusterError: the Scheduler refused or answered something else.
+        OSError: the Scheduler could not be reached.
+    """
+    stream = await trio.open_tcp_stream(host, port)
+    link = FramedLink(stream)
+    try:
+        await link.send(FinishCluster())
+        with trio.fail_after(REPLY_TIMEOUT):
+            msg, _ = await link.receive()
+    except (LinkClosed, FrameError, trio.TooSlowError) as exc:
+        raise ClusterError(
+            f"the Scheduler at {host}:{port} did not answer the finish request: {exc}"
+        ) from None
+    finally:
+        await link.aclose()
+    if isinstance(msg, ErrorReply):
+        raise ClusterError(f"the Scheduler refused to finish: {msg.reason}")
+    if not isinstance(msg, FinishReply):
+        raise ClusterError(f"the Scheduler answered the finish request with {msg.TYPE!r}")
+    return msg.nodes
+
+
+async def wait_and_kill(
+    pids: Iterable[int], *, grace: float, report: Callable[[int], None], poll: float = 0.05
+) -> list[int]:
+    """Wait up to ``grace`` seconds for each pid to end, then SIGTERM (and SIGKILL) the rest.
+
+    Calls ``report(pid)`` as each one ends; returns the pids that ended.
+    """
+    pending = [p for p in dict.fromkeys(pids) if p > 0]
+    ended: list[int] = []
+
+    async def reap(deadline: float) -> None:
+        while pending and time.monotonic() < deadline:
+            for pid in list(pending):
+                if not pid_running(pid):
+                    pending.remove(pid)
+                    ended.append(pid)
+                    report(pid)
+            if pending:
+                await trio.sleep(poll)
+
+    await reap(time.monotonic() + grace)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not pending:
+            break
+        for pid in pending:
+            log.warning("process %d did not end on its own; sending %s", pid, sig.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        await reap(time.monotonic() + grace)
+    for pid in pending:
+        log.error("process %d is still running", pid)
+    return ended
+
+
+async def finish_cluster(
+    host: str, port: int, *, grace: float = 15.0, report: Callable[[int], None] | None = None
+) -> list[int]:
+    """Finish the cluster whose Scheduler listens on ``host:port``; return the pids that ended.
+
+    Prints ``killed <pid>`` for each (or calls ``report``).
+    """
+    say = report or (lambda pid: print(f"killed {pid}", flush=True))
+    try:
+        nodes = await request_finish(host, port)
+    except (OSError, ClusterError) as exc:
+        log.warning("%s; falling back to signals for processes naming --scheduler_port=%d", exc, port)
+        return await wait_and_kill(processes_naming_port(port), grace=0.0, report=say)
+    local = [n.pid for n in nodes if n.role == "SCHEDULER" or is_local_address(n.host)]
+    # Launchers and training scripts that started the nodes may still be around; include them.
+    local.extend(p for p in processes_naming_port(port) if p not in local)
+    return await wait_and_kill(local, grace=grace, report=say)
+
+
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` is an address of this host (it can be bound here), so its pids are ours."""
+    if host in ("", "localhost") or host.startswith("127."):
+        return True
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
