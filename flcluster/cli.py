@@ -79,9 +79,9 @@ def _run_servers(args: argparse.Namespace) -> int:
         return 2
     if count == 1 and not args.background:
         return run_role(ctx)
-    started = start_servers(
-        [sys.executable, "-u", "-m", "flcluster", "server"], kwargs, local_server_num=count
-    )
+    # Each child runs exactly one Server in the foreground (never launches again).
+    command = [sys.executable, "-u", "-m", "flcluster", "server", "--local_server_num=1"]
+    started = start_servers(command, kwargs, local_server_num=count)
     for _proc, launched in started:
         print(f"started Server pid {launched.pid}, log {launched.log}", flush=True)
     if args.background:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import trio
 
@@ -42,7 +42,8 @@ def configure_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+    for noisy in ("hypercorn", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def scheduler_settings(ctx: FLContext, node_id: str) -> SchedulerSettings:
@@ -110,9 +111,22 @@ def run_role(ctx: FLContext | None = None) -> int:
                     f"ms_role={ctx.ms_role!r} cannot be run by flcluster: a cross-device cluster has only "
                     "MS_SCHED and MS_SERVER processes"
                 )
-    except FLClusterError as exc:
-        log.error("%s", exc)
+    except (FLClusterError, BaseExceptionGroup) as exc:
+        leaves = list(leaf_exceptions(exc))
+        if not all(isinstance(leaf, FLClusterError) for leaf in leaves):
+            raise
+        for leaf in leaves:
+            log.error("%s", leaf)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def leaf_exceptions(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaf_exceptions(inner)
+    else:
+        yield exc

@@ -27,6 +27,7 @@ from flcluster.wire.messages import ErrorReply, FinishCluster, FinishReply, Node
 log = logging.getLogger("flcluster.finish")
 
 REPLY_TIMEOUT = 30.0
+FALLBACK_GRACE = 3.0
 
 
 def pid_running(pid: int) -> bool:
@@ -95,32 +96,33 @@ async def request_finish(host: str, port: int) -> tuple[NodeProcess, ...]:
 async def wait_and_kill(
     pids: Iterable[int], *, grace: float, report: Callable[[int], None], poll: float = 0.05
 ) -> list[int]:
-    """Wait up to ``grace`` seconds for each pid to end, then SIGTERM (and SIGKILL) the rest.
+    """Wait up to ``grace`` seconds for each pid to end, then SIGTERM, then SIGKILL those still there.
 
-    Calls ``report(pid)`` as each one ends; returns the pids that ended.
+    Each phase polls at least once; ``report(pid)`` is called as each process ends.
+
+    Returns:
+        The pids that ended.
     """
     pending = [p for p in dict.fromkeys(pids) if p > 0]
     ended: list[int] = []
-
-    async def reap(deadline: float) -> None:
-        while pending and time.monotonic() < deadline:
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if not pending:
+            break
+        if sig is not None:
+            for pid in pending:
+                log.warning("process %d did not end on its own; sending %s", pid, sig.name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + max(grace, poll)
+        while True:
             for pid in list(pending):
                 if not pid_running(pid):
                     pending.remove(pid)
                     ended.append(pid)
                     report(pid)
-            if pending:
-                await trio.sleep(poll)
-
-    await reap(time.monotonic() + grace)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not pending:
-            break
-        for pid in pending:
-            log.warning("process %d did not end on its own; sending %s", pid, sig.name)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        await reap(time.monotonic() + grace)
+            if not pending or time.monotonic() >= deadline:
+                break
+            await trio.sleep(poll)
     for pid in pending:
         log.error("process %d is still running", pid)
     return ended
@@ -138,10 +140,8 @@ async def finish_cluster(
         nodes = await request_finish(host, port)
     except (OSError, ClusterError) as exc:
         log.warning("%s; falling back to signals for processes naming --scheduler_port=%d", exc, port)
-        return await wait_and_kill(processes_naming_port(port), grace=0.0, report=say)
+        return await wait_and_kill(processes_naming_port(port), grace=FALLBACK_GRACE, report=say)
     local = [n.pid for n in nodes if n.role == "SCHEDULER" or is_local_address(n.host)]
-    # Launchers and training scripts that started the nodes may still be around; include them.
-    local.extend(p for p in processes_naming_port(port) if p not in local)
     return await wait_and_kill(local, grace=grace, report=say)
 
 

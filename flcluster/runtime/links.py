@@ -15,6 +15,7 @@ Two kinds of bad input are told apart, because they call for different answers:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -93,3 +94,32 @@ class FramedLink:
         with trio.move_on_after(1) as scope:
             scope.shield = True
             await self._stream.aclose()
+
+
+async def run_session(*workers: Callable[[], Awaitable[object]]) -> Exception | None:
+    """Run the workers of one link session concurrently until the first ends or the link breaks.
+
+    Each worker is a coroutine function (reader, writer, heartbeat sender, …) over the same link. The
+    session ends as soon as any worker returns or raises :class:`LinkClosed` / :class:`FrameError`; the
+    others are cancelled. Link errors are returned rather than raised, so callers handle a broken link
+    with a plain ``if`` instead of unwrapping trio's exception groups; any other error propagates.
+
+    Returns:
+        The first link error, or None when a worker simply returned.
+    """
+    error: Exception | None = None
+
+    async with trio.open_nursery() as nursery:
+
+        async def guard(worker: Callable[[], Awaitable[object]]) -> None:
+            nonlocal error
+            try:
+                await worker()
+            except (LinkClosed, FrameError) as exc:
+                if error is None:
+                    error = exc
+            nursery.cancel_scope.cancel()
+
+        for worker in workers:
+            nursery.start_soon(guard, worker)
+    return error

@@ -56,7 +56,7 @@ from flcluster.core.cluster import (
 from flcluster.errors import FrameError, IllegalEvent, MessageError
 from flcluster.http.management import create_management_app
 from flcluster.http.serving import serve_app
-from flcluster.runtime.links import FramedLink, LinkClosed
+from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.wire.messages import (
     ErrorReply,
     FinishCluster,
@@ -337,14 +337,15 @@ class SchedulerNode:
             previous.send_channel.close()
         log.info("Server %r registered from %s:%d with rank %d", msg.node_id, msg.host, msg.port, reply.rank)
         await link.send(reply)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_link, server_link)
-            try:
-                await self._read_link(server_link)
-            finally:
-                nursery.cancel_scope.cancel()
-                if self._links.get(msg.node_id) is server_link:
-                    del self._links[msg.node_id]
+        try:
+            lost = await run_session(
+                partial(self._write_link, server_link), partial(self._read_link, server_link)
+            )
+            if lost is not None:
+                log.info("link of Server %r closed: %s", msg.node_id, lost)
+        finally:
+            if self._links.get(msg.node_id) is server_link:
+                del self._links[msg.node_id]
 
     async def _write_link(self, server_link: _ServerLink) -> None:
         async with server_link.receive_channel:

@@ -34,7 +34,7 @@ from flcluster.core.cluster import ClusterState
 from flcluster.errors import ClusterError, FrameError, MessageError, RegistrationRefused
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
-from flcluster.runtime.links import FramedLink, LinkClosed
+from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
@@ -134,6 +134,7 @@ class ServerNode:
         self.members: tuple[MemberRecord, ...] = ()
         self.peer_port = 0
         self._ready = trio.Event()
+        self._started = trio.Event()
         self._membership_changed = trio.Event()
         self._shutdown = trio.Event()
         self._leader_link_up = trio.Event()
@@ -158,9 +159,14 @@ class ServerNode:
             )
             urls = await nursery.start(serve_app, app, self.settings.device_host, self.settings.device_port)
             log.info(STARTED_MESSAGE)
+            self._started.set()
             task_status.started(ServerStarted(rank=self.rank, peer_port=self.peer_port, device_urls=urls))
             await self._shutdown.wait()
             nursery.cancel_scope.cancel()
+
+    async def wait_started(self) -> None:
+        """Wait until this Server has logged ``Server started successfully.``."""
+        await self._started.wait()
 
     # -------------------------------------------------------------------------- scheduler link
 
@@ -191,12 +197,12 @@ class ServerNode:
                     registered = True
                     task_status.started()
                 log.info("registered with the Scheduler as %r, rank %d", self.settings.node_id, reply.rank)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._send_heartbeats, link)
-                    await self._read_scheduler(link)
-                    nursery.cancel_scope.cancel()
+                lost = await run_session(
+                    partial(self._send_heartbeats, link), partial(self._read_scheduler, link)
+                )
                 if self._shutdown.is_set():
                     return
+                log.warning("lost the Scheduler link (%s); reconnecting", lost)
             except (LinkClosed, FrameError, trio.TooSlowError) as exc:
                 if self._shutdown.is_set():
                     return
@@ -306,7 +312,8 @@ class ServerNode:
                 if not started:
                     started = True
                     task_status.started()
-                await self._ping(link)
+                lost = await self._ping(link)
+                log.warning("lost the link to the leader (%s); reconnecting", lost)
             except (LinkClosed, FrameError, trio.TooSlowError) as exc:
                 log.warning("lost the link to the leader (%s); reconnecting", exc)
             finally:
@@ -314,19 +321,21 @@ class ServerNode:
             self._leader_link_up = trio.Event()
             await trio.sleep(self.settings.connect_interval)
 
-    async def _ping(self, link: FramedLink) -> None:
-        async with trio.open_nursery() as nursery:
+    async def _ping(self, link: FramedLink) -> Exception | None:
+        """Keep the peer link alive; return the link error that ended it."""
 
-            async def drain() -> None:
-                while True:
-                    await link.receive()
+        async def drain() -> None:
+            while True:
+                await link.receive()
 
-            nursery.start_soon(drain)
+        async def ping() -> None:
             seq = 0
             while True:
                 await link.send(PeerPing(seq=seq))
                 seq += 1
                 await trio.sleep(self.settings.heartbeat_interval)
+
+        return await run_session(drain, ping)
 
     async def _handle_peer(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming peer link (a follower connecting to this leader)."""

@@ -30,20 +30,19 @@ async def test_four_servers_form_a_ready_cluster() -> None:
             )
             for i in range(4)
         ]
-        started = []
         with trio.fail_after(20):
             for server in servers:
                 nursery.start_soon(server.serve)
-            while len(scheduler.members()) < 4 or not all(s.cluster_state is ClusterState.CLUSTER_READY for s in servers):
-                await trio.sleep(0.05)
+            for server in servers:
+                await server.wait_started()
             async with httpx.AsyncClient() as client:
                 nodes = (await client.get(f"{addrs.manage_urls[0]}/nodes")).json()
                 state = (await client.get(f"{addrs.manage_urls[0]}/state")).json()
                 device = await client.post(f"http://127.0.0.1:{ports[0]}/startFLJob", content=b"x")
         assert state["cluster_state"] == "CLUSTER_READY"
+        assert all(s.cluster_state is ClusterState.CLUSTER_READY for s in servers)
         assert sorted(r["nodeId"] for r in nodes["nodeIds"]) == ["0", "1", "2", "20", "3"]
         assert all(r["alive"] == "true" for r in nodes["nodeIds"])
         assert device.text == "The server's training job is not ready."
         assert {s.rank for s in servers} == {0, 1, 2, 3}
-        started.append(True)
         nursery.cancel_scope.cancel()
