@@ -14,9 +14,13 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
+from functools import partial
 
 import trio
+from torch import nn
 
+from flcluster.aggregation import ModelSpec, ModelWeights, load_latest_checkpoint, resolve_device
+from flcluster.client.lenet import make_lenet
 from flcluster.config import (
     FLContext,
     apply_environment,
@@ -25,9 +29,12 @@ from flcluster.config import (
     load_cluster_config,
     resolve_node_id,
 )
+from flcluster.core.iteration import IterationConfig
 from flcluster.errors import ConfigError, FLClusterError
+from flcluster.runtime.leader import LeaderOptions
 from flcluster.runtime.scheduler import SchedulerSettings, run_scheduler
-from flcluster.runtime.server import ServerSettings, run_server
+from flcluster.runtime.server import JobSettings, ServerSettings, run_server
+from flcluster.wire.device import FLPlanParams
 
 log = logging.getLogger("flcluster")
 
@@ -79,17 +86,69 @@ def server_settings(ctx: FLContext, node_id: str) -> ServerSettings:
     )
 
 
+def job_settings(ctx: FLContext, model: nn.Module | None = None) -> JobSettings:
+    """The federated job from a validated context and the training script's model.
+
+    The initial model is the newest ``<fl_name>_iteration_<N>.ckpt`` in ``checkpoint_dir`` when there is
+    one, else the weights of ``model`` (LeNet5 with seed 0 when the script hands none). Only the leader's
+    initial model matters: followers take the leader's model when they join.
+    """
+    module = make_lenet(seed=0) if model is None else model
+    spec = ModelSpec.from_module(module)
+    initial = ModelWeights.from_state_dict(module.state_dict(), spec)
+    if ctx.checkpoint_dir:
+        found = load_latest_checkpoint(ctx.checkpoint_dir, ctx.fl_name, spec)
+        if found is not None:
+            iteration, initial = found
+            log.info("initial model from the checkpoint of iteration %d in %s", iteration, ctx.checkpoint_dir)
+    return JobSettings(
+        spec=spec,
+        initial=initial,
+        iteration=IterationConfig(
+            start_fl_job_threshold=ctx.start_fl_job_threshold,
+            update_model_ratio=ctx.update_model_ratio,
+            start_fl_job_time_window=ctx.start_fl_job_time_window,
+            update_model_time_window=ctx.update_model_time_window,
+            global_iteration_time_window=ctx.global_iteration_time_window,
+            fl_iteration_num=ctx.fl_iteration_num,
+        ),
+        plan=FLPlanParams(
+            server_mode=ctx.server_mode,
+            fl_name=ctx.fl_name,
+            iterations=ctx.fl_iteration_num,
+            epochs=ctx.client_epoch_num,
+            mini_batch=ctx.client_batch_size,
+            lr=ctx.client_learning_rate,
+            encrypt_type=ctx.encrypt_type,
+            pw_t=ctx.reconstruct_secrets_threshold,
+            dp_eps=ctx.dp_eps,
+            dp_delta=ctx.dp_delta,
+            dp_norm_clip=ctx.dp_norm_clip,
+            sign_k=ctx.sign_k,
+            sign_eps=ctx.sign_eps,
+            sign_thr_ratio=ctx.sign_thr_ratio,
+            sign_global_lr=ctx.sign_global_lr,
+            sign_dim_out=ctx.sign_dim_out,
+        ),
+        device=resolve_device(ctx.aggregation_device),
+        leader=LeaderOptions(
+            fl_name=ctx.fl_name, checkpoint_dir=ctx.checkpoint_dir, checkpoint_keep=ctx.checkpoint_keep
+        ),
+    )
+
+
 def resolve_context(environ: Mapping[str, str] | None = None) -> FLContext:
     """The process's context: :func:`~flcluster.config.set_fl_context` values over the environment."""
     env = os.environ if environ is None else environ
     return apply_environment(get_fl_context(), env, explicit=explicit_fl_context_keys())
 
 
-def run_role(ctx: FLContext | None = None) -> int:
+def run_role(ctx: FLContext | None = None, *, model: nn.Module | None = None) -> int:
     """Run this process as ``ctx.ms_role`` until the node exits; return the exit status.
 
     Args:
         ctx: the context to run; by default the one set with ``set_fl_context`` plus the environment.
+        model: the model a Server starts from (see :func:`job_settings`); the Scheduler ignores it.
 
     Returns:
         0 when the node finished normally, 1 when it was refused or misconfigured.
@@ -104,7 +163,7 @@ def run_role(ctx: FLContext | None = None) -> int:
                 result = trio.run(run_scheduler, scheduler_settings(ctx, node_id))
                 log.info("Scheduler finished: %s", result.reason)
             case "MS_SERVER":
-                trio.run(run_server, server_settings(ctx, node_id))
+                trio.run(partial(run_server, server_settings(ctx, node_id), job_settings(ctx, model)))
                 log.info("Server %r finished.", node_id)
             case _:
                 raise ConfigError(

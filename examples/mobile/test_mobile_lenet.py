@@ -8,6 +8,7 @@ import argparse
 import sys
 
 import flcluster
+from src.model import LeNet5
 from flcluster.config import add_context_arguments, context_kwargs_from_args
 
 if __name__ == "__main__":
@@ -15,4 +16,4 @@ if __name__ == "__main__":
     add_context_arguments(parser)
     args, _unknown = parser.parse_known_args()
     flcluster.set_fl_context(**context_kwargs_from_args(args))
-    sys.exit(flcluster.run_role())
+    sys.exit(flcluster.run_role(model=LeNet5()))

@@ -45,6 +45,18 @@ class ModelStore:
         """Forget every model and store ``initial`` as iteration 0 (start of a job or a new instance)."""
         self._models = {0: initial}
 
+    def restart_at(self, iteration: int, weights: ModelWeights) -> None:
+        """Forget every model and hold ``weights`` as the model of ``iteration``.
+
+        A Server that joins (or rejoins) the leader takes the leader's latest model this way.
+
+        Raises:
+            ValueError: ``iteration`` is not an integer >= 0.
+        """
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"iteration {iteration!r} is refused; expected an integer >= 0")
+        self._models = {iteration: weights}
+
     def put(self, iteration: int, weights: ModelWeights) -> None:
         """Store the model of ``iteration``, evicting the oldest beyond ``keep``.
 

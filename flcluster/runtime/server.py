@@ -28,13 +28,19 @@ from functools import partial
 from typing import Any
 
 import attrs
+import torch
 import trio
 
+from flcluster.aggregation import ModelSpec, ModelWeights
 from flcluster.core.cluster import ClusterState
+from flcluster.core.iteration import IterationConfig, IterationMachine
 from flcluster.errors import ClusterError, FrameError, MessageError, RegistrationRefused
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
+from flcluster.runtime.leader import EpochClock, FollowerSession, Leader, LeaderOptions, LocalLeaderChannel
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
+from flcluster.runtime.rounds import RoundService
+from flcluster.wire.device import FLPlanParams
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
@@ -92,6 +98,29 @@ class ServerSettings:
     max_device_body: int = 64 * 1024 * 1024
 
 
+@attrs.frozen
+class JobSettings:
+    """The federated job a Server serves: the model, the iteration rules and what devices are told.
+
+    Attributes:
+        spec: The model's tensors (names and shapes), in model order.
+        initial: The initial model (iteration 0); followers take the leader's instead when they join.
+        iteration: Thresholds and windows (used by the leader).
+        plan: The FLPlan sent to devices at startFLJob.
+        device: The torch device the running sums live on.
+        model_keep: Models kept in memory for getModel.
+        leader: What the leader does besides counting (checkpoints).
+    """
+
+    spec: ModelSpec
+    initial: ModelWeights
+    iteration: IterationConfig
+    plan: FLPlanParams
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    model_keep: int = 3
+    leader: LeaderOptions = attrs.field(factory=LeaderOptions)
+
+
 def advertised_address(scheduler_host: str) -> str:
     """The first usable IPv4 address of this host on the way to the Scheduler.
 
@@ -126,8 +155,14 @@ class ServerStarted:
 class ServerNode:
     """A running Server: its link to the Scheduler, its peer links and its device port."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, job: JobSettings) -> None:
         self.settings = settings
+        self.job = job
+        self.rounds = RoundService(
+            spec=job.spec, initial=job.initial, plan=job.plan, device=job.device, keep=job.model_keep
+        )
+        self.leader: Leader | None = None
+        self._leader_up = trio.Event()
         self.host = settings.advertise_host or advertised_address(settings.scheduler_host)
         self.rank: int | None = None
         self.cluster_state = ClusterState.CLUSTER_STARTING
@@ -137,8 +172,6 @@ class ServerNode:
         self._started = trio.Event()
         self._membership_changed = trio.Event()
         self._shutdown = trio.Event()
-        self._leader_link_up = trio.Event()
-        self.followers: dict[str, FramedLink] = {}
 
     async def serve(self, *, task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the Server until the cluster finishes it (or the surrounding scope is cancelled).
@@ -152,10 +185,22 @@ class ServerNode:
             await nursery.start(self._run_scheduler_link)
             await self._ready.wait()
             assert self.rank is not None
-            if self.rank != 0:
+            if self.rank == 0:
+                self.leader = Leader(
+                    IterationMachine(self.job.iteration),
+                    self.rounds,
+                    EpochClock(),
+                    self_id=self.settings.node_id,
+                    members=lambda: [(m.rank, m.node_id) for m in self.members],
+                    options=self.job.leader,
+                )
+                await nursery.start(self.leader.run)
+                self.rounds.leader = LocalLeaderChannel(self.leader)
+                self._leader_up.set()
+            else:
                 await nursery.start(self._run_leader_link)
             app = create_device_app(
-                url_prefix=self.settings.url_prefix, max_body=self.settings.max_device_body
+                self.rounds, url_prefix=self.settings.url_prefix, max_body=self.settings.max_device_body
             )
             urls = await nursery.start(serve_app, app, self.settings.device_host, self.settings.device_port)
             log.info(STARTED_MESSAGE)
@@ -285,7 +330,7 @@ class ServerNode:
         self._membership_changed.set()
         self._membership_changed = trio.Event()
 
-    def leader(self) -> MemberRecord | None:
+    def leader_member(self) -> MemberRecord | None:
         """The rank-0 member, once the membership is known."""
         return next((m for m in self.members if m.rank == 0), None)
 
@@ -294,10 +339,14 @@ class ServerNode:
     async def _run_leader_link(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Keep a link from this follower to the leader; reconnect when it breaks."""
+        """Keep this follower's link to the leader; reconnect when it breaks.
+
+        Reports started once the leader has sent the iteration status and the current model, so the
+        device port never opens on a Server that cannot count.
+        """
         started = False
         while True:
-            leader = self.leader()
+            leader = self.leader_member()
             assert leader is not None
             stream = await self._connect(leader.host, leader.port, "leader (rank 0)")
             link = FramedLink(stream, max_frame=self.settings.max_message_size)
@@ -308,71 +357,61 @@ class ServerNode:
                     reply, _ = await link.receive()
                 if not isinstance(reply, PeerHelloReply):
                     raise ClusterError(f"the leader answered the peer hello with {reply.TYPE!r}")
-                self._leader_link_up.set()
-                if not started:
-                    started = True
-                    task_status.started()
-                lost = await self._ping(link)
-                log.warning("lost the link to the leader (%s); reconnecting", lost)
+                session = FollowerSession(link, self.rounds)
+
+                async def synced(session: FollowerSession = session) -> None:
+                    nonlocal started
+                    await session.wait_synced()
+                    self.rounds.leader = session
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await trio.sleep_forever()
+
+                lost = await run_session(session.run, synced, partial(self._ping, link))
+                log.warning("lost the link to the leader (%s); reconnecting", lost or "closed")
             except (LinkClosed, FrameError, trio.TooSlowError) as exc:
                 log.warning("lost the link to the leader (%s); reconnecting", exc)
             finally:
+                self.rounds.leader = None
                 await link.aclose()
-            self._leader_link_up = trio.Event()
             await trio.sleep(self.settings.connect_interval)
 
-    async def _ping(self, link: FramedLink) -> Exception | None:
-        """Keep the peer link alive; return the link error that ended it."""
-
-        async def drain() -> None:
-            while True:
-                await link.receive()
-
-        async def ping() -> None:
-            seq = 0
-            while True:
-                await link.send(PeerPing(seq=seq))
-                seq += 1
-                await trio.sleep(self.settings.heartbeat_interval)
-
-        return await run_session(drain, ping)
+    async def _ping(self, link: FramedLink) -> None:
+        """Keep the peer link alive while nothing else flows on it."""
+        seq = 0
+        while True:
+            await link.send(PeerPing(seq=seq))
+            seq += 1
+            await trio.sleep(self.settings.heartbeat_interval)
 
     async def _handle_peer(self, stream: trio.abc.Stream) -> None:
-        """Serve one incoming peer link (a follower connecting to this leader)."""
+        """Serve one incoming peer link: a follower connecting to this leader."""
         link = FramedLink(stream, max_frame=self.settings.max_message_size)
-        node_id = ""
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 msg, _ = await link.receive()
-            if not isinstance(msg, PeerHello) or not any(m.node_id == msg.node_id for m in self.members):
-                await link.send(
-                    ErrorReply(reason="a peer link must start with the hello of a cluster member")
-                )
-                return
-            node_id = msg.node_id
-            self.followers[node_id] = link
-            await link.send(
-                PeerHelloReply(node_id=self.settings.node_id, rank=self.rank if self.rank is not None else -1)
-            )
-            while True:
-                try:
-                    msg, _ = await link.receive()
-                except MessageError as exc:
-                    await link.send(ErrorReply(reason=str(exc)))
-                    continue
-                if not isinstance(msg, PeerPing):
-                    await link.send(ErrorReply(reason=f"unexpected {msg.TYPE!r} on a peer link"))
+                if not isinstance(msg, PeerHello) or not any(m.node_id == msg.node_id for m in self.members):
+                    await link.send(
+                        ErrorReply(reason="a peer link must start with the hello of a cluster member")
+                    )
+                    return
+                await self._leader_up.wait()
+            assert self.leader is not None and self.rank is not None
+            await link.send(PeerHelloReply(node_id=self.settings.node_id, rank=self.rank))
+            await self.leader.serve_follower(link, msg.node_id, msg.rank)
         except (LinkClosed, FrameError, trio.TooSlowError):
             pass
         finally:
-            if node_id and self.followers.get(node_id) is link:
-                del self.followers[node_id]
             await link.aclose()
 
 
 async def run_server(
-    settings: ServerSettings, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    settings: ServerSettings,
+    job: JobSettings,
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one Server until the cluster finishes it (the body of ``flcluster server``)."""
-    node = ServerNode(settings)
+    node = ServerNode(settings, job)
     await node.serve(task_status=task_status)

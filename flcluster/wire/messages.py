@@ -192,6 +192,102 @@ class PeerPing:
     seq: int
 
 
+# ------------------------------------------------------------- iteration traffic on peer links
+# spec/device-protocol.md "How the Servers share an iteration": followers forward the counting part of
+# device requests to the leader (pipelined, matched by call_id); the leader pushes the iteration status,
+# asks for partial sums and publishes models (raw little-endian float32 payload in model order).
+
+
+@register
+@attrs.frozen
+class LeaderCall:
+    """Follower → leader: the counting part of a device request (``op`` startFLJob or updateModel)."""
+
+    TYPE: ClassVar[str] = "leader_call"
+    call_id: int
+    op: str
+    fl_id: str
+    data_size: int
+    iteration: int
+
+
+@register
+@attrs.frozen
+class LeaderAnswer:
+    """Leader → follower: the answer to :class:`LeaderCall` ``call_id``.
+
+    ``kind`` is ``accepted``, ``rejected`` or ``plain`` (then ``text`` is the body to send).
+    """
+
+    TYPE: ClassVar[str] = "leader_answer"
+    call_id: int
+    kind: str
+    retcode: int
+    reason: str
+    iteration: int
+    data_size: int
+    next_req_time_ms: int
+    text: str
+
+
+@register
+@attrs.frozen
+class IterationStatus:
+    """Leader → followers: the iteration devices are in, its phase and the instance state."""
+
+    TYPE: ClassVar[str] = "iteration_status"
+    iteration: int
+    phase: str
+    instance_state: str
+    next_req_time_ms: int
+
+
+@register
+@attrs.frozen
+class CollectPartial:
+    """Leader → follower: send your partial sums of ``iteration`` (answer :class:`PartialSums`)."""
+
+    TYPE: ClassVar[str] = "collect_partial"
+    iteration: int
+
+
+@register
+@attrs.frozen
+class PartialSums:
+    """Follower → leader: the partial sums of ``iteration`` (payload: ``PartialSum.to_bytes()``)."""
+
+    TYPE: ClassVar[str] = "partial_sums"
+    iteration: int
+    update_count: int
+
+
+@register
+@attrs.frozen
+class DropPartials:
+    """Leader → followers: ``iteration`` failed; drop its partial sums."""
+
+    TYPE: ClassVar[str] = "drop_partials"
+    iteration: int
+
+
+@register
+@attrs.frozen
+class PublishModel:
+    """Leader → followers: the model of ``iteration`` (payload: float32 weights in model order)."""
+
+    TYPE: ClassVar[str] = "publish_model"
+    iteration: int
+
+
+@register
+@attrs.frozen
+class ModelInstalled:
+    """Follower → leader: the model of ``iteration`` is installed here."""
+
+    TYPE: ClassVar[str] = "model_installed"
+    iteration: int
+
+
 @register
 @attrs.frozen
 class ErrorReply:
@@ -214,6 +310,14 @@ Message = (
     | PeerHello
     | PeerHelloReply
     | PeerPing
+    | LeaderCall
+    | LeaderAnswer
+    | IterationStatus
+    | CollectPartial
+    | PartialSums
+    | DropPartials
+    | PublishModel
+    | ModelInstalled
     | ErrorReply
 )
 

@@ -1,0 +1,336 @@
+"""The device rounds one Server serves: startFLJob, updateModel, getModel (spec/device-protocol.md).
+
+Theory of operation
+-------------------
+Every Server runs one :class:`RoundService`. A device request is handled where it lands, in three
+steps, so that the cluster-wide rules stay in one place (the leader's
+:class:`~flcluster.core.iteration.IterationMachine`) while the heavy data stays local:
+
+1. **Local checks.** The FlatBuffer is verified and decoded (a bad body gets ``RequestError``); for
+   updateModel, every uploaded tensor is checked against the model (name, size, float32, finite) so a
+   bad update never reaches the counters.
+2. **Counting at the leader.** The counting part (``fl_id``, ``data_size`` or ``iteration``) goes to the
+   leader through a :class:`LeaderChannel`: a direct call on rank 0, a pipelined call over the peer link
+   on a follower. The leader answers accepted / rejected / plain text.
+3. **Local effect.** An accepted startFLJob gets the current global model; an accepted update is folded
+   into this Server's running FedAvg sum for its iteration (memory does not grow with the number of
+   devices). The device's ``SUCCEED`` is sent only after the fold: that is the acknowledgement point of
+   the durability contract.
+
+The leader collects every Server's partial sums when the iteration reaches its threshold
+(:meth:`collect_partial` waits for folds still in flight, so every acknowledged update is in the sum it
+hands over), and publishes the new model to every Server (:meth:`install_model`). getModel is served
+locally from the last models (:class:`~flcluster.aggregation.store.ModelStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+import torch
+import trio
+
+from flcluster.aggregation import (
+    FedAvgAccumulator,
+    ModelSpec,
+    ModelStore,
+    ModelWeights,
+    PartialSum,
+    UpdateRejected,
+)
+from flcluster.core.iteration import (
+    JOB_NOT_AVAILABLE_TEXT,
+    SAFEMODE_TEXT,
+    Accepted,
+    InstanceState,
+    Phase,
+    PlainText,
+    Rejected,
+)
+from flcluster.wire.device import (
+    FLPlanParams,
+    ResponseCode,
+    SchemaError,
+    decode_get_model,
+    decode_start_fl_job,
+    decode_update_model,
+    encode_get_model_response,
+    encode_start_fl_job_response,
+    encode_update_model_response,
+)
+
+log = logging.getLogger("flcluster.rounds")
+
+LeaderReply = Accepted | Rejected | PlainText
+DeviceAnswer = bytes | str
+"""A FlatBuffer response (bytes) or one of the original's plain-text answers (str)."""
+
+
+class LeaderChannel(Protocol):
+    """How a Server reaches the leader's counters (spec/device-protocol.md, "Shared iteration")."""
+
+    async def call(self, op: str, fl_id: str, data_size: int, iteration: int) -> LeaderReply:
+        """Run the counting part of one device request at the leader and return its answer."""
+        ...
+
+
+@attrs.frozen
+class IterationView:
+    """What this Server knows of the cluster's iteration (pushed by the leader).
+
+    Attributes:
+        iteration: The iteration devices are asked to join.
+        phase: ``waiting`` / ``running`` / ``aggregating`` (safemode).
+        instance_state: ``running`` / ``disable`` / ``finish``.
+        next_req_time_ms: The leader's latest ``next_req_time`` estimate (epoch ms).
+    """
+
+    iteration: int = 1
+    phase: Phase = Phase.WAITING
+    instance_state: InstanceState = InstanceState.RUNNING
+    next_req_time_ms: int = 0
+
+
+def weights_to_bytes(weights: ModelWeights, spec: ModelSpec) -> bytes:
+    """The model as little-endian float32 bytes in model order (the payload of ``publish_model``)."""
+    return b"".join(
+        weights[name].detach().cpu().numpy().astype("<f4", copy=False).tobytes() for name in spec.names
+    )
+
+
+def weights_from_bytes(data: bytes, spec: ModelSpec) -> ModelWeights:
+    """Inverse of :func:`weights_to_bytes`; refuses a payload of the wrong size.
+
+    Raises:
+        ValueError: the payload does not hold exactly the model's float32 elements.
+    """
+    if len(data) != 4 * spec.total_elements:
+        raise ValueError(f"model payload of {len(data)} bytes; the model needs {4 * spec.total_elements}")
+    flat = np.frombuffer(data, dtype="<f4")
+    out: list[tuple[str, torch.Tensor]] = []
+    offset = 0
+    for name, size in zip(spec.names, spec.sizes, strict=True):
+        out.append((name, torch.from_numpy(flat[offset : offset + size].copy())))
+        offset += size
+    return ModelWeights(out)
+
+
+class RoundService:
+    """The device rounds of one Server, and the model and partial sums it holds."""
+
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        initial: ModelWeights,
+        plan: FLPlanParams,
+        device: torch.device,
+        keep: int = 3,
+    ) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.store = ModelStore(keep)
+        self.store.reset(initial)
+        self.view = IterationView()
+        self.leader: LeaderChannel | None = None
+        self._device = device
+        self._accumulators: dict[int, FedAvgAccumulator] = {}
+        self._dropped_below = 0
+        self._pending: dict[int, int] = {}
+        self._settled = trio.Event()
+        self._encoded_model: tuple[int, list[tuple[str, np.ndarray[Any, Any]]]] | None = None
+
+    # -------------------------------------------------------------------------- device requests
+
+    async def start_fl_job(self, body: bytes) -> DeviceAnswer:
+        """Answer one startFLJob body (reference §2.4, order of checks kept)."""
+        try:
+            req = decode_start_fl_job(body)
+        except SchemaError as exc:
+            return self._start_fl_job_error(ResponseCode.RequestError, str(exc))
+        reply = await self._call("startFLJob", req.fl_id, req.data_size, req.iteration)
+        match reply:
+            case PlainText(text=text):
+                return text
+            case Rejected(retcode=retcode, reason=reason, next_req_time_ms=next_ms):
+                return encode_start_fl_job_response(
+                    retcode=int(retcode),
+                    reason=reason,
+                    iteration=self.view.iteration,
+                    is_selected=False,
+                    next_req_time=str(next_ms),
+                    fl_plan=None,
+                    feature_maps=(),
+                )
+            case Accepted(iteration=iteration, reason=reason, next_req_time_ms=next_ms):
+                return encode_start_fl_job_response(
+                    retcode=int(ResponseCode.SUCCEED),
+                    reason=reason,
+                    iteration=iteration,
+                    is_selected=True,
+                    next_req_time=str(next_ms),
+                    fl_plan=self.plan,
+                    feature_maps=self._latest_arrays(),
+                )
+
+    async def update_model(self, body: bytes) -> DeviceAnswer:
+        """Answer one updateModel body: check, count at the leader, fold, then acknowledge."""
+        try:
+            req = decode_update_model(body)
+        except SchemaError as exc:
+            return encode_update_model_response(
+                retcode=int(ResponseCode.RequestError), reason=str(exc), next_req_time=self._next_req_time()
+            )
+        maps = [(m.name, m.data) for m in req.feature_maps]
+        try:
+            self.spec.check_update(maps)
+        except UpdateRejected as exc:
+            return encode_update_model_response(
+                retcode=int(ResponseCode.RequestError),
+                reason=f"Verify model feature map failed: {exc}",
+                next_req_time=self._next_req_time(),
+            )
+        iteration = req.iteration
+        self._pending[iteration] = self._pending.get(iteration, 0) + 1
+        try:
+            reply = await self._call("updateModel", req.fl_id, 0, iteration)
+            if isinstance(reply, Accepted):
+                # Fold before acknowledging: a SUCCEED means "this update is in the sum".
+                self._fold(reply.iteration, maps, reply.data_size)
+        finally:
+            self._pending[iteration] -= 1
+            if not self._pending[iteration]:
+                del self._pending[iteration]
+            self._settled.set()
+            self._settled = trio.Event()
+        match reply:
+            case PlainText(text=text):
+                return text
+            case Rejected(retcode=retcode, reason=reason, next_req_time_ms=next_ms):
+                return encode_update_model_response(
+                    retcode=int(retcode), reason=reason, next_req_time=str(next_ms)
+                )
+            case Accepted(reason=reason, next_req_time_ms=next_ms):
+                return encode_update_model_response(
+                    retcode=int(ResponseCode.SUCCEED), reason=reason, next_req_time=str(next_ms)
+                )
+
+    async def get_model(self, body: bytes) -> DeviceAnswer:
+        """Answer one getModel body from the models held here (reference §2.4 getModel)."""
+        try:
+            req = decode_get_model(body)
+        except SchemaError as exc:
+            return encode_get_model_response(
+                retcode=int(ResponseCode.RequestError),
+                reason=str(exc),
+                iteration=self.view.iteration,
+                feature_maps=(),
+                timestamp=self._next_req_time(),
+            )
+        if self.view.instance_state is InstanceState.DISABLED:
+            return JOB_NOT_AVAILABLE_TEXT
+        current = self.view.iteration
+        weights = self.store.lookup(req.iteration, current)
+        if weights is None:
+            return encode_get_model_response(
+                retcode=int(ResponseCode.SucNotReady),
+                reason=f"The model of iteration {req.iteration} is not ready yet; the iteration is running.",
+                iteration=current,
+                feature_maps=(),
+                timestamp=self._next_req_time(),
+            )
+        return encode_get_model_response(
+            retcode=int(ResponseCode.SUCCEED),
+            reason="success",
+            iteration=current,
+            feature_maps=self._arrays(weights),
+            timestamp=self._next_req_time(),
+        )
+
+    # ---------------------------------------------------------------------- leader-driven changes
+
+    def apply_view(self, view: IterationView) -> None:
+        """Take the iteration status the leader pushed."""
+        self.view = view
+
+    async def collect_partial(self, iteration: int) -> PartialSum:
+        """This Server's partial sums of ``iteration``, once every fold in flight has settled."""
+        while self._pending.get(iteration, 0):
+            await self._settled.wait()
+        acc = self._accumulators.pop(iteration, None)
+        self._dropped_below = max(self._dropped_below, iteration + 1)
+        return PartialSum.empty(self.spec) if acc is None else acc.partial()
+
+    def drop_partials(self, iteration: int) -> None:
+        """``iteration`` failed: forget its sums; its model is the previous one (carried over)."""
+        self._accumulators.pop(iteration, None)
+        self._dropped_below = max(self._dropped_below, iteration + 1)
+        _latest_iteration, latest = self.store.latest()
+        self.store.put(iteration, latest)
+
+    def install_model(self, iteration: int, weights: ModelWeights) -> None:
+        """Store the model of ``iteration`` (it becomes the model devices get next).
+
+        A model for an iteration not newer than the latest held is a resync with the leader (a
+        follower joining or rejoining): it replaces what this Server held.
+        """
+        latest, _ = self.store.latest()
+        if iteration > latest:
+            self.store.put(iteration, weights)
+        else:
+            self.store.restart_at(iteration, weights)
+
+    # ----------------------------------------------------------------------------------- helpers
+
+    async def _call(self, op: str, fl_id: str, data_size: int, iteration: int) -> LeaderReply:
+        if self.leader is None:
+            return PlainText(SAFEMODE_TEXT)
+        return await self.leader.call(op, fl_id, data_size, iteration)
+
+    def _fold(self, iteration: int, maps: Sequence[tuple[str, np.ndarray[Any, Any]]], data_size: int) -> None:
+        if iteration < self._dropped_below:
+            # Cannot happen while the leader counts and collects in order; refuse loudly if it does.
+            raise RuntimeError(f"update for iteration {iteration} arrived after its sums were collected")
+        acc = self._accumulators.get(iteration)
+        if acc is None:
+            acc = self._accumulators[iteration] = FedAvgAccumulator(self.spec, self._device)
+        acc.add(maps, data_size)
+
+    def _latest_arrays(self) -> list[tuple[str, np.ndarray[Any, Any]]]:
+        iteration, weights = self.store.latest()
+        if self._encoded_model is None or self._encoded_model[0] != iteration:
+            self._encoded_model = (iteration, self._arrays(weights))
+        return self._encoded_model[1]
+
+    def _arrays(self, weights: ModelWeights) -> list[tuple[str, np.ndarray[Any, Any]]]:
+        return [(name, weights[name].detach().cpu().numpy()) for name in self.spec.names]
+
+    def _next_req_time(self) -> str:
+        return str(self.view.next_req_time_ms)
+
+    def _start_fl_job_error(self, retcode: ResponseCode, reason: str) -> bytes:
+        return encode_start_fl_job_response(
+            retcode=int(retcode),
+            reason=reason,
+            iteration=self.view.iteration,
+            is_selected=False,
+            next_req_time=self._next_req_time(),
+            fl_plan=None,
+            feature_maps=(),
+        )
+
+
+__all__ = [
+    "JOB_NOT_AVAILABLE_TEXT",
+    "DeviceAnswer",
+    "IterationView",
+    "LeaderChannel",
+    "LeaderReply",
+    "RoundService",
+    "weights_from_bytes",
+    "weights_to_bytes",
+]
