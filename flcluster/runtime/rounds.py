@@ -233,7 +233,10 @@ class RoundService:
             )
         if self.view.instance_state is InstanceState.DISABLED:
             return JOB_NOT_AVAILABLE_TEXT
-        current = self.view.iteration
+        # A stored model for iteration k means k is over, even if the leader's status push that says
+        # so is still on its way here (it follows the model publication).
+        latest, _ = self.store.latest()
+        current = max(self.view.iteration, latest + 1)
         weights = self.store.lookup(req.iteration, current)
         if weights is None:
             return encode_get_model_response(

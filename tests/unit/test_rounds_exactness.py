@@ -8,21 +8,13 @@ loopback sockets (Scheduler, 4 Servers, device HTTP); the devices speak the Flat
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import numpy as np
 import trio
 
-from flcluster.aggregation import ModelSpec, ModelWeights
-from flcluster.client.lenet import make_lenet
-from flcluster.core.iteration import IterationConfig
-from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
-from flcluster.runtime.server import JobSettings, ServerNode, ServerSettings
 from flcluster.wire.device import (
-    FLPlanParams,
     ResponseCode,
     decode_get_model_response,
     decode_start_fl_job_response,
@@ -31,57 +23,7 @@ from flcluster.wire.device import (
     encode_start_fl_job_request,
     encode_update_model_request,
 )
-from tests.helpers import free_ports
-
-FL_NAME = "Lenet"
-
-
-def lenet_job(threshold: int, iterations: int, **windows: int) -> JobSettings:
-    module = make_lenet(seed=0)
-    spec = ModelSpec.from_module(module)
-    return JobSettings(
-        spec=spec,
-        initial=ModelWeights.from_state_dict(module.state_dict(), spec),
-        iteration=IterationConfig(
-            start_fl_job_threshold=threshold,
-            update_model_ratio=1.0,
-            start_fl_job_time_window=windows.get("start", 60_000),
-            update_model_time_window=windows.get("update", 60_000),
-            global_iteration_time_window=windows.get("global", 600_000),
-            fl_iteration_num=iterations,
-        ),
-        plan=FLPlanParams(fl_name=FL_NAME, iterations=iterations),
-    )
-
-
-@asynccontextmanager
-async def cluster(server_num: int, job: Callable[[], JobSettings]) -> AsyncIterator[list[str]]:
-    """A Scheduler and ``server_num`` Servers in this process; yields the Servers' base URLs."""
-    ports = free_ports(server_num)
-    scheduler = SchedulerNode(SchedulerSettings(node_id="20", server_num=server_num, port=0, manage_port=0))
-    async with trio.open_nursery() as nursery:
-        addrs = await nursery.start(scheduler.serve)
-        servers = [
-            ServerNode(
-                ServerSettings(
-                    node_id=str(i),
-                    server_num=server_num,
-                    fl_iteration_num=job().iteration.fl_iteration_num,
-                    scheduler_port=addrs.port,
-                    device_port=ports[i],
-                    device_host="127.0.0.1",
-                    connect_interval=0.05,
-                ),
-                job(),
-            )
-            for i in range(server_num)
-        ]
-        for server in servers:
-            nursery.start_soon(server.serve)
-        for server in servers:
-            await server.wait_started()
-        yield [f"http://127.0.0.1:{p}" for p in ports]
-        nursery.cancel_scope.cancel()
+from tests.helpers import FL_NAME, cluster, lenet_job
 
 
 async def post(client: httpx.AsyncClient, url: str, body: bytes) -> bytes:
@@ -104,7 +46,9 @@ async def test_every_iteration_is_fedavg_of_the_acknowledged_updates() -> None:
                 body = encode_start_fl_job_request(
                     fl_name=FL_NAME, fl_id=fl_id, iteration=iteration, data_size=sizes[fl_id], timestamp="t"
                 )
-                answer = decode_start_fl_job_response(await post(client, f"{rng.choice(urls)}/startFLJob", body))
+                answer = decode_start_fl_job_response(
+                    await post(client, f"{rng.choice(urls)}/startFLJob", body)
+                )
                 assert answer.retcode == ResponseCode.SUCCEED, answer.reason
                 assert answer.iteration == iteration
                 got = {m.name: np.asarray(m.data) for m in answer.feature_maps}
@@ -113,11 +57,22 @@ async def test_every_iteration_is_fedavg_of_the_acknowledged_updates() -> None:
             acknowledged: dict[str, dict[str, np.ndarray[Any, Any]]] = {}
             async with trio.open_nursery() as nursery:
 
-                async def upload(fl_id: str, maps: dict[str, np.ndarray[Any, Any]]) -> None:
+                async def upload(
+                    fl_id: str,
+                    maps: dict[str, np.ndarray[Any, Any]],
+                    iteration: int = iteration,
+                    acknowledged: dict[str, dict[str, np.ndarray[Any, Any]]] = acknowledged,
+                ) -> None:
                     body = encode_update_model_request(
-                        fl_name=FL_NAME, fl_id=fl_id, iteration=iteration, feature_maps=list(maps.items()), timestamp="t"
+                        fl_name=FL_NAME,
+                        fl_id=fl_id,
+                        iteration=iteration,
+                        feature_maps=list(maps.items()),
+                        timestamp="t",
                     )
-                    answer = decode_update_model_response(await post(client, f"{rng.choice(urls)}/updateModel", body))
+                    answer = decode_update_model_response(
+                        await post(client, f"{rng.choice(urls)}/updateModel", body)
+                    )
                     if answer.retcode == ResponseCode.SUCCEED:
                         acknowledged[fl_id] = maps
 

@@ -8,7 +8,8 @@ import trio
 from flcluster.core.cluster import ClusterState
 from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
 from flcluster.runtime.server import ServerNode, ServerSettings
-from tests.helpers import free_ports
+from flcluster.wire.device import ResponseCode, decode_start_fl_job_response
+from tests.helpers import free_ports, lenet_job
 
 
 async def test_four_servers_form_a_ready_cluster() -> None:
@@ -26,7 +27,8 @@ async def test_four_servers_form_a_ready_cluster() -> None:
                     device_port=ports[i],
                     device_host="127.0.0.1",
                     connect_interval=0.05,
-                )
+                ),
+                lenet_job(threshold=8, iterations=20),
             )
             for i in range(4)
         ]
@@ -43,6 +45,8 @@ async def test_four_servers_form_a_ready_cluster() -> None:
         assert all(s.cluster_state is ClusterState.CLUSTER_READY for s in servers)
         assert sorted(r["nodeId"] for r in nodes["nodeIds"]) == ["0", "1", "2", "20", "3"]
         assert all(r["alive"] == "true" for r in nodes["nodeIds"])
-        assert device.text == "The server's training job is not ready."
+        answer = decode_start_fl_job_response(device.content)
+        assert answer.retcode == ResponseCode.RequestError
+        assert answer.reason == "The schema of RequestFLJob is invalid."
         assert {s.rank for s in servers} == {0, 1, 2, 3}
         nursery.cancel_scope.cancel()
