@@ -155,6 +155,7 @@ class Leader:
         self._causes = itertools.count()
         self.completed: list[int] = []
         self.failed: list[int] = []
+        self._ended = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the leader's nursery (windows, aggregation) until cancelled."""
@@ -163,6 +164,12 @@ class Leader:
             self._push_status()
             task_status.started()
             await trio.sleep_forever()
+
+    async def wait_ended(self, iteration: int) -> bool:
+        """Wait until ``iteration`` has ended; True when it completed, False when it failed."""
+        while iteration not in self.completed and iteration not in self.failed:
+            await self._ended.wait()
+        return iteration in self.completed
 
     # ------------------------------------------------------------------------------ feeding
 
@@ -213,9 +220,13 @@ class Leader:
             case IterationCompleted(iteration=iteration):
                 log.info("iteration %d completed", iteration)
                 self.completed.append(iteration)
+                self._ended.set()
+                self._ended = trio.Event()
             case IterationFailed(iteration=iteration, reason=reason):
                 log.info("iteration %d failed: %s", iteration, reason)
                 self.failed.append(iteration)
+                self._ended.set()
+                self._ended = trio.Event()
             case InstanceStateChanged(old=old, new=new):
                 log.info("instance %s -> %s", old.value, new.value)
 

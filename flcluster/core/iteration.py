@@ -1,0 +1,1095 @@
+"""The rules of federated iterations, as the leader holds them (spec/state-machines.md, "Iteration").
+
+Theory of operation
+-------------------
+Server rank 0, the *leader*, is the single authority for everything that is counted cluster-wide: the
+iteration number, the startFLJob and updateModel counters (sets of ``fl_id``), the device metadata each
+device declared at startFLJob, which round windows are armed, and the instance state. A device may hit a
+different Server on every request (reference §2.1), so every Server forwards the *counting part* of a
+device request to the leader, which runs it through this machine and sends the answer back. What is not
+counted stays where the request landed: the FlatBuffers schema check and the feature-map check happen
+before the request is forwarded, the folding of an accepted update into a partial sum after.
+
+This module holds those rules and nothing else. It reads no clock, opens no socket and touches no file
+(spec "Iteration", STYLE rules 1 and 2). The trio driver turns what happens into :data:`Event` records,
+calls :meth:`IterationMachine.handle`, and gets back an :class:`Outcome`: the :data:`Reply` to send to
+the device or operator (if the event was a request) and the :data:`Instruction` records to carry out, in
+order. Every event carries a ``cause`` id, and every instruction repeats it, so any change can be traced
+back to what caused it (dask's ``stimulus_id``). Time enters only as ``now_ms`` (epoch milliseconds) on
+each event; a window the machine asked for with :class:`ArmWindow` comes back as :class:`WindowClosed`
+when the driver's cancel scope expires.
+
+One iteration, from the leader's point of view::
+
+                 first accepted startFLJob
+    WAITING ─────────────────────────────────▶ RUNNING ──── update_model_threshold reached ───┐
+       ▲        (arm startFLJob + global)        │   (startFLJob round closes at its         │
+       │                                         │    threshold; updateModel window armed)   ▼
+       │                 window closed before its threshold,           AGGREGATING (safemode)
+       │                 Disable, AggregationFailed                     │          │
+       ├──────────── iteration FAILS, N := N+1 ◀────────────────────────┘          │
+       └──────────── iteration COMPLETES, N := N+1 ◀──── AggregationDone ──────────┘
+
+After ``fl_iteration_num`` iterations, failed ones included, the instance is *finished*: device rounds
+answer the plain text "disabled or finished" (getModel is still served by the HTTP layer).
+
+Illegal events (an aggregation result for an iteration that is not aggregating, a window of an iteration
+that has not begun, enabling a finished job) raise :class:`~flcluster.errors.IllegalEvent` and change
+nothing (the h11 rule). A *stale* :class:`WindowClosed` (an old iteration, or a window already disarmed)
+is not illegal, because timers race with thresholds; it is ignored. A device request is never illegal:
+every device request gets an answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import assert_never, final
+
+import attrs
+
+from flcluster.errors import IllegalEvent
+
+__all__ = [
+    "JOB_NOT_AVAILABLE_TEXT",
+    "MAX_DATA_SIZE",
+    "MESSAGE_CANNOT_DISABLE",
+    "MESSAGE_CANNOT_ENABLE",
+    "MESSAGE_DISABLED",
+    "MESSAGE_ENABLED",
+    "REASON_DATA_SIZE_NOT_ENOUGH",
+    "REASON_DATA_SIZE_TOO_LARGE",
+    "REASON_FORCIBLY_MOVED",
+    "REASON_START_FL_JOB_SUCCESS",
+    "REASON_START_FL_JOB_THRESHOLD",
+    "REASON_UPDATE_MODEL_ENOUGH",
+    "REASON_UPDATE_MODEL_SUCCESS",
+    "SAFEMODE_TEXT",
+    "Accepted",
+    "AggregateIteration",
+    "AggregationDone",
+    "AggregationFailed",
+    "ArmWindow",
+    "ArmedWindow",
+    "DeviceMeta",
+    "DisableRequested",
+    "DisarmWindow",
+    "DiscardPartials",
+    "EnableRequested",
+    "Event",
+    "InstanceState",
+    "InstanceStateChanged",
+    "Instruction",
+    "IterationCompleted",
+    "IterationConfig",
+    "IterationFailed",
+    "IterationMachine",
+    "IterationSnapshot",
+    "OperatorAnswer",
+    "Outcome",
+    "Phase",
+    "PlainText",
+    "Rejected",
+    "Reply",
+    "ResponseCode",
+    "Resumed",
+    "RoundCounts",
+    "StartFLJobReceived",
+    "UpdateModelReceived",
+    "WindowClosed",
+    "WindowKind",
+    "reason_device_meta_missing",
+    "reason_duplicate_device",
+    "reason_global_timeout",
+    "reason_repeated_update",
+    "reason_round_timeout",
+    "reason_wrong_iteration",
+    "update_model_threshold",
+]
+
+# ------------------------------------------------------------------------------------ wire constants
+
+#: Plain-text body while the cluster is between iterations (reference §2.1, §3.1). Clients match it.
+SAFEMODE_TEXT = "The cluster is in safemode."
+#: Plain-text body while the instance is disabled or finished (reference §2.1). Clients match it.
+JOB_NOT_AVAILABLE_TEXT = "The server's training job is disabled or finished."
+#: Largest ``data_size`` a device may declare (F-new refuses ``0x10000``; reference §2.4 step 4).
+MAX_DATA_SIZE = 65535
+#: Reason of a successful startFLJob (reference §2.4 step 7).
+REASON_START_FL_JOB_SUCCESS = "success"
+#: Reason of a successful updateModel (reference §2.4 step 10).
+REASON_UPDATE_MODEL_SUCCESS = "success not ready"
+#: startFLJob after its round reached the threshold (reference §2.4 step 2).
+REASON_START_FL_JOB_THRESHOLD = (
+    "Current amount for startFLJob has reached the threshold. Please startFLJob later."
+)
+#: startFLJob with ``data_size < 1`` (reference §2.4 step 4).
+REASON_DATA_SIZE_NOT_ENOUGH = "FL job data size is not enough."
+#: startFLJob with ``data_size > 65535`` (F-new, reference §2.4 step 4).
+REASON_DATA_SIZE_TOO_LARGE = "FL job data size is too large."
+#: updateModel while the counter is full (reference §2.4 updateModel step 2).
+REASON_UPDATE_MODEL_ENOUGH = "Current amount for updateModel is enough. Please retry later."
+#: Reason an iteration fails when the operator disables the instance (F-old ``ForciblyMoveToNextIteration``).
+REASON_FORCIBLY_MOVED = "Forcibly move to next iteration."
+#: Operator answers (F-old ``Iteration::EnableServerInstance`` / ``DisableServerInstance``).
+MESSAGE_DISABLED = "Disabling FL-Server succeeded."
+MESSAGE_ENABLED = "Enabling FL-Server succeeded."
+#: Operator refusals when the instance is finished (F-new management API wording).
+MESSAGE_CANNOT_DISABLE = "The instance is completed and cannot be disabled."
+MESSAGE_CANNOT_ENABLE = "The instance is completed and cannot be enabled."
+
+
+def reason_duplicate_device(fl_id: str) -> str:
+    """Reason for a second startFLJob from ``fl_id`` in one iteration (reference §2.4 step 5)."""
+    return f"Updating device metadata failed for fl id {fl_id}"
+
+
+def reason_wrong_iteration(got: int, current: int, next_req_time_ms: int, fl_id: str) -> str:
+    """Reason for an updateModel that names another iteration (reference §2.4 updateModel step 3)."""
+    return (
+        f"UpdateModel iteration number is invalid:{got}, current iteration:{current}, "
+        f"Retry later at time: {next_req_time_ms}, fl id is {fl_id}"
+    )
+
+
+def reason_device_meta_missing(fl_id: str) -> str:
+    """Reason for an updateModel from a device with no startFLJob this iteration (§2.4 step 6)."""
+    return f"devices_meta for {fl_id} is not set. Please retry later."
+
+
+def reason_repeated_update(fl_id: str) -> str:
+    """Reason for a second updateModel from ``fl_id`` in one iteration (F-new wording, §2.4, §8.1)."""
+    return f"Updating metadata of UpdateModelClientList failed for fl id {fl_id}"
+
+
+def reason_round_timeout(kind: WindowKind) -> str:
+    """Failure reason when a round window closes before its threshold (reference §3.2)."""
+    return f"Round {kind.value} timeout! This iteration is invalid. Proceed to next iteration."
+
+
+def reason_global_timeout(iteration: int) -> str:
+    """Failure reason when the global iteration window closes (reference §3.2)."""
+    return f"Global Iteration {iteration} timeout! This iteration is invalid. Proceed to next iteration."
+
+
+# ---------------------------------------------------------------------------------------- enums
+
+
+class ResponseCode(enum.IntEnum):
+    """The ``retcode`` values a device understands (reference §2.3, ``ResponseCode``)."""
+
+    SUCCEED = 200
+    SUC_NOT_READY = 201
+    OUT_OF_TIME = 300
+    REQUEST_ERROR = 400
+    SYSTEM_ERROR = 500
+
+
+class InstanceState(enum.StrEnum):
+    """State of the training instance; the values are metrics.json's ``instanceStatus`` (§3.9)."""
+
+    RUNNING = "running"
+    DISABLED = "disable"
+    FINISHED = "finish"
+
+
+class Phase(enum.StrEnum):
+    """Where the current iteration is.
+
+    ``WAITING``: no startFLJob accepted yet; nothing armed. ``RUNNING``: the iteration has started and
+    its windows are armed. ``AGGREGATING``: the updateModel threshold was reached and the driver is
+    combining partial sums; the cluster is in safemode.
+    """
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    AGGREGATING = "aggregating"
+
+
+class WindowKind(enum.StrEnum):
+    """The time windows of one iteration; round windows are named after their round."""
+
+    START_FL_JOB = "startFLJob"
+    UPDATE_MODEL = "updateModel"
+    GLOBAL = "global"
+
+
+# --------------------------------------------------------------------------------------- config
+
+_UINT32_MAX = 0xFFFFFFFF
+
+
+_IntValidator = Callable[[object, "attrs.Attribute[int]", int], None]
+
+
+def _positive_int(low: int = 1, high: int = _UINT32_MAX) -> _IntValidator:
+    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{attribute.name} must be an int in [{low}, {high}], got {value!r}")
+
+    return check
+
+
+def _ratio(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= 1
+    ):
+        raise ValueError(f"{attribute.name} must be a number in (0, 1], got {value!r}")
+
+
+def update_model_threshold(start_fl_job_threshold: int, update_model_ratio: float) -> int:
+    """``ceil(start_fl_job_threshold × update_model_ratio)`` (reference §2.2), computed exactly.
+
+    The ratio is taken as the decimal the operator wrote (``repr`` of the float), so ``10 × 0.7`` is 7,
+    as the original's single-precision product gives, and not the 8 that a double product
+    (``7.000000000000001``) would round up to.
+    """
+    return math.ceil(Fraction(repr(update_model_ratio)) * start_fl_job_threshold)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class IterationConfig:
+    """The numbers every iteration is held against (reference §1.1).
+
+    Attributes:
+        start_fl_job_threshold: Accepted startFLJob calls that close the startFLJob round.
+        update_model_ratio: In (0, 1]; ``update_model_threshold = ceil(threshold × ratio)``.
+        start_fl_job_time_window: Milliseconds the startFLJob round may stay open.
+        update_model_time_window: Milliseconds the updateModel round may stay open.
+        global_iteration_time_window: Milliseconds one iteration may last, from its first startFLJob.
+        fl_iteration_num: Iterations in the job, failed ones included.
+        min_retry_delay_ms: The least time, after ``now``, that any ``next_req_time`` names
+            (flcluster's own knob; see :meth:`IterationMachine.next_req_time_ms`).
+
+    Raises:
+        ValueError: A value is out of range; the message names the field, the value and the range.
+    """
+
+    start_fl_job_threshold: int = attrs.field(validator=_positive_int())
+    update_model_ratio: float = attrs.field(validator=_ratio)
+    start_fl_job_time_window: int = attrs.field(validator=_positive_int())
+    update_model_time_window: int = attrs.field(validator=_positive_int())
+    global_iteration_time_window: int = attrs.field(validator=_positive_int())
+    fl_iteration_num: int = attrs.field(validator=_positive_int())
+    min_retry_delay_ms: int = attrs.field(default=1000, validator=_positive_int(1, 3_600_000))
+
+    @property
+    def update_model_threshold(self) -> int:
+        """Accepted updateModel calls that complete an iteration."""
+        return update_model_threshold(self.start_fl_job_threshold, self.update_model_ratio)
+
+    @property
+    def iteration_time_window(self) -> int:
+        """``start_fl_job_time_window + update_model_time_window`` (reference §2.5)."""
+        return self.start_fl_job_time_window + self.update_model_time_window
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+def _int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name} must be an int, got {value!r}")
+
+
+def _non_negative_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    _int(instance, attribute, value)
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+_str = attrs.validators.instance_of(str)
+
+
+def _cause(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name} must be a non-empty str, got {value!r}")
+
+
+@final
+@attrs.frozen
+class DeviceMeta:
+    """What a device declared at an accepted startFLJob (reference §2.4 step 5).
+
+    Attributes:
+        fl_id: The device's id.
+        data_size: Its declared sample count: the FedAvg weight of its update.
+        accepted_at_ms: When its startFLJob was accepted (epoch ms).
+    """
+
+    fl_id: str = attrs.field(validator=_str)
+    data_size: int = attrs.field(validator=_int)
+    accepted_at_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class ArmedWindow:
+    """One armed window in a snapshot."""
+
+    kind: WindowKind = attrs.field(converter=WindowKind)
+    deadline_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class RoundCounts:
+    """The counters of the current iteration and their thresholds."""
+
+    iteration: int
+    start_fl_job: int
+    start_fl_job_threshold: int
+    update_model: int
+    update_model_threshold: int
+
+
+# ----------------------------------------------------------------------------------------- events
+
+
+@final
+@attrs.frozen
+class StartFLJobReceived:
+    """The counting part of a device's startFLJob (schema already checked by the receiving Server)."""
+
+    cause: str = attrs.field(validator=_cause)
+    fl_id: str = attrs.field(validator=_str)
+    data_size: int = attrs.field(validator=_int)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class UpdateModelReceived:
+    """The counting part of a device's updateModel (feature map already checked where it landed)."""
+
+    cause: str = attrs.field(validator=_cause)
+    fl_id: str = attrs.field(validator=_str)
+    iteration: int = attrs.field(validator=_int)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class WindowClosed:
+    """A window the machine armed with :class:`ArmWindow` has expired on the driver's clock."""
+
+    cause: str = attrs.field(validator=_cause)
+    kind: WindowKind = attrs.field(converter=WindowKind)
+    iteration: int = attrs.field(validator=_int)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class AggregationDone:
+    """The driver combined every Server's partial sums for ``iteration`` and published the model."""
+
+    cause: str = attrs.field(validator=_cause)
+    iteration: int = attrs.field(validator=_int)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class AggregationFailed:
+    """The driver could not aggregate ``iteration`` (a Server lost, sizes did not verify, ...)."""
+
+    cause: str = attrs.field(validator=_cause)
+    iteration: int = attrs.field(validator=_int)
+    reason: str = attrs.field(validator=_str)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class DisableRequested:
+    """An operator asked to disable the instance (``/disableFLS``)."""
+
+    cause: str = attrs.field(validator=_cause)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class EnableRequested:
+    """An operator asked to enable the instance (``/enableFLS``)."""
+
+    cause: str = attrs.field(validator=_cause)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class Resumed:
+    """The driver (re)started with this machine, e.g. after :meth:`IterationMachine.from_snapshot`.
+
+    The machine answers with the instructions that put the driver back in step: an :class:`ArmWindow`
+    for every armed window (with its original deadline, which may have passed) and, while aggregating,
+    the :class:`AggregateIteration` again.
+    """
+
+    cause: str = attrs.field(validator=_cause)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+Event = (
+    StartFLJobReceived
+    | UpdateModelReceived
+    | WindowClosed
+    | AggregationDone
+    | AggregationFailed
+    | DisableRequested
+    | EnableRequested
+    | Resumed
+)
+
+# ----------------------------------------------------------------------------------------- replies
+
+
+@final
+@attrs.frozen
+class Accepted:
+    """A request was accepted: ``retcode`` SUCCEED.
+
+    Attributes:
+        iteration: The iteration the device is now part of.
+        data_size: The data size the device declared at startFLJob (the divisor weight of its update).
+        next_req_time_ms: The ``next_req_time`` to put in the response (always after ``now_ms``).
+        reason: The ``reason`` string of the response.
+    """
+
+    iteration: int
+    data_size: int
+    next_req_time_ms: int
+    reason: str
+
+    @property
+    def retcode(self) -> ResponseCode:
+        """Always :attr:`ResponseCode.SUCCEED`."""
+        return ResponseCode.SUCCEED
+
+
+@final
+@attrs.frozen
+class Rejected:
+    """A request was refused; the device restarts from startFLJob at ``next_req_time_ms``."""
+
+    retcode: ResponseCode
+    reason: str
+    next_req_time_ms: int
+
+
+@final
+@attrs.frozen
+class PlainText:
+    """The Server cannot serve the round at all; the body is this exact text (reference §2.1)."""
+
+    text: str
+
+
+@final
+@attrs.frozen
+class OperatorAnswer:
+    """The answer to an operator command; ``changed`` is False when it was already so."""
+
+    message: str
+    changed: bool
+
+
+Reply = Accepted | Rejected | PlainText | OperatorAnswer
+
+# ------------------------------------------------------------------------------------ instructions
+
+
+@final
+@attrs.frozen
+class ArmWindow:
+    """Open a cancel scope that expires at ``deadline_ms`` (epoch ms), then feed :class:`WindowClosed`.
+
+    Re-arming a window that is already armed (after :class:`Resumed`) replaces it.
+    """
+
+    cause: str
+    kind: WindowKind
+    iteration: int
+    deadline_ms: int
+
+
+@final
+@attrs.frozen
+class DisarmWindow:
+    """Cancel that window's scope; a :class:`WindowClosed` that still arrives is ignored."""
+
+    cause: str
+    kind: WindowKind
+    iteration: int
+
+
+@final
+@attrs.frozen
+class AggregateIteration:
+    """The updateModel threshold was reached: combine every Server's partial sums for ``iteration``.
+
+    ``updates`` lists exactly the acknowledged updates (sorted by ``fl_id``): the aggregate must be
+    FedAvg over these and no others, ``sum(w) / total_data_size``. Report :class:`AggregationDone` or
+    :class:`AggregationFailed`.
+    """
+
+    cause: str
+    iteration: int
+    updates: tuple[DeviceMeta, ...]
+    total_data_size: int
+
+
+@final
+@attrs.frozen
+class DiscardPartials:
+    """Every Server drops its partial sums for ``iteration`` (and ignores late folds into it)."""
+
+    cause: str
+    iteration: int
+
+
+@final
+@attrs.frozen
+class IterationCompleted:
+    """``iteration`` succeeded; its aggregate is the new model. Devices now see ``next_iteration``."""
+
+    cause: str
+    iteration: int
+    started_at_ms: int
+    ended_at_ms: int
+    next_iteration: int
+
+
+@final
+@attrs.frozen
+class IterationFailed:
+    """``iteration`` is invalid: the previous model carries over as its model (reference §3.4).
+
+    ``started_at_ms`` is None when no device had joined it. ``consecutive_failures`` counts this one.
+    """
+
+    cause: str
+    iteration: int
+    reason: str
+    started_at_ms: int | None
+    ended_at_ms: int
+    next_iteration: int
+    consecutive_failures: int
+
+
+@final
+@attrs.frozen
+class InstanceStateChanged:
+    """The instance state changed (persist it; tell the followers)."""
+
+    cause: str
+    old: InstanceState
+    new: InstanceState
+
+
+Instruction = (
+    ArmWindow
+    | DisarmWindow
+    | AggregateIteration
+    | DiscardPartials
+    | IterationCompleted
+    | IterationFailed
+    | InstanceStateChanged
+)
+
+
+@final
+@attrs.frozen
+class Outcome:
+    """What one event produced: the reply to its sender (None for non-requests) and instructions."""
+
+    reply: Reply | None = None
+    instructions: tuple[Instruction, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------- snapshot
+
+
+@final
+@attrs.frozen(kw_only=True)
+class IterationSnapshot:
+    """The whole state of an :class:`IterationMachine` as plain records, for the recovery store.
+
+    ``windows`` is in :class:`WindowKind` order, ``devices`` and ``updated`` are sorted by ``fl_id``,
+    so equal machines have equal snapshots.
+    """
+
+    config: IterationConfig
+    iteration: int
+    instance_state: InstanceState = attrs.field(converter=InstanceState)
+    phase: Phase = attrs.field(converter=Phase)
+    started_at_ms: int | None
+    windows: tuple[ArmedWindow, ...]
+    devices: tuple[DeviceMeta, ...]
+    updated: tuple[str, ...]
+    consecutive_failures: int
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+
+class IterationMachine:
+    """The leader's iteration rules. Feed events to :meth:`handle`; do what the outcome says, in order.
+
+    Do not reach into its state: every change goes through :meth:`handle`. Two machines are equal when
+    their :meth:`snapshot` records are equal.
+    """
+
+    __slots__ = (
+        "_config",
+        "_consecutive_failures",
+        "_devices",
+        "_instance",
+        "_iteration",
+        "_phase",
+        "_started_at_ms",
+        "_updated",
+        "_windows",
+    )
+
+    def __init__(self, config: IterationConfig) -> None:
+        """Start a job at iteration 1 (the initial model is iteration 0), running and waiting."""
+        self._config = config
+        self._iteration = 1
+        self._instance = InstanceState.RUNNING
+        self._phase = Phase.WAITING
+        self._started_at_ms: int | None = None
+        self._windows: dict[WindowKind, int] = {}
+        self._devices: dict[str, DeviceMeta] = {}
+        self._updated: set[str] = set()
+        self._consecutive_failures = 0
+
+    # ---------------------------------------------------------------------------------- queries
+
+    @property
+    def config(self) -> IterationConfig:
+        """The thresholds and windows this machine runs with."""
+        return self._config
+
+    @property
+    def current_iteration(self) -> int:
+        """The iteration devices are asked to join now (``fl_iteration_num + 1`` once finished)."""
+        return self._iteration
+
+    @property
+    def state(self) -> InstanceState:
+        """The instance state: running, disabled or finished."""
+        return self._instance
+
+    @property
+    def phase(self) -> Phase:
+        """Where the current iteration is."""
+        return self._phase
+
+    @property
+    def in_safemode(self) -> bool:
+        """True while the current iteration is aggregating (between iterations, reference §3.3)."""
+        return self._phase is Phase.AGGREGATING
+
+    def counts(self) -> RoundCounts:
+        """The counters of the current iteration, with their thresholds."""
+        return RoundCounts(
+            iteration=self._iteration,
+            start_fl_job=len(self._devices),
+            start_fl_job_threshold=self._config.start_fl_job_threshold,
+            update_model=len(self._updated),
+            update_model_threshold=self._config.update_model_threshold,
+        )
+
+    def device_meta(self, fl_id: str) -> DeviceMeta | None:
+        """What ``fl_id`` declared at its startFLJob in the current iteration, or None."""
+        return self._devices.get(fl_id)
+
+    def armed_windows(self) -> tuple[ArmedWindow, ...]:
+        """The windows armed now, in :class:`WindowKind` order."""
+        return tuple(ArmedWindow(k, self._windows[k]) for k in WindowKind if k in self._windows)
+
+    def next_req_time_ms(self, now_ms: int) -> int:
+        """The ``next_req_time`` to tell a device at ``now_ms``: always strictly after ``now_ms``.
+
+        It is the latest moment the current iteration can still accept requests: the iteration's
+        start plus ``start_fl_job_time_window + update_model_time_window`` (the original's estimate,
+        reference §2.5), lowered to the global window's end and to the armed updateModel window's
+        deadline when those come first. It is raised to ``now_ms + min_retry_delay_ms`` when it would
+        be sooner, so a device is never told "now" or a past time (reference §8.8), and clock skew
+        between Server and device has a margin. Before the iteration starts it is that minimum.
+        Followers use it for the rejections they make themselves (the feature-map check).
+        """
+        floor = now_ms + self._config.min_retry_delay_ms
+        bound = self._iteration_end_bound()
+        return floor if bound is None else max(bound, floor)
+
+    def snapshot(self) -> IterationSnapshot:
+        """The whole state, as plain records (see :meth:`from_snapshot`)."""
+        return IterationSnapshot(
+            config=self._config,
+            iteration=self._iteration,
+            instance_state=self._instance,
+            phase=self._phase,
+            started_at_ms=self._started_at_ms,
+            windows=self.armed_windows(),
+            devices=tuple(self._devices[f] for f in sorted(self._devices)),
+            updated=tuple(sorted(self._updated)),
+            consecutive_failures=self._consecutive_failures,
+        )
+
+    @classmethod
+    def from_snapshot(cls, snapshot: IterationSnapshot) -> IterationMachine:
+        """Rebuild the machine a snapshot was taken from; feed it :class:`Resumed` to re-arm.
+
+        Raises:
+            ValueError: The snapshot breaks a rule no run of the machine can break (a corrupt store);
+                the message names the rule and the values.
+        """
+        _check_snapshot(snapshot)
+        machine = cls(snapshot.config)
+        machine._iteration = snapshot.iteration
+        machine._instance = snapshot.instance_state
+        machine._phase = snapshot.phase
+        machine._started_at_ms = snapshot.started_at_ms
+        machine._windows = {w.kind: w.deadline_ms for w in snapshot.windows}
+        machine._devices = {d.fl_id: d for d in snapshot.devices}
+        machine._updated = set(snapshot.updated)
+        machine._consecutive_failures = snapshot.consecutive_failures
+        return machine
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, IterationMachine):
+            return NotImplemented
+        return self.snapshot() == other.snapshot()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"<IterationMachine iteration={self._iteration} state={self._instance.value} "
+            f"phase={self._phase.value} startFLJob={len(self._devices)}/"
+            f"{self._config.start_fl_job_threshold} updateModel={len(self._updated)}/"
+            f"{self._config.update_model_threshold}>"
+        )
+
+    # ----------------------------------------------------------------------------------- events
+
+    def handle(self, event: Event) -> Outcome:
+        """Apply one event; return the reply to its sender and the instructions, in order.
+
+        When the instance state changes, an :class:`InstanceStateChanged` is the last instruction.
+
+        Raises:
+            IllegalEvent: The event is not legal now (spec "Iteration", "Illegal events"); the
+                machine is unchanged.
+        """
+        before = self._instance
+        out: list[Instruction] = []
+        reply: Reply | None
+        match event:
+            case StartFLJobReceived():
+                reply = self._start_fl_job(event, out)
+            case UpdateModelReceived():
+                reply = self._update_model(event, out)
+            case WindowClosed():
+                self._window_closed(event, out)
+                reply = None
+            case AggregationDone():
+                self._aggregation_done(event, out)
+                reply = None
+            case AggregationFailed():
+                self._aggregation_failed(event, out)
+                reply = None
+            case DisableRequested():
+                reply = self._disable(event, out)
+            case EnableRequested():
+                reply = self._enable(event, out)
+            case Resumed():
+                self._resumed(event, out)
+                reply = None
+            case _:
+                assert_never(event)
+        if self._instance is not before:
+            out.append(InstanceStateChanged(event.cause, before, self._instance))
+        return Outcome(reply, tuple(out))
+
+    # spec "Iteration" § startFLJob: the checks run in the original's order (reference §2.4).
+    def _start_fl_job(self, ev: StartFLJobReceived, out: list[Instruction]) -> Reply:
+        if self._instance is not InstanceState.RUNNING:
+            return PlainText(JOB_NOT_AVAILABLE_TEXT)
+        if self._phase is Phase.AGGREGATING:
+            return PlainText(SAFEMODE_TEXT)
+        threshold = self._config.start_fl_job_threshold
+        if len(self._devices) >= threshold:
+            return self._reject(REASON_START_FL_JOB_THRESHOLD, ev.now_ms)
+        if ev.data_size < 1:
+            return self._reject(REASON_DATA_SIZE_NOT_ENOUGH, ev.now_ms)
+        if ev.data_size > MAX_DATA_SIZE:
+            return self._reject(REASON_DATA_SIZE_TOO_LARGE, ev.now_ms)
+        if ev.fl_id in self._devices:
+            return self._reject(reason_duplicate_device(ev.fl_id), ev.now_ms)
+
+        # Accepted. Nothing above changed anything.
+        now = ev.now_ms
+        self._devices[ev.fl_id] = DeviceMeta(ev.fl_id, ev.data_size, now)
+        round_closes = len(self._devices) >= threshold
+        if self._phase is Phase.WAITING:
+            # The first accepted startFLJob starts the iteration (reference §3.2, §3.3 step 1). When it
+            # is also the last (threshold 1), the startFLJob window is never armed at all.
+            self._phase = Phase.RUNNING
+            self._started_at_ms = now
+            if not round_closes:
+                self._arm(WindowKind.START_FL_JOB, now + self._config.start_fl_job_time_window, ev, out)
+            self._arm(WindowKind.GLOBAL, now + self._config.global_iteration_time_window, ev, out)
+        if round_closes:
+            self._disarm(WindowKind.START_FL_JOB, ev, out)
+            # Improvement over reference §8.3: the updateModel window also starts when the startFLJob
+            # round closes, so a stall before the first upload fails within that window.
+            if WindowKind.UPDATE_MODEL not in self._windows:
+                self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
+        return Accepted(
+            self._iteration, ev.data_size, self.next_req_time_ms(now), REASON_START_FL_JOB_SUCCESS
+        )
+
+    # spec "Iteration" § updateModel: the admission part, in the original's order (reference §2.4).
+    def _update_model(self, ev: UpdateModelReceived, out: list[Instruction]) -> Reply:
+        if self._instance is not InstanceState.RUNNING:
+            return PlainText(JOB_NOT_AVAILABLE_TEXT)
+        if self._phase is Phase.AGGREGATING:
+            # The counter is full: no updateModel can count until the next iteration.
+            return self._reject(REASON_UPDATE_MODEL_ENOUGH, ev.now_ms)
+        if ev.iteration != self._iteration:
+            t = self.next_req_time_ms(ev.now_ms)
+            reason = reason_wrong_iteration(ev.iteration, self._iteration, t, ev.fl_id)
+            return Rejected(ResponseCode.OUT_OF_TIME, reason, t)
+        meta = self._devices.get(ev.fl_id)
+        if meta is None:
+            return self._reject(reason_device_meta_missing(ev.fl_id), ev.now_ms)
+        if ev.fl_id in self._updated:
+            # F-old would add these weights a second time (reference §8.1); F-new and we refuse.
+            return self._reject(reason_repeated_update(ev.fl_id), ev.now_ms)
+
+        # Accepted.
+        now = ev.now_ms
+        self._updated.add(ev.fl_id)
+        if len(self._updated) >= self._config.update_model_threshold:
+            self._begin_aggregation(ev, out)
+        elif WindowKind.UPDATE_MODEL not in self._windows:
+            # The first accepted updateModel starts its window (reference §3.3 step 2).
+            self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
+        return Accepted(
+            self._iteration, meta.data_size, self.next_req_time_ms(now), REASON_UPDATE_MODEL_SUCCESS
+        )
+
+    def _window_closed(self, ev: WindowClosed, out: list[Instruction]) -> None:
+        if ev.iteration > self._iteration:
+            raise IllegalEvent(
+                f"window {ev.kind.value!r} closed for iteration {ev.iteration!r}, which has not begun; "
+                f"the current iteration is {self._iteration!r}"
+            )
+        if ev.iteration < self._iteration or ev.kind not in self._windows:
+            return  # stale: the timer raced a threshold or an earlier failure
+        del self._windows[ev.kind]
+        if ev.kind is WindowKind.GLOBAL:
+            reason = reason_global_timeout(self._iteration)
+        else:
+            reason = reason_round_timeout(ev.kind)
+        self._fail(reason, ev, out)
+
+    def _aggregation_done(self, ev: AggregationDone, out: list[Instruction]) -> None:
+        self._require_aggregating(ev.iteration, "AggregationDone")
+        started = self._started_at_ms
+        assert started is not None  # an aggregating iteration has started (checked by _check_snapshot)
+        self._consecutive_failures = 0
+        out.append(IterationCompleted(ev.cause, self._iteration, started, ev.now_ms, self._iteration + 1))
+        self._advance()
+
+    def _aggregation_failed(self, ev: AggregationFailed, out: list[Instruction]) -> None:
+        self._require_aggregating(ev.iteration, "AggregationFailed")
+        self._fail(ev.reason, ev, out)
+
+    def _disable(self, ev: DisableRequested, out: list[Instruction]) -> Reply:
+        if self._instance is InstanceState.FINISHED:
+            raise IllegalEvent(MESSAGE_CANNOT_DISABLE)
+        if self._instance is InstanceState.DISABLED:
+            return OperatorAnswer(MESSAGE_DISABLED, changed=False)
+        self._instance = InstanceState.DISABLED
+        if self._phase is Phase.RUNNING:
+            # Drop the running iteration (reference §3.8). A WAITING iteration has nothing to drop and
+            # is kept, so disabling does not burn one of fl_iteration_num. An AGGREGATING one already
+            # holds its threshold of acknowledged updates and is left to finish.
+            self._fail(REASON_FORCIBLY_MOVED, ev, out)
+        return OperatorAnswer(MESSAGE_DISABLED, changed=True)
+
+    def _enable(self, ev: EnableRequested, out: list[Instruction]) -> Reply:
+        if self._instance is InstanceState.FINISHED:
+            raise IllegalEvent(MESSAGE_CANNOT_ENABLE)
+        if self._instance is InstanceState.RUNNING:
+            return OperatorAnswer(MESSAGE_ENABLED, changed=False)
+        self._instance = InstanceState.RUNNING
+        return OperatorAnswer(MESSAGE_ENABLED, changed=True)
+
+    def _resumed(self, ev: Resumed, out: list[Instruction]) -> None:
+        for w in self.armed_windows():
+            out.append(ArmWindow(ev.cause, w.kind, self._iteration, w.deadline_ms))
+        if self._phase is Phase.AGGREGATING:
+            out.append(self._aggregate_instruction(ev.cause))
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _reject(self, reason: str, now_ms: int) -> Rejected:
+        return Rejected(ResponseCode.OUT_OF_TIME, reason, self.next_req_time_ms(now_ms))
+
+    def _iteration_end_bound(self) -> int | None:
+        started = self._started_at_ms
+        if started is None:
+            return None
+        cfg = self._config
+        bound = started + min(cfg.iteration_time_window, cfg.global_iteration_time_window)
+        update_deadline = self._windows.get(WindowKind.UPDATE_MODEL)
+        return bound if update_deadline is None else min(bound, update_deadline)
+
+    def _arm(self, kind: WindowKind, deadline_ms: int, ev: Event, out: list[Instruction]) -> None:
+        self._windows[kind] = deadline_ms
+        out.append(ArmWindow(ev.cause, kind, self._iteration, deadline_ms))
+
+    def _disarm(self, kind: WindowKind, ev: Event, out: list[Instruction]) -> None:
+        if self._windows.pop(kind, None) is not None:
+            out.append(DisarmWindow(ev.cause, kind, self._iteration))
+
+    def _disarm_all(self, ev: Event, out: list[Instruction]) -> None:
+        for kind in WindowKind:
+            self._disarm(kind, ev, out)
+
+    def _aggregate_instruction(self, cause: str) -> AggregateIteration:
+        updates = tuple(self._devices[f] for f in sorted(self._updated))
+        return AggregateIteration(cause, self._iteration, updates, sum(d.data_size for d in updates))
+
+    def _begin_aggregation(self, ev: Event, out: list[Instruction]) -> None:
+        # Threshold reached (reference §3.3 step 2): stop every timer, enter safemode, aggregate.
+        self._disarm_all(ev, out)
+        self._phase = Phase.AGGREGATING
+        out.append(self._aggregate_instruction(ev.cause))
+
+    def _require_aggregating(self, iteration: int, name: str) -> None:
+        if self._phase is not Phase.AGGREGATING or iteration != self._iteration:
+            raise IllegalEvent(
+                f"{name} for iteration {iteration!r}, but iteration {self._iteration!r} is "
+                f"{self._phase.value}; only an aggregating iteration can be completed or failed this way"
+            )
+
+    def _fail(self, reason: str, ev: Event, out: list[Instruction]) -> None:
+        # Reference §3.4: the iteration is invalid, its updates are discarded, the model carries over,
+        # and the iteration number still advances (and counts toward fl_iteration_num).
+        self._disarm_all(ev, out)
+        self._consecutive_failures += 1
+        out.append(DiscardPartials(ev.cause, self._iteration))
+        out.append(
+            IterationFailed(
+                ev.cause,
+                self._iteration,
+                reason,
+                self._started_at_ms,
+                ev.now_ms,
+                self._iteration + 1,
+                self._consecutive_failures,
+            )
+        )
+        self._advance()
+
+    def _advance(self) -> None:
+        ended = self._iteration
+        self._iteration += 1
+        self._phase = Phase.WAITING
+        self._started_at_ms = None
+        self._windows.clear()
+        self._devices.clear()
+        self._updated.clear()
+        if ended >= self._config.fl_iteration_num:
+            self._instance = InstanceState.FINISHED
+
+
+def _check_snapshot(s: IterationSnapshot) -> None:
+    """Refuse a snapshot that no run of the machine can produce (see spec "Iteration", invariants)."""
+    cfg = s.config
+    problems: list[str] = []
+
+    def rule(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    rule(
+        isinstance(s.iteration, int) and not isinstance(s.iteration, bool) and s.iteration >= 1,
+        f"iteration must be an int >= 1, got {s.iteration!r}",
+    )
+    rule(s.consecutive_failures >= 0, f"consecutive_failures must be >= 0, got {s.consecutive_failures!r}")
+    fl_ids = [d.fl_id for d in s.devices]
+    rule(len(set(fl_ids)) == len(fl_ids), f"devices repeat an fl_id: {fl_ids!r}")
+    rule(len(set(s.updated)) == len(s.updated), f"updated repeats an fl_id: {s.updated!r}")
+    rule(set(s.updated) <= set(fl_ids), f"updated {s.updated!r} names devices not in devices {fl_ids!r}")
+    for d in s.devices:
+        rule(1 <= d.data_size <= MAX_DATA_SIZE, f"device {d.fl_id!r} has data_size {d.data_size!r}")
+    kinds = [w.kind for w in s.windows]
+    rule(len(set(kinds)) == len(kinds), f"a window is armed twice: {kinds!r}")
+    armed = set(kinds)
+    n_dev, n_upd = len(s.devices), len(s.updated)
+    finished = s.instance_state is InstanceState.FINISHED
+    rule(
+        finished == (s.iteration > cfg.fl_iteration_num),
+        f"instance_state {s.instance_state.value!r} does not fit iteration {s.iteration!r} of "
+        f"fl_iteration_num {cfg.fl_iteration_num!r}",
+    )
+    match s.phase:
+        case Phase.WAITING:
+            rule(
+                n_dev == 0 and n_upd == 0 and not armed and s.started_at_ms is None,
+                "a waiting iteration has no devices, updates, windows or start time",
+            )
+        case Phase.RUNNING:
+            rule(
+                not finished and s.instance_state is not InstanceState.DISABLED,
+                f"only a running instance has a running iteration, got {s.instance_state.value!r}",
+            )
+            rule(s.started_at_ms is not None, "a running iteration has a start time")
+            rule(
+                1 <= n_dev <= cfg.start_fl_job_threshold,
+                f"a running iteration has 1..{cfg.start_fl_job_threshold} devices, got {n_dev}",
+            )
+            rule(
+                n_upd < cfg.update_model_threshold,
+                f"a running iteration has fewer than {cfg.update_model_threshold} updates, got {n_upd}",
+            )
+            rule(WindowKind.GLOBAL in armed, "a running iteration has its global window armed")
+            rule(
+                (WindowKind.START_FL_JOB in armed) == (n_dev < cfg.start_fl_job_threshold),
+                "the startFLJob window is armed exactly while its round is open",
+            )
+            rule(
+                (WindowKind.UPDATE_MODEL in armed) == (n_upd > 0 or n_dev >= cfg.start_fl_job_threshold),
+                "the updateModel window is armed exactly once an update was accepted or startFLJob closed",
+            )
+        case Phase.AGGREGATING:
+            rule(not finished, "a finished instance has no aggregating iteration")
+            rule(s.started_at_ms is not None, "an aggregating iteration has a start time")
+            rule(
+                n_upd == cfg.update_model_threshold,
+                f"an aggregating iteration has {cfg.update_model_threshold} updates, got {n_upd}",
+            )
+            rule(
+                n_dev <= cfg.start_fl_job_threshold,
+                f"an aggregating iteration has at most {cfg.start_fl_job_threshold} devices, got {n_dev}",
+            )
+            rule(not armed, f"an aggregating iteration has no armed window, got {kinds!r}")
+        case _:
+            assert_never(s.phase)
+    if problems:
+        raise ValueError("inconsistent IterationSnapshot: " + "; ".join(problems))
