@@ -22,6 +22,7 @@ from torch import nn
 from flcluster.aggregation import ModelSpec, ModelWeights, load_latest_checkpoint, resolve_device
 from flcluster.client.lenet import make_lenet
 from flcluster.config import (
+    ClusterConfig,
     FLContext,
     apply_environment,
     explicit_fl_context_keys,
@@ -86,7 +87,9 @@ def server_settings(ctx: FLContext, node_id: str) -> ServerSettings:
     )
 
 
-def job_settings(ctx: FLContext, model: nn.Module | None = None) -> JobSettings:
+def job_settings(
+    ctx: FLContext, model: nn.Module | None = None, cluster_config: ClusterConfig | None = None
+) -> JobSettings:
     """The federated job from a validated context and the training script's model.
 
     The initial model is the newest ``<fl_name>_iteration_<N>.ckpt`` in ``checkpoint_dir`` when there is
@@ -101,6 +104,7 @@ def job_settings(ctx: FLContext, model: nn.Module | None = None) -> JobSettings:
         if found is not None:
             iteration, initial = found
             log.info("initial model from the checkpoint of iteration %d in %s", iteration, ctx.checkpoint_dir)
+    metrics = cluster_config.metrics if cluster_config is not None else None
     return JobSettings(
         spec=spec,
         initial=initial,
@@ -132,7 +136,12 @@ def job_settings(ctx: FLContext, model: nn.Module | None = None) -> JobSettings:
         ),
         device=resolve_device(ctx.aggregation_device),
         leader=LeaderOptions(
-            fl_name=ctx.fl_name, checkpoint_dir=ctx.checkpoint_dir, checkpoint_keep=ctx.checkpoint_keep
+            fl_name=ctx.fl_name,
+            checkpoint_dir=ctx.checkpoint_dir,
+            checkpoint_keep=ctx.checkpoint_keep,
+            metrics_path=metrics.storage_file_path if metrics is not None else "",
+            instance_name=ctx.instance_name,
+            participation_levels=ctx.participation_time_levels,
         ),
     )
 
@@ -163,7 +172,11 @@ def run_role(ctx: FLContext | None = None, *, model: nn.Module | None = None) ->
                 result = trio.run(run_scheduler, scheduler_settings(ctx, node_id))
                 log.info("Scheduler finished: %s", result.reason)
             case "MS_SERVER":
-                trio.run(partial(run_server, server_settings(ctx, node_id), job_settings(ctx, model)))
+                trio.run(
+                    partial(
+                        run_server, server_settings(ctx, node_id), job_settings(ctx, model, cluster_config)
+                    )
+                )
                 log.info("Server %r finished.", node_id)
             case _:
                 raise ConfigError(

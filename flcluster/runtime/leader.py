@@ -41,6 +41,7 @@ import trio
 
 from flcluster.aggregation import AggregationError, PartialSum, combine, finalize
 from flcluster.aggregation.checkpoint import save_checkpoint
+from flcluster.aggregation.metrics import ClientVisitedInfo, IterationMetrics, MetricsWriter
 from flcluster.core.iteration import (
     SAFEMODE_TEXT,
     Accepted,
@@ -69,6 +70,7 @@ from flcluster.core.iteration import (
 from flcluster.errors import FrameError, MessageError
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.runtime.rounds import (
+    CountRequest,
     IterationView,
     LeaderReply,
     RoundService,
@@ -116,17 +118,60 @@ class _Follower:
     node_id: str
     rank: int
     link: FramedLink
-    partials: dict[int, trio.MemorySendChannel[bytes]] = attrs.Factory(dict)
+    partials: dict[int, trio.MemorySendChannel[tuple[PartialSums, bytes]]] = attrs.Factory(dict)
     installs: dict[int, trio.Event] = attrs.Factory(dict)
 
 
 @attrs.frozen
 class LeaderOptions:
-    """What the leader does besides counting: checkpoints and their rotation."""
+    """What the leader does besides counting: checkpoints, their rotation, and metrics.json.
+
+    Attributes:
+        fl_name: The job name (names checkpoints and metrics lines).
+        checkpoint_dir: Where ``<fl_name>_iteration_<N>.ckpt`` goes after each completed iteration.
+        checkpoint_keep: Checkpoints kept on disk.
+        metrics_path: ``metrics.json`` (from config.json's ``metrics`` section); empty: none.
+        instance_name: The instance name written in metrics lines.
+        participation_levels: ``participation_time_level`` in minutes (startFLJob → updateModel buckets).
+    """
 
     fl_name: str = ""
     checkpoint_dir: str = ""
     checkpoint_keep: int = 3
+    metrics_path: str = ""
+    instance_name: str = ""
+    participation_levels: tuple[int, int] = (5, 15)
+
+
+@attrs.define
+class _Visits:
+    """What one iteration saw, for its metrics.json line (reference §3.9)."""
+
+    start_total: int = 0
+    start_accept: int = 0
+    update_total: int = 0
+    update_accept: int = 0
+    get_total: int = 0
+    get_accept: int = 0
+    loss_sum: float = 0.0
+    accuracy_sum: float = 0.0
+    levels: list[int] = attrs.Factory(lambda: [0, 0, 0])
+
+    def info(self) -> ClientVisitedInfo:
+        return ClientVisitedInfo(
+            start_fl_job_total=self.start_total,
+            start_fl_job_accept=self.start_accept,
+            start_fl_job_reject=self.start_total - self.start_accept,
+            update_model_total=self.update_total,
+            update_model_accept=self.update_accept,
+            update_model_reject=self.update_total - self.update_accept,
+            get_model_total=self.get_total,
+            get_model_accept=self.get_accept,
+            get_model_reject=self.get_total - self.get_accept,
+            participation_time_level1=self.levels[0],
+            participation_time_level2=self.levels[1],
+            participation_time_level3=self.levels[2],
+        )
 
 
 class Leader:
@@ -156,6 +201,9 @@ class Leader:
         self.completed: list[int] = []
         self.failed: list[int] = []
         self._ended = trio.Event()
+        self._visits = _Visits()
+        self._metrics = MetricsWriter(self.options.metrics_path) if self.options.metrics_path else None
+        self._instance_name = self.options.instance_name or f"instance_{time.strftime('%Y%m%d_%H%M%S')}"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the leader's nursery (windows, aggregation) until cancelled."""
@@ -184,18 +232,38 @@ class Leader:
         self._push_status()
         return outcome.reply
 
-    def call(self, op: str, fl_id: str, data_size: int, iteration: int) -> LeaderReply:
+    def call(self, request: CountRequest) -> LeaderReply:
         """The counting part of one device request (from this Server or a follower)."""
         now = self.clock.now_ms()
-        match op:
+        fl_id = request.fl_id
+        visits = self._visits
+        match request.op:
             case "startFLJob":
-                event: Event = StartFLJobReceived(self._cause(f"startFLJob:{fl_id}"), fl_id, data_size, now)
+                event: Event = StartFLJobReceived(
+                    self._cause(f"startFLJob:{fl_id}"), fl_id, request.data_size, now
+                )
+                visits.start_total += 1
             case "updateModel":
-                event = UpdateModelReceived(self._cause(f"updateModel:{fl_id}"), fl_id, iteration, now)
+                event = UpdateModelReceived(
+                    self._cause(f"updateModel:{fl_id}"), fl_id, request.iteration, now
+                )
+                visits.update_total += 1
+                meta = self.machine.device_meta(fl_id)
             case _:
-                raise ValueError(f"unknown leader call {op!r}; expected one of {OPS}")
+                raise ValueError(f"unknown leader call {request.op!r}; expected one of {OPS}")
         reply = self.feed(event)
         assert isinstance(reply, Accepted | Rejected | PlainText)
+        if isinstance(reply, Accepted):
+            if request.op == "startFLJob":
+                visits.start_accept += 1
+            else:
+                visits.update_accept += 1
+                visits.loss_sum += request.upload_loss
+                visits.accuracy_sum += request.upload_accuracy
+                if meta is not None:
+                    minutes = (now - meta.accepted_at_ms) / 60_000
+                    level1, level2 = self.options.participation_levels
+                    visits.levels[0 if minutes < level1 else 1 if minutes < level2 else 2] += 1
         return reply
 
     def _carry_out(self, ins: Any) -> None:
@@ -217,18 +285,41 @@ class Leader:
             case DiscardPartials(iteration=iteration):
                 self.rounds.drop_partials(iteration)
                 self._broadcast(DropPartials(iteration=iteration))
-            case IterationCompleted(iteration=iteration):
+            case IterationCompleted(iteration=iteration, started_at_ms=start, ended_at_ms=end):
                 log.info("iteration %d completed", iteration)
                 self.completed.append(iteration)
-                self._ended.set()
-                self._ended = trio.Event()
-            case IterationFailed(iteration=iteration, reason=reason):
+                self._iteration_ended(iteration, start, end, succeeded=True)
+            case IterationFailed(iteration=iteration, reason=reason, started_at_ms=start, ended_at_ms=end):
                 log.info("iteration %d failed: %s", iteration, reason)
                 self.failed.append(iteration)
-                self._ended.set()
-                self._ended = trio.Event()
+                self._iteration_ended(iteration, end if start is None else start, end, succeeded=False)
             case InstanceStateChanged(old=old, new=new):
                 log.info("instance %s -> %s", old.value, new.value)
+
+    def _iteration_ended(self, iteration: int, start_ms: int, end_ms: int, *, succeeded: bool) -> None:
+        """Write the iteration's metrics.json line (when configured) and wake :meth:`wait_ended`."""
+        visits, self._visits = self._visits, _Visits()
+        if self._metrics is not None:
+            line = IterationMetrics(
+                instance_name=self._instance_name,
+                start_time_ms=start_ms,
+                end_time_ms=end_ms,
+                fl_name=self.options.fl_name,
+                instance_status=self.machine.state.value,
+                fl_iteration_num=self.machine.config.fl_iteration_num,
+                current_iteration=iteration,
+                metrics_auc=visits.accuracy_sum / max(visits.update_accept, 1),
+                metrics_loss=visits.loss_sum / self.machine.config.update_model_threshold,
+                iteration_execution_time_ms=max(end_ms - start_ms, 0),
+                client_visited_info=visits.info(),
+                iteration_result=succeeded,
+            )
+            try:
+                self._metrics.write(line)
+            except OSError as exc:
+                log.error("cannot write %s: %s", self._metrics.path, exc)
+        self._ended.set()
+        self._ended = trio.Event()
 
     async def _window(
         self, scope: trio.CancelScope, kind: WindowKind, iteration: int, deadline_ms: int
@@ -260,6 +351,9 @@ class Leader:
     async def _combine(self, ins: AggregateIteration) -> Any:
         iteration = ins.iteration
         partials = [await self.rounds.collect_partial(iteration)]
+        total_get, accepted_get = self.rounds.take_get_model_counts()
+        self._visits.get_total += total_get
+        self._visits.get_accept += accepted_get
         for _rank, node_id in sorted(self._members()):
             if node_id == self._self_id:
                 continue
@@ -278,14 +372,16 @@ class Leader:
         return await trio.to_thread.run_sync(finalize, total, previous)
 
     async def _collect_from(self, follower: _Follower, iteration: int) -> PartialSum:
-        send, receive = trio.open_memory_channel[bytes](1)
+        send, receive = trio.open_memory_channel[tuple[PartialSums, bytes]](1)
         follower.partials[iteration] = send
         try:
             with trio.fail_after(COLLECT_TIMEOUT):
                 await follower.link.send(CollectPartial(iteration=iteration))
-                payload = await receive.receive()
+                msg, payload = await receive.receive()
         finally:
             follower.partials.pop(iteration, None)
+        self._visits.get_total += msg.get_model_total
+        self._visits.get_accept += msg.get_model_accept
         return PartialSum.from_bytes(payload, self.rounds.spec)
 
     async def _publish(self, iteration: int, payload: bytes) -> None:
@@ -363,15 +459,18 @@ class Leader:
                     await link.send(ErrorReply(reason=str(exc)))
                     continue
                 match msg:
-                    case LeaderCall(call_id=call_id, op=op, fl_id=fl_id, data_size=size, iteration=it):
+                    case LeaderCall(call_id=call_id, op=op):
                         if op not in OPS:
                             await link.send(ErrorReply(reason=f"unknown leader call {op!r}"))
                             continue
-                        await link.send(answer_of(call_id, self.call(op, fl_id, size, it)))
+                        request = CountRequest(
+                            op, msg.fl_id, msg.data_size, msg.iteration, msg.upload_loss, msg.upload_accuracy
+                        )
+                        await link.send(answer_of(call_id, self.call(request)))
                     case PartialSums(iteration=it):
                         channel = follower.partials.get(it)
                         if channel is not None:
-                            channel.send_nowait(payload)
+                            channel.send_nowait((msg, payload))
                     case ModelInstalled(iteration=it):
                         event = follower.installs.get(it)
                         if event is not None:
@@ -426,9 +525,9 @@ class LocalLeaderChannel:
     def __init__(self, leader: Leader) -> None:
         self._leader = leader
 
-    async def call(self, op: str, fl_id: str, data_size: int, iteration: int) -> LeaderReply:
+    async def call(self, request: CountRequest) -> LeaderReply:
         """Count at the leader, in this process."""
-        return self._leader.call(op, fl_id, data_size, iteration)
+        return self._leader.call(request)
 
 
 class FollowerSession:
@@ -442,7 +541,7 @@ class FollowerSession:
         self._synced = trio.Event()
         self._closed = False
 
-    async def call(self, op: str, fl_id: str, data_size: int, iteration: int) -> LeaderReply:
+    async def call(self, request: CountRequest) -> LeaderReply:
         """Send one counting call and wait for its answer (safemode text if the link drops)."""
         if self._closed:
             return PlainText(SAFEMODE_TEXT)
@@ -450,7 +549,10 @@ class FollowerSession:
         send, receive = trio.open_memory_channel[LeaderReply](1)
         self._waiting[call_id] = send
         try:
-            await self._link.send(LeaderCall(call_id, op, fl_id, data_size, iteration))
+            r = request
+            await self._link.send(
+                LeaderCall(call_id, r.op, r.fl_id, r.data_size, r.iteration, r.upload_loss, r.upload_accuracy)
+            )
             return await receive.receive()
         except (LinkClosed, trio.EndOfChannel):
             return PlainText(SAFEMODE_TEXT)
@@ -503,9 +605,9 @@ class FollowerSession:
 
     async def _send_partial(self, iteration: int) -> None:
         partial = await self._rounds.collect_partial(iteration)
-        await self._link.send(
-            PartialSums(iteration=iteration, update_count=partial.update_count), partial.to_bytes()
-        )
+        total_get, accepted_get = self._rounds.take_get_model_counts()
+        msg = PartialSums(iteration, partial.update_count, total_get, accepted_get)
+        await self._link.send(msg, partial.to_bytes())
 
 
 __all__ = [

@@ -70,10 +70,31 @@ DeviceAnswer = bytes | str
 """A FlatBuffer response (bytes) or one of the original's plain-text answers (str)."""
 
 
+@attrs.frozen
+class CountRequest:
+    """The counting part of one device request, as the leader sees it.
+
+    Attributes:
+        op: ``startFLJob`` or ``updateModel``.
+        fl_id: The device.
+        data_size: Declared at startFLJob (0 for updateModel).
+        iteration: The iteration an update is for (ignored for startFLJob, as the original).
+        upload_loss: The device's training loss reported with its update (for metrics.json).
+        upload_accuracy: The device's accuracy reported with its update (for metrics.json).
+    """
+
+    op: str
+    fl_id: str
+    data_size: int = 0
+    iteration: int = 0
+    upload_loss: float = 0.0
+    upload_accuracy: float = 0.0
+
+
 class LeaderChannel(Protocol):
     """How a Server reaches the leader's counters (spec/device-protocol.md, "Shared iteration")."""
 
-    async def call(self, op: str, fl_id: str, data_size: int, iteration: int) -> LeaderReply:
+    async def call(self, request: CountRequest) -> LeaderReply:
         """Run the counting part of one device request at the leader and return its answer."""
         ...
 
@@ -143,6 +164,8 @@ class RoundService:
         self._pending: dict[int, int] = {}
         self._settled = trio.Event()
         self._encoded_model: tuple[int, list[tuple[str, np.ndarray[Any, Any]]]] | None = None
+        self._get_model_total = 0
+        self._get_model_accept = 0
 
     # -------------------------------------------------------------------------- device requests
 
@@ -152,7 +175,7 @@ class RoundService:
             req = decode_start_fl_job(body)
         except SchemaError as exc:
             return self._start_fl_job_error(ResponseCode.RequestError, str(exc))
-        reply = await self._call("startFLJob", req.fl_id, req.data_size, req.iteration)
+        reply = await self._call(CountRequest("startFLJob", req.fl_id, req.data_size, req.iteration))
         match reply:
             case PlainText(text=text):
                 return text
@@ -197,7 +220,9 @@ class RoundService:
         iteration = req.iteration
         self._pending[iteration] = self._pending.get(iteration, 0) + 1
         try:
-            reply = await self._call("updateModel", req.fl_id, 0, iteration)
+            reply = await self._call(
+                CountRequest("updateModel", req.fl_id, 0, iteration, req.upload_loss, req.upload_accuracy)
+            )
             if isinstance(reply, Accepted):
                 # Fold before acknowledging: a SUCCEED means "this update is in the sum".
                 self._fold(reply.iteration, maps, reply.data_size)
@@ -221,6 +246,7 @@ class RoundService:
 
     async def get_model(self, body: bytes) -> DeviceAnswer:
         """Answer one getModel body from the models held here (reference §2.4 getModel)."""
+        self._get_model_total += 1
         try:
             req = decode_get_model(body)
         except SchemaError as exc:
@@ -246,6 +272,7 @@ class RoundService:
                 feature_maps=(),
                 timestamp=self._next_req_time(),
             )
+        self._get_model_accept += 1
         return encode_get_model_response(
             retcode=int(ResponseCode.SUCCEED),
             reason="success",
@@ -268,6 +295,12 @@ class RoundService:
         self._dropped_below = max(self._dropped_below, iteration + 1)
         return PartialSum.empty(self.spec) if acc is None else acc.partial()
 
+    def take_get_model_counts(self) -> tuple[int, int]:
+        """getModel requests (total, answered with a model) since the last call, for metrics.json."""
+        counts = (self._get_model_total, self._get_model_accept)
+        self._get_model_total = self._get_model_accept = 0
+        return counts
+
     def drop_partials(self, iteration: int) -> None:
         """``iteration`` failed: forget its sums; its model is the previous one (carried over)."""
         self._accumulators.pop(iteration, None)
@@ -289,10 +322,10 @@ class RoundService:
 
     # ----------------------------------------------------------------------------------- helpers
 
-    async def _call(self, op: str, fl_id: str, data_size: int, iteration: int) -> LeaderReply:
+    async def _call(self, request: CountRequest) -> LeaderReply:
         if self.leader is None:
             return PlainText(SAFEMODE_TEXT)
-        return await self.leader.call(op, fl_id, data_size, iteration)
+        return await self.leader.call(request)
 
     def _fold(self, iteration: int, maps: Sequence[tuple[str, np.ndarray[Any, Any]]], data_size: int) -> None:
         if iteration < self._dropped_below:
@@ -329,6 +362,7 @@ class RoundService:
 
 __all__ = [
     "JOB_NOT_AVAILABLE_TEXT",
+    "CountRequest",
     "DeviceAnswer",
     "IterationView",
     "LeaderChannel",

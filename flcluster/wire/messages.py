@@ -209,6 +209,8 @@ class LeaderCall:
     fl_id: str
     data_size: int
     iteration: int
+    upload_loss: float
+    upload_accuracy: float
 
 
 @register
@@ -259,6 +261,8 @@ class PartialSums:
     TYPE: ClassVar[str] = "partial_sums"
     iteration: int
     update_count: int
+    get_model_total: int
+    get_model_accept: int
 
 
 @register

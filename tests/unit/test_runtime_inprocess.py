@@ -47,6 +47,6 @@ async def test_four_servers_form_a_ready_cluster() -> None:
         assert all(r["alive"] == "true" for r in nodes["nodeIds"])
         answer = decode_start_fl_job_response(device.content)
         assert answer.retcode == ResponseCode.RequestError
-        assert answer.reason == "The schema of RequestFLJob is invalid."
+        assert answer.reason.startswith("The schema of RequestFLJob is invalid.")
         assert {s.rank for s in servers} == {0, 1, 2, 3}
         nursery.cancel_scope.cancel()
