@@ -6,12 +6,15 @@ the next iteration works and aggregates.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import trio
 import trio.testing
 
 from flcluster.core.iteration import IterationMachine, Phase
-from flcluster.runtime.leader import EpochClock, Leader, LocalLeaderChannel
+from flcluster.runtime.leader import EpochClock, Leader, LeaderOptions, LocalLeaderChannel
 from flcluster.runtime.rounds import RoundService
 from flcluster.wire.device import (
     ResponseCode,
@@ -38,12 +41,21 @@ def update(fl_id: str, iteration: int, maps: list[tuple[str, np.ndarray]]) -> by
 
 
 async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iteration_works(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     job = lenet_job(2, 5, start=10_000, update=20_000)
     rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device)
     clock = EpochClock()
-    leader = Leader(IterationMachine(job.iteration), rounds, clock, self_id="0", members=lambda: [(0, "0")])
+    metrics = tmp_path / "metrics.json"
+    options = LeaderOptions(fl_name=FL_NAME, metrics_path=str(metrics), instance_name="test")
+    leader = Leader(
+        IterationMachine(job.iteration),
+        rounds,
+        clock,
+        self_id="0",
+        members=lambda: [(0, "0")],
+        options=options,
+    )
     rounds.leader = LocalLeaderChannel(leader)
     initial = {name: t.numpy().copy() for name, t in job.initial.items()}
     async with trio.open_nursery() as nursery:
@@ -95,6 +107,14 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
         for m in got.feature_maps:
             np.testing.assert_allclose(np.asarray(m.data), (1.0 * 10 + 3.0 * 30) / 40, rtol=1e-6)
         nursery.cancel_scope.cancel()
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(m["currentIteration"], m["iterationResult"]) for m in lines] == [(1, "fail"), (2, "success")]
+    assert lines[0]["clientVisitedInfo"]["startFLJobAcceptClientNum"] == 1
+    assert lines[0]["iterationExecutionTime"] == 10_000
+    visits = lines[1]["clientVisitedInfo"]
+    assert (visits["startFLJobAcceptClientNum"], visits["updateModelAcceptClientNum"]) == (2, 2)
+    assert visits["getModelTotalClientNum"] == 1  # the getModel of the failed iteration's model
+    assert lines[1]["instanceName"] == "test" and lines[1]["flName"] == FL_NAME
 
 
 async def test_update_window_expiring_fails_the_iteration(autojump_clock: trio.testing.MockClock) -> None:
