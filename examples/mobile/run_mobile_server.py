@@ -26,7 +26,9 @@ if __name__ == "__main__":
     server_num = int(str(kwargs.get("server_num", 1)))
     local = server_num if args.local_server_num == -1 else args.local_server_num
     if not 1 <= local <= server_num:
-        sys.exit(f"The local server number {local} must be between 1 and the total server number {server_num}.")
+        sys.exit(
+            f"The local server number {local} must be between 1 and the total server number {server_num}."
+        )
     for _proc, launched in start_servers(
         python_command(HERE / "test_mobile_lenet.py"), kwargs, local_server_num=local
     ):

@@ -5,8 +5,8 @@ Three sources, none of which touches the network:
 - :func:`load_digits_dataset`: scikit-learn's shipped 8×8 hand-written digits (1 797 images, 10 classes),
   scaled to [0, 1], resized bilinearly to 32×32 and repeated to 3 channels. Always available (scikit-learn is
   an extra of flcluster).
-- :func:`load_mnist_idx`: the four standard MNIST IDX files from a local folder, plain or gzipped; 28×28 images
-  are centred in 32×32 with a zero border (the classic LeNet-5 input).
+- :func:`load_mnist_idx`: the four standard MNIST IDX files from a local folder, plain or gzipped; 28×28
+  images are centred in 32×32 with a zero border (the classic LeNet-5 input).
 - :func:`load_leaf_femnist`: LEAF's FEMNIST JSON (``train/`` and ``test/`` folders), one data set per writer,
   62 classes: a natural non-IID partition.
 
@@ -58,7 +58,7 @@ _FEMNIST_SIDE = 28
 def _check_x(instance: Dataset, attribute: attrs.Attribute[torch.Tensor], value: torch.Tensor) -> None:
     side = LENET_INPUT_SIDE
     if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
-        raise ValueError(f"Dataset.x must be a float32 torch.Tensor, got {type(value).__name__} {value!r:.80}")
+        raise ValueError(f"Dataset.x must be a float32 torch.Tensor, got {value!r:.80}")
     if value.ndim != 4 or tuple(value.shape[1:]) != (_CHANNELS, side, side):
         raise ValueError(f"Dataset.x must be N×{_CHANNELS}×{side}×{side}, got shape {tuple(value.shape)!r}")
 
@@ -119,7 +119,8 @@ def _to_lenet_images(grey: torch.Tensor) -> torch.Tensor:
 def load_digits_dataset() -> Dataset:
     """scikit-learn's shipped 8×8 digits as a LeNet-5 data set (no network access).
 
-    Pixels (0–16) are scaled to [0, 1], resized to 32×32 with bilinear interpolation and repeated to 3 channels.
+    Pixels (0–16) are scaled to [0, 1], resized to 32×32 with bilinear interpolation and repeated to 3
+    channels.
 
     Returns:
         1 797 samples, labels 0–9.
@@ -177,8 +178,8 @@ def dirichlet_partition(
     """Split sample indices across devices, non-IID, with a seeded per-class Dirichlet draw.
 
     For every class the share of each device is drawn from ``Dirichlet(alpha, …, alpha)``; a small ``alpha``
-    (0.1) gives each device few classes, a large one (100) is close to IID. Devices left below ``min_size`` then
-    receive single samples taken at random from the currently largest device until none is short.
+    (0.1) gives each device few classes, a large one (100) is close to IID. Devices left below ``min_size``
+    then receive single samples taken at random from the currently largest device until none is short.
 
     Args:
         labels: One class label per sample (1-D).
@@ -317,7 +318,9 @@ def _leaf_user_dataset(path: Path, user: str, record: Any, declared: int) -> Dat
         pixels = np.asarray(record["x"], dtype=np.float32)
         labels = np.asarray(record["y"], dtype=np.int64)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"LEAF file {str(path)!r}: user {user!r} has non-numeric or ragged data: {exc}") from exc
+        raise ConfigError(
+            f"LEAF file {str(path)!r}: user {user!r} has non-numeric or ragged data: {exc}"
+        ) from exc
     side = _FEMNIST_SIDE
     if pixels.ndim != 2 or pixels.shape[1] != side * side:
         raise ConfigError(

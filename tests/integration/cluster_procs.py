@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -82,3 +84,35 @@ def wait_gone(pids: Sequence[int], timeout: float = 20) -> list[int]:
         alive = [p for p in alive if pid_running(p)]
         time.sleep(0.05)
     return alive
+
+
+def free_port_block(count: int, *, host: str = "0.0.0.0", low: int = 20000, high: int = 32000) -> int:
+    """The first of ``count`` consecutive TCP ports that were all free on ``host`` a moment ago.
+
+    The block starts at a random place in ``[low, high)`` (below Linux's ephemeral range, so outgoing
+    connections do not take the ports meanwhile), which keeps concurrent test runs apart.
+    """
+    for _ in range(200):
+        first = random.randrange(low, high - count)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind((host, port))
+            except OSError:
+                continue
+            return first
+    raise AssertionError(f"no block of {count} free ports in [{low}, {high}) on {host}")
+
+
+def wait_for_log_line(path: Path, text: str, *, timeout: float = 60) -> str:
+    """Wait until the log at ``path`` contains ``text``; return the whole log."""
+    deadline = time.monotonic() + timeout
+    content = ""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            content = path.read_text(errors="replace")
+        if text in content:
+            return content
+        time.sleep(0.05)
+    raise AssertionError(f"{path} has no {text!r} after {timeout}s; it reads:\n{content[-4000:]}")
