@@ -63,11 +63,13 @@ def plot_accuracy(
     loss_axes.set_ylabel("test loss", color="tab:red")
     if not points:
         axes.text(0.5, 0.5, "no evaluated iteration", ha="center", va="center", transform=axes.transAxes)
-    axes.set_title(
-        title
-        or f"{config.mode}: {config.data}, {config.num_devices} devices, {len(config.servers)} servers"
-        + (", ELB" if config.use_elb else "")
+    servers = len(config.servers)
+    devices = config.num_devices
+    default = (
+        f"{config.mode}: {config.data}, {devices} device{'s' * (devices != 1)}, "
+        f"{servers} server{'s' * (servers != 1)}{', ELB' if config.use_elb else ''}"
     )
+    axes.set_title(title or default)
     figure.tight_layout()
     figure.savefig(target, format="png")
     return target

@@ -217,7 +217,8 @@ class SimulatorConfig:
         lr: Local learning rate; ``None``: the FLPlan's.
         policy: The devices' waiting and restart policy.
         http_timeout: Seconds one HTTP request may take (the original's client: 30).
-        max_connections: Most HTTP connections open at once, over all devices.
+        max_connections: Most HTTP connections open at once, over all devices (more requests queue; httpx's
+            pool scans every connection per request, so a few dozen beat hundreds).
         torch_threads: torch's intra-op threads while simulating (``torch.set_num_threads``, process-wide,
             restored afterwards); 1 suits ``train_concurrency`` trainings on as many cores. ``None`` leaves
             torch's setting alone.
@@ -244,7 +245,7 @@ class SimulatorConfig:
     lr: float | None = attrs.field(default=None, validator=_optional_positive_float)
     policy: DevicePolicy = attrs.field(factory=DevicePolicy)
     http_timeout: float = attrs.field(default=30.0, validator=_positive_float)
-    max_connections: int = attrs.field(default=100, validator=_positive_int)
+    max_connections: int = attrs.field(default=32, validator=_positive_int)
     torch_threads: int | None = attrs.field(default=1, validator=_optional_positive_int)
     progress: bool = True
 
