@@ -26,7 +26,7 @@ from pathlib import Path
 
 import attrs
 
-from flcluster.runtime.server import advertised_address
+from flcluster.runtime.addresses import advertised_address
 
 
 def server_node_ids(

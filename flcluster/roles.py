@@ -15,12 +15,10 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
-from torch import nn
 
-from flcluster.aggregation import ModelSpec, ModelWeights, load_latest_checkpoint, resolve_device
-from flcluster.client.lenet import make_lenet
 from flcluster.config import (
     ClusterConfig,
     FLContext,
@@ -30,12 +28,13 @@ from flcluster.config import (
     load_cluster_config,
     resolve_node_id,
 )
-from flcluster.core.iteration import IterationConfig
 from flcluster.errors import ConfigError, FLClusterError
-from flcluster.runtime.leader import LeaderOptions
 from flcluster.runtime.scheduler import SchedulerSettings, run_scheduler
-from flcluster.runtime.server import JobSettings, ServerSettings, run_server
-from flcluster.wire.device import FLPlanParams
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from flcluster.runtime.server import JobSettings, ServerSettings
 
 log = logging.getLogger("flcluster")
 
@@ -71,6 +70,8 @@ def scheduler_settings(ctx: FLContext, node_id: str) -> SchedulerSettings:
 
 def server_settings(ctx: FLContext, node_id: str) -> ServerSettings:
     """A Server's settings from a validated context."""
+    from flcluster.runtime.server import ServerSettings
+
     return ServerSettings(
         node_id=node_id,
         server_num=ctx.server_num,
@@ -96,6 +97,14 @@ def job_settings(
     one, else the weights of ``model`` (LeNet5 with seed 0 when the script hands none). Only the leader's
     initial model matters: followers take the leader's model when they join.
     """
+    # torch and the Server runtime load here, not at import: the Scheduler never needs them.
+    from flcluster.aggregation import ModelSpec, ModelWeights, load_latest_checkpoint, resolve_device
+    from flcluster.client.lenet import make_lenet
+    from flcluster.core.iteration import IterationConfig
+    from flcluster.runtime.leader import LeaderOptions
+    from flcluster.runtime.server import JobSettings
+    from flcluster.wire.device import FLPlanParams
+
     module = make_lenet(seed=0) if model is None else model
     spec = ModelSpec.from_module(module)
     initial = ModelWeights.from_state_dict(module.state_dict(), spec)
@@ -172,6 +181,8 @@ def run_role(ctx: FLContext | None = None, *, model: nn.Module | None = None) ->
                 result = trio.run(run_scheduler, scheduler_settings(ctx, node_id))
                 log.info("Scheduler finished: %s", result.reason)
             case "MS_SERVER":
+                from flcluster.runtime.server import run_server
+
                 trio.run(
                     partial(
                         run_server, server_settings(ctx, node_id), job_settings(ctx, model, cluster_config)

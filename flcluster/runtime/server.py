@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from functools import partial
 from typing import Any
 
@@ -37,6 +36,7 @@ from flcluster.core.iteration import IterationConfig, IterationMachine
 from flcluster.errors import ClusterError, FrameError, MessageError, RegistrationRefused
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
+from flcluster.runtime.addresses import advertised_address
 from flcluster.runtime.leader import EpochClock, FollowerSession, Leader, LeaderOptions, LocalLeaderChannel
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.rounds import RoundService
@@ -119,28 +119,6 @@ class JobSettings:
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     model_keep: int = 3
     leader: LeaderOptions = attrs.field(factory=LeaderOptions)
-
-
-def advertised_address(scheduler_host: str) -> str:
-    """The first usable IPv4 address of this host on the way to the Scheduler.
-
-    Loopback when the Scheduler is on loopback; otherwise the source address the kernel picks for the
-    route to the Scheduler (a UDP ``connect`` sends nothing), which on a single-NIC host is the NIC's
-    address, as the guide expects.
-    """
-    try:
-        infos = socket.getaddrinfo(scheduler_host, None, socket.AF_INET)
-    except socket.gaierror:
-        return "127.0.0.1"
-    target = str(infos[0][4][0])
-    if target.startswith("127."):
-        return "127.0.0.1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((target, 9))
-        except OSError:
-            return "127.0.0.1"
-        return str(probe.getsockname()[0])
 
 
 @attrs.frozen
