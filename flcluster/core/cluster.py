@@ -363,6 +363,7 @@ class ClusterMachine:
         if self._fl_iteration_num is None:
             self._fl_iteration_num = event.fl_iteration_num
         known = self._nodes.get(info.node_id)
+        revived = known is not None and not known.alive
         out: list[Instruction] = []
         if known is not None:
             # A known node id gets its old rank back (spec: "Ranks"): a restart, a reconnect.
@@ -377,8 +378,9 @@ class ClusterMachine:
             rank = len(self._nodes)
             self._nodes[info.node_id] = _NodeRecord(info=info, rank=rank, last_heartbeat=event.now)
         out.append(AcceptRegistration(event.cause, info.node_id, rank))
-        if len(self._nodes) == self._config.server_num:
-            out.extend(self._settle_state(event.cause, "every Server has registered"))
+        if len(self._nodes) == self._config.server_num or revived:
+            reason = f"node {info.node_id!r} registered again" if revived else "every Server has registered"
+            out.extend(self._settle_state(event.cause, reason))
             out.append(self._membership(event.cause))
         return out
 

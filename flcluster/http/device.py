@@ -37,6 +37,7 @@ def plain(text: str, status: int = 200) -> Response:
 def _json_error(message: str, status: int) -> Response:
     response = jsonify({"error_message": message, "code": "1"})
     response.status_code = status
+    response.headers["Connection"] = "close"  # the body may not have been read in full
     return response
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from quart import Response, jsonify
+from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from flcluster.core.cluster import ClusterState, Member
 
-ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
 class ClusterView(Protocol):
@@ -41,9 +41,13 @@ class ClusterView(Protocol):
 
 
 def error_response(message: str, status: int = 400) -> Response:
-    """The original's error shape: ``{"error_message": message, "code": "1"}``."""
+    """The original's error shape: ``{"error_message": message, "code": "1"}``.
+
+    The connection is closed after an error: the request body may not have been read in full.
+    """
     response = jsonify({"error_message": message, "code": "1"})
     response.status_code = status
+    response.headers["Connection"] = "close"
     return response
 
 
@@ -52,7 +56,13 @@ def create_management_app(view: ClusterView, *, max_body: int) -> QuartTrio:
     app = QuartTrio("flcluster.management")
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
-    @app.route("/nodes", methods=ANY_METHOD)
+    @app.before_request
+    async def read_body() -> None:
+        # Read (and so bound) every body, even where it is ignored: the limit then applies to every
+        # endpoint, and the keep-alive connection stays in sync for the next request.
+        await request.get_data(cache=False)
+
+    @app.route("/nodes", methods=ANY_METHOD, provide_automatic_options=False)
     async def nodes() -> Response:
         rows: list[dict[str, Any]] = [
             {
@@ -66,7 +76,7 @@ def create_management_app(view: ClusterView, *, max_body: int) -> QuartTrio:
         rows.append({"alive": "true", "nodeId": view.scheduler_node_id, "rankId": "0", "role": "SCHEDULER"})
         return jsonify({"code": "0", "message": "Get nodes info successful.", "nodeIds": rows})
 
-    @app.route("/state", methods=ANY_METHOD)
+    @app.route("/state", methods=ANY_METHOD, provide_automatic_options=False)
     async def state() -> Response:
         return jsonify(
             {"code": "0", "message": "Get cluster state successful.", "cluster_state": view.state.name}

@@ -295,6 +295,10 @@ class SchedulerNode:
                     await link.send(ErrorReply(reason=str(exc)))
         except (LinkClosed, trio.TooSlowError):
             pass
+        except Exception:
+            # One connection's failure must never take the Scheduler down (a bug, not bad input:
+            # bad input is answered above). Logged with its traceback; the link is dropped.
+            log.exception("dropping a connection after an unexpected error")
         finally:
             await link.aclose()
 

@@ -112,8 +112,9 @@ def _parse_body(body: bytes) -> Frame:
     raw = body[HEADER_LENGTH.size : HEADER_LENGTH.size + hlen]
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FrameError(f"frame header is not valid UTF-8 JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: a header of deeply nested brackets; refused like any other bad header.
+        raise FrameError(f"frame header is not valid UTF-8 JSON: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise FrameError(f"frame header must be a JSON object with a string 'type', got {header!r:.200}")
     return Frame(header=header, payload=body[HEADER_LENGTH.size + hlen :])

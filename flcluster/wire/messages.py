@@ -404,6 +404,11 @@ def _check(hint: Any, value: Any, where: str) -> Any:
             raise MessageError(f"{where}: expected a string, got {value!r:.80}")
         if len(value) > MAX_STRING:
             raise MessageError(f"{where}: string of {len(value)} characters exceeds {MAX_STRING}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON can carry lone surrogates that UTF-8 cannot: accepting one would break the reply.
+            raise MessageError(f"{where}: string {value!r:.80} is not valid Unicode text") from None
         return value
     if isinstance(hint, types.UnionType):  # pragma: no cover - no union fields today
         raise MessageError(f"{where}: union fields are not supported")

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from flcluster.runtime.finish import processes_naming_port
+from flcluster.wire.device import ResponseCode, decode_start_fl_job_response
 from tests.helpers import free_ports
 from tests.integration.cluster_procs import (
     copy_examples,
@@ -100,8 +101,10 @@ def test_guide_commands_build_ready_cluster_and_finish_cleanly(
     for i in range(4):
         log = (mobile / f"server_{i}" / "server.log").read_text()
         assert "Server started successfully." in log
+        # Every Server serves the rounds: a body that is not a RequestFLJob gets the protocol's error.
         answer = httpx.post(f"http://127.0.0.1:{fl_port + i}/startFLJob", content=b"\x00" * 16)
-        assert answer.status_code == 200 and answer.text == "The server's training job is not ready."
+        assert answer.status_code == 200
+        assert decode_start_fl_job_response(answer.content).retcode == ResponseCode.RequestError
 
     finish = run_script(mobile, "finish_mobile.py", [f"--scheduler_port={sched_port}"])
     assert finish.returncode == 0, finish.stderr
