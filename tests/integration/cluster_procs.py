@@ -53,7 +53,7 @@ def started_pids(output: str) -> list[int]:
 
 
 def wait_for_state(
-    manage_port: int, want: str, *, timeout: float = 60, host: str = "127.0.0.1"
+    manage_port: int, want: str, *, timeout: float = 180, host: str = "127.0.0.1"
 ) -> dict[str, Any]:
     """Poll ``/state`` until the cluster state is ``want``; return the last answer."""
     deadline = time.monotonic() + timeout
