@@ -208,6 +208,15 @@ class RoundService:
             return encode_update_model_response(
                 retcode=int(ResponseCode.RequestError), reason=str(exc), next_req_time=self._next_req_time()
             )
+        if req.upload_compress_type != 0 or req.compress_feature_maps:
+            # Compressed uploads (DIFF_SPARSE_QUANT, SignDS) are not configured: refuse rather than
+            # sum whatever plain weights came along with them.
+            return encode_update_model_response(
+                retcode=int(ResponseCode.RequestError),
+                reason=f"upload_compress_type {req.upload_compress_type} is not enabled on this cluster; "
+                "upload plain weights (NO_COMPRESS)",
+                next_req_time=self._next_req_time(),
+            )
         maps = [(m.name, m.data) for m in req.feature_maps]
         try:
             self.spec.check_update(maps)

@@ -300,6 +300,9 @@ class GetModelResponse:
 
 _S, _V, _T = Field.scalar, Field.vector, Field.tables
 
+#: A device lists the compressions it can decode; there are three, so a long list is an attack.
+MAX_COMPRESS_TYPES = 16
+
 FEATURE_MAP = Table("FeatureMap", (Field.string("weight_fullname", MAX_WEIGHT_NAME_BYTES), _V("data", 4)))
 COMPRESS_FEATURE_MAP = Table(
     "CompressFeatureMap",
@@ -360,7 +363,7 @@ REQUEST_FL_JOB = Table(
         Field.string("equip_cert"),
         Field.string("equip_ca_cert"),
         Field.string("root_cert"),
-        _V("download_compress_types", 1),
+        _V("download_compress_types", 1, MAX_COMPRESS_TYPES),
         _S("eval_data_size", 4),
     ),
 )
@@ -416,7 +419,7 @@ REQUEST_GET_MODEL = Table(
         Field.string("fl_name", MAX_FL_NAME_BYTES),
         _S("iteration", 4),
         Field.string("timestamp"),
-        _V("download_compress_types", 1),
+        _V("download_compress_types", 1, MAX_COMPRESS_TYPES),
     ),
 )
 RESPONSE_GET_MODEL = Table(

@@ -130,8 +130,11 @@ def test_servers_split_over_two_launches_form_one_cluster(tmp_path: Path) -> Non
         first = run_script(
             mobile, "run_mobile_server.py", [*common, f"--fl_server_port={fl_port}", "--local_server_num=3"]
         )
+        # The second "host" launches from its own directory, as it would on its own machine.
+        (tmp_path / "node2").mkdir()
+        other = copy_examples(tmp_path / "node2")
         second = run_script(
-            mobile,
+            other,
             "run_mobile_server.py",
             [*common, f"--fl_server_port={fl_port + 3}", "--local_server_num=1"],
         )
