@@ -68,7 +68,7 @@ from flcluster.core.iteration import (
     WindowKind,
 )
 from flcluster.errors import FrameError, MessageError
-from flcluster.runtime.links import FramedLink, LinkClosed
+from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.rounds import (
     CountRequest,
     IterationView,
@@ -111,15 +111,40 @@ class EpochClock:
         return epoch_ms / 1000 - self._offset
 
 
-@attrs.define
-class _Follower:
-    """The leader's handle on one follower's link."""
+OUTBOX = 4096
 
-    node_id: str
-    rank: int
-    link: FramedLink
-    partials: dict[int, trio.MemorySendChannel[tuple[PartialSums, bytes]]] = attrs.Factory(dict)
-    installs: dict[int, trio.Event] = attrs.Factory(dict)
+
+class _Follower:
+    """The leader's handle on one follower's link, with an ordered outbound queue for pushes.
+
+    Pushes (status, dropped partials) go through the queue and one writer task, so a follower sees
+    them in the order the leader made them; a follower too slow to drain its queue is dropped (it
+    reconnects and resyncs).
+    """
+
+    def __init__(self, node_id: str, rank: int, link: FramedLink) -> None:
+        self.node_id = node_id
+        self.rank = rank
+        self.link = link
+        self.partials: dict[int, trio.MemorySendChannel[tuple[PartialSums, bytes]]] = {}
+        self.installs: dict[int, trio.Event] = {}
+        self.outbox, self._queued = trio.open_memory_channel[tuple[Any, bytes]](OUTBOX)
+
+    def post(self, msg: Any, payload: bytes = b"") -> None:
+        """Queue a push; drop the follower's link when it does not keep up."""
+        try:
+            self.outbox.send_nowait((msg, payload))
+        except trio.WouldBlock:
+            log.warning("follower %r does not keep up with the leader; dropping its link", self.node_id)
+            self.outbox.close()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def write(self) -> None:
+        """Send queued pushes in order until the queue is closed."""
+        async with self._queued:
+            async for msg, payload in self._queued:
+                await self.link.send(msg, payload)
 
 
 @attrs.frozen
@@ -431,42 +456,33 @@ class Leader:
             self._broadcast(status)
 
     def _broadcast(self, msg: Any) -> None:
-        assert self._nursery is not None
         for follower in list(self._followers.values()):
-            self._nursery.start_soon(self._send_quietly, follower, msg)
-
-    async def _send_quietly(self, follower: _Follower, msg: Any, payload: bytes = b"") -> None:
-        try:
-            await follower.link.send(msg, payload)
-        except LinkClosed:
-            log.info("follower %r is gone; it will resync when it reconnects", follower.node_id)
+            follower.post(msg)
 
     async def serve_follower(self, link: FramedLink, node_id: str, rank: int) -> None:
         """Serve one follower's peer link (after its hello) until it closes.
 
         The follower is first brought in step: the iteration status and the current model.
         """
-        follower = _Follower(node_id=node_id, rank=rank, link=link)
+        follower = _Follower(node_id, rank, link)
         self._followers[node_id] = follower
-        try:
-            iteration, weights = self.rounds.store.latest()
-            await link.send(self.status())
-            await link.send(PublishModel(iteration=iteration), weights_to_bytes(weights, self.rounds.spec))
+
+        async def read() -> None:
             while True:
                 try:
                     msg, payload = await link.receive()
                 except MessageError as exc:
-                    await link.send(ErrorReply(reason=str(exc)))
+                    follower.post(ErrorReply(reason=str(exc)))
                     continue
                 match msg:
                     case LeaderCall(call_id=call_id, op=op):
                         if op not in OPS:
-                            await link.send(ErrorReply(reason=f"unknown leader call {op!r}"))
+                            follower.post(ErrorReply(reason=f"unknown leader call {op!r}"))
                             continue
                         request = CountRequest(
                             op, msg.fl_id, msg.data_size, msg.iteration, msg.upload_loss, msg.upload_accuracy
                         )
-                        await link.send(answer_of(call_id, self.call(request)))
+                        follower.post(answer_of(call_id, self.call(request)))
                     case PartialSums(iteration=it):
                         channel = follower.partials.get(it)
                         if channel is not None:
@@ -478,10 +494,18 @@ class Leader:
                     case PeerPing():
                         pass
                     case _:
-                        await link.send(ErrorReply(reason=f"unexpected {msg.TYPE!r} on a peer link"))
+                        follower.post(ErrorReply(reason=f"unexpected {msg.TYPE!r} on a peer link"))
+
+        try:
+            iteration, weights = self.rounds.store.latest()
+            await link.send(self.status())
+            await link.send(PublishModel(iteration=iteration), weights_to_bytes(weights, self.rounds.spec))
+            lost = await run_session(follower.write, read)
+            log.info("follower %r left: %s", node_id, lost or "its queue was closed")
         except (LinkClosed, FrameError) as exc:
             log.info("follower %r left: %s", node_id, exc)
         finally:
+            follower.outbox.close()
             if self._followers.get(node_id) is follower:
                 del self._followers[node_id]
 
