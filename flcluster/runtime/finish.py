@@ -47,12 +47,29 @@ def pid_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _ancestors() -> set[int]:
+    """This process and its ancestors (a shell that ran ``finish_mobile.py --scheduler_port=P``)."""
+    pids = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return pids
+
+
 def processes_naming_port(port: int) -> list[int]:
-    """Local pids whose command line carries ``--scheduler_port=<port>`` (or as two arguments)."""
+    """Local pids whose command line carries ``--scheduler_port=<port>`` (or as two arguments).
+
+    This process and its ancestors are left out.
+    """
     found = []
-    me = os.getpid()
+    mine = _ancestors()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
+        if not entry.name.isdigit() or int(entry.name) in mine:
             continue
         try:
             args = (entry / "cmdline").read_bytes().split(b"\0")
@@ -142,6 +159,9 @@ async def finish_cluster(
         log.warning("%s; falling back to signals for processes naming --scheduler_port=%d", exc, port)
         return await wait_and_kill(processes_naming_port(port), grace=FALLBACK_GRACE, report=say)
     local = [n.pid for n in nodes if n.role == "SCHEDULER" or is_local_address(n.host)]
+    # A Server still starting (not registered yet) is not in the Scheduler's answer; like the
+    # original, every local process naming this Scheduler port belongs to the cluster.
+    local.extend(p for p in processes_naming_port(port) if p not in local)
     return await wait_and_kill(local, grace=grace, report=say)
 
 

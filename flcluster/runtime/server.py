@@ -334,7 +334,8 @@ class ServerNode:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
                     reply, _ = await link.receive()
                 if not isinstance(reply, PeerHelloReply):
-                    raise ClusterError(f"the leader answered the peer hello with {reply.TYPE!r}")
+                    # Not fatal: the leader may not know this Server yet. Retry like a lost link.
+                    raise LinkClosed(f"the leader answered the peer hello with {reply!r:.200}")
                 session = FollowerSession(link, self.rounds)
 
                 async def synced(session: FollowerSession = session) -> None:
@@ -369,12 +370,14 @@ class ServerNode:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 msg, _ = await link.receive()
-                if not isinstance(msg, PeerHello) or not any(m.node_id == msg.node_id for m in self.members):
-                    await link.send(
-                        ErrorReply(reason="a peer link must start with the hello of a cluster member")
-                    )
+                if not isinstance(msg, PeerHello):
+                    await link.send(ErrorReply(reason="a peer link must start with a peer hello"))
                     return
+                # The follower may have its membership before this leader has (the Scheduler sends
+                # it to each Server in turn): wait for it, within the handshake deadline.
                 await self._leader_up.wait()
+                while not any(m.node_id == msg.node_id for m in self.members):
+                    await self._membership_changed.wait()
             assert self.leader is not None and self.rank is not None
             await link.send(PeerHelloReply(node_id=self.settings.node_id, rank=self.rank))
             await self.leader.serve_follower(link, msg.node_id, msg.rank)

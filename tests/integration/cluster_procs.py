@@ -105,14 +105,28 @@ def free_port_block(count: int, *, host: str = "0.0.0.0", low: int = 20000, high
     raise AssertionError(f"no block of {count} free ports in [{low}, {high}) on {host}")
 
 
-def wait_for_log_line(path: Path, text: str, *, timeout: float = 60) -> str:
-    """Wait until the log at ``path`` contains ``text``; return the whole log."""
+def started_processes(output: str) -> list[tuple[int, Path]]:
+    """The (pid, log) pairs the launchers print (``started ..., pid N, log PATH``)."""
+    return [(int(pid), Path(log)) for pid, log in re.findall(r"pid (\d+), log (\S+)", output)]
+
+
+def wait_for_log_line(path: Path, text: str, *, timeout: float = 60, pid: int | None = None) -> str:
+    """Wait until the log at ``path`` contains ``text``; return the whole log.
+
+    With ``pid`` (the process writing the log), fail at once when that process is gone without it.
+    """
     deadline = time.monotonic() + timeout
     content = ""
-    while time.monotonic() < deadline:
+    while True:
+        gone = pid is not None and not pid_running(pid)
         with contextlib.suppress(FileNotFoundError):
             content = path.read_text(errors="replace")
         if text in content:
             return content
+        if gone:
+            raise AssertionError(
+                f"process {pid} ended without {text!r} in {path}; it reads:\n{content[-4000:]}"
+            )
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{path} has no {text!r} after {timeout}s; it reads:\n{content[-4000:]}")
         time.sleep(0.05)
-    raise AssertionError(f"{path} has no {text!r} after {timeout}s; it reads:\n{content[-4000:]}")
