@@ -181,7 +181,14 @@ def run_role(ctx: FLContext | None = None, *, model: nn.Module | None = None) ->
                 result = trio.run(run_scheduler, scheduler_settings(ctx, node_id))
                 log.info("Scheduler finished: %s", result.reason)
             case "MS_SERVER":
+                import torch
+
                 from flcluster.runtime.server import run_server
+
+                # A Server folds each update (a few small tensor adds) on its event loop: one torch
+                # thread is ~30x faster there than a contended pool, and FedAvg's final division
+                # runs in a worker thread anyway (tests/benchmarks/test_bench_ingest.py).
+                torch.set_num_threads(1)
 
                 trio.run(
                     partial(
