@@ -7,8 +7,9 @@ It parses the guide's flags (every FL context key is accepted), hands them to
 import argparse
 import sys
 
-import flcluster
 from src.model import LeNet5
+
+import flcluster
 from flcluster.config import add_context_arguments, context_kwargs_from_args
 
 if __name__ == "__main__":
