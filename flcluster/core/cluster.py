@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
 from typing import assert_never
 
 import attrs
@@ -503,8 +502,3 @@ class ClusterMachine:
 
     def _membership(self, cause: str) -> SendMembership:
         return SendMembership(cause, self._state, self.members())
-
-
-def alive_members(members: Iterable[Member]) -> tuple[Member, ...]:
-    """The members that are alive, in rank order."""
-    return tuple(m for m in sorted(members, key=lambda m: m.rank) if m.alive)

@@ -18,13 +18,14 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from flcluster.core.iteration import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT
 from flcluster.runtime.rounds import DeviceAnswer, RoundService
 
 log = logging.getLogger("flcluster.device")
 
 NOT_READY = "The server's training job is not ready."
-SAFEMODE = "The cluster is in safemode."
-DISABLED_OR_FINISHED = "The server's training job is disabled or finished."
+SAFEMODE = SAFEMODE_TEXT
+DISABLED_OR_FINISHED = JOB_NOT_AVAILABLE_TEXT
 
 METHODS = ["GET", "POST", "PUT"]
 

@@ -370,7 +370,6 @@ class RoundService:
 
 
 __all__ = [
-    "JOB_NOT_AVAILABLE_TEXT",
     "CountRequest",
     "DeviceAnswer",
     "IterationView",
