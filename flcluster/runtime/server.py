@@ -3,20 +3,25 @@
 Nursery tree (one ``trio.run`` per process)::
 
     server ────┬ peer listener (TCP, ephemeral port; followers' links to the leader land here)
+               │   └ one task per follower (leader only): reader + ordered writer
                ├ scheduler link (register, heartbeats, membership; reconnects forever)
                │   ├ heartbeat sender (every heartbeat_interval)
                │   └ reader (membership, heartbeat replies, shutdown)
-               ├ peer link to the leader, rank 0 (followers only; hello, then keep-alive pings)
-               └ device HTTP (hypercorn.trio.serve, quart-trio app, fl_server_port)
+               ├ leader (rank 0 only): round windows, aggregation (flcluster.runtime.leader)
+               ├ link to the leader (followers only; reconnects forever)
+               │   ├ FollowerSession reader (answers, status, partial-sum requests, models)
+               │   └ keep-alive pings
+               └ device HTTP (hypercorn.trio.serve, quart-trio app, fl_server_port) → RoundService
 
 Start-up order is the guide's: register with the Scheduler (retrying every ``connect_interval`` until it
-is up), wait for the membership that makes the cluster ``CLUSTER_READY``, open the peer links (each
-follower to rank 0), open the device port, and only then log exactly ``Server started successfully.``.
+is up), wait for the membership that makes the cluster ``CLUSTER_READY``, start the leader (rank 0) or
+open the link to it and take its iteration status and model (followers), open the device port, and
+only then log exactly ``Server started successfully.``.
 
 The Server keeps serving when the Scheduler goes away (the Scheduler is not on the data path): the
 scheduler link just reconnects and registers again with ``recovering=True``, and the Scheduler gives
 the same node id its old rank back. A ``shutdown`` from the Scheduler (``flcluster finish``) makes the
-Server answer ``finished`` and leave its root scope under a short deadline.
+Server answer ``finished`` and leave its root scope.
 """
 
 from __future__ import annotations
