@@ -10,10 +10,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import trio
 import trio.testing
 
+from flcluster.config import FLContext
 from flcluster.core.iteration import IterationMachine, Phase
+from flcluster.roles import job_settings
 from flcluster.runtime.leader import EpochClock, Leader, LeaderOptions, LocalLeaderChannel
 from flcluster.runtime.rounds import RoundService
 from flcluster.wire.device import (
@@ -47,7 +50,12 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
     rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device)
     clock = EpochClock()
     metrics = tmp_path / "metrics.json"
-    options = LeaderOptions(fl_name=FL_NAME, metrics_path=str(metrics), instance_name="test")
+    options = LeaderOptions(
+        fl_name=FL_NAME,
+        metrics_path=str(metrics),
+        instance_name="test",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
     leader = Leader(
         IterationMachine(job.iteration),
         rounds,
@@ -107,6 +115,16 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
         for m in got.feature_maps:
             np.testing.assert_allclose(np.asarray(m.data), (1.0 * 10 + 3.0 * 30) / 40, rtol=1e-6)
         nursery.cancel_scope.cancel()
+    # One checkpoint for the completed iteration (none for the failed one), a plain state dict.
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"{FL_NAME}_iteration_2.ckpt"]
+    saved = torch.load(tmp_path / "ckpt" / f"{FL_NAME}_iteration_2.ckpt", weights_only=True)
+    np.testing.assert_allclose(saved["fc3.bias"].numpy(), (1.0 * 10 + 3.0 * 30) / 40, rtol=1e-6)
+    # A Server started on that directory takes the checkpoint as its initial model.
+    ctx = FLContext(fl_name=FL_NAME, checkpoint_dir=str(tmp_path / "ckpt"))
+    restarted = job_settings(ctx)
+    np.testing.assert_array_equal(
+        restarted.initial["fc3.bias"].numpy(), saved["fc3.bias"].numpy().reshape(-1)
+    )
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [(m["currentIteration"], m["iterationResult"]) for m in lines] == [(1, "fail"), (2, "success")]
     assert lines[0]["clientVisitedInfo"]["startFLJobAcceptClientNum"] == 1
