@@ -24,6 +24,7 @@ from flcluster.aggregation.device import resolve_device
 from flcluster.aggregation.fedavg import AggregationError, FedAvgAccumulator, PartialSum, combine, finalize
 from flcluster.aggregation.metrics import ClientVisitedInfo, InstanceStatus, IterationMetrics, MetricsWriter
 from flcluster.aggregation.model import (
+    CheckedUpdate,
     FeatureMaps,
     ModelSpec,
     ModelWeights,
@@ -34,6 +35,7 @@ from flcluster.aggregation.store import ModelStore
 
 __all__ = [
     "AggregationError",
+    "CheckedUpdate",
     "CheckpointError",
     "ClientVisitedInfo",
     "FeatureMaps",

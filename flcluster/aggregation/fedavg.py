@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from flcluster.aggregation.model import (
+    CheckedUpdate,
     FeatureMaps,
     ModelSpec,
     ModelWeights,
     UpdateRejected,
-    as_float32_tensor,
+    as_float32_tensors,
 )
 from flcluster.errors import ClusterError, FrameError
 
@@ -257,12 +258,18 @@ class FedAvgAccumulator:
         """Bytes held by the sums (constant: it does not grow with the number of updates)."""
         return self._buffer.numel() * self._buffer.element_size()
 
-    def add(self, feature_maps: FeatureMaps, data_size: int) -> None:
+    def add(self, update: FeatureMaps | CheckedUpdate, data_size: int) -> None:
         """Fold one device's update into the sums, or change nothing.
 
+        The update is judged by :meth:`ModelSpec.check_update` here, unless it *is* what that method
+        returned for this accumulator's spec (a :class:`CheckedUpdate`): a caller that has already checked
+        passes the result instead of the feature maps, and only then is the check not repeated. A plain
+        sequence is always checked.
+
         Args:
-            feature_maps: ``(name, flat float32 array)`` pairs, already multiplied by the device's data
-                size; a subset of the model's tensors is allowed. Read-only arrays are read in place.
+            update: ``(name, flat float32 array)`` pairs, already multiplied by the device's data size (a
+                subset of the model's tensors is allowed; read-only arrays are read in place), or the
+                :class:`CheckedUpdate` that ``spec.check_update`` made of them.
             data_size: the data size the device declared at startFLJob (not the one in updateModel).
 
         Raises:
@@ -271,13 +278,18 @@ class FedAvgAccumulator:
         """
         if isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1:
             raise UpdateRejected(f"data size {data_size!r} is refused; expected an integer >= 1")
-        indices = self._spec.check_update(feature_maps)
-        sources = [as_float32_tensor(array) for _, array in feature_maps]
+        if isinstance(update, CheckedUpdate) and (update.spec is self._spec or update.spec == self._spec):
+            checked = update
+        else:  # plain pairs, or checked against another spec: judge them here
+            pairs = update.feature_maps if isinstance(update, CheckedUpdate) else update
+            checked = self._spec.check_update(pairs)
+        sources = as_float32_tensors([array for _, array in checked.feature_maps])
         if self._device.type != "cpu":
             # Copy the whole update to the device before touching any sum, so a failed copy changes nothing.
             sources = [source.to(self._device) for source in sources]
-        for index, source in zip(indices, sources, strict=True):
-            self._sums[index].add_(source)
+        # One call for all tensors: the same element-wise float adds as one add_ per tensor.
+        torch._foreach_add_([self._sums[index] for index in checked.indices], sources)
+        for index in checked.indices:
             self._data_sizes[index] += data_size
         self._update_count += 1
 

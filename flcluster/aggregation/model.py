@@ -8,9 +8,12 @@ stored models) is a flat 1-D float32 tensor per name, checked against the spec.
 
 :meth:`ModelSpec.check_update` is the one place a device's uploaded feature map is judged. It runs before
 anything is changed, so a refused update leaves every sum as it was (spec/aggregation.md, "Update check").
+What it accepted comes back as a :class:`CheckedUpdate`, which
+:meth:`~flcluster.aggregation.fedavg.FedAvgAccumulator.add` takes without judging it a second time; any other
+sequence of feature maps given to ``add`` is checked there.
 
-:func:`as_float32_tensor` turns a (possibly read-only) numpy view of a request body into a torch tensor
-without copying it.
+:func:`as_float32_tensor` and :func:`as_float32_tensors` turn (possibly read-only) numpy views of a request
+body into torch tensors without copying them.
 """
 
 from __future__ import annotations
@@ -35,10 +38,39 @@ MAX_NAME_BYTES = 0xFFFF
 
 # torch warns once per process when it wraps a read-only numpy array; see as_float32_tensor.
 _READ_ONLY_WARNING = r"The given NumPy array is not writable"
+_FLOAT32 = np.dtype(np.float32)
 
 
 class UpdateRejected(ProtocolError):
     """A device's update breaks a model rule (spec/aggregation.md, "Update check"); nothing was changed."""
+
+
+@attrs.frozen(eq=False)
+class CheckedUpdate:
+    """A device's update that :meth:`ModelSpec.check_update` accepted; only that method makes one.
+
+    It keeps its own tuple of the pairs it judged, so what is added later is exactly what was checked. The
+    arrays are shared, not copied: they must not be written to afterwards (decoded request bodies are
+    read-only views, so they cannot be).
+
+    Attributes:
+        spec: The model the update was checked against.
+        feature_maps: The ``(name, array)`` pairs that were checked, in the order given.
+        indices: The model position of each pair, in the same order.
+    """
+
+    spec: ModelSpec
+    feature_maps: tuple[tuple[str, npt.NDArray[np.float32]], ...]
+    indices: tuple[int, ...]
+    _issuer: object = attrs.field(repr=False)
+
+    @_issuer.validator
+    def _made_by_check_update(self, attribute: attrs.Attribute[object], value: object) -> None:
+        if value is not _CHECK_UPDATE:
+            raise TypeError("a CheckedUpdate is made only by ModelSpec.check_update")
+
+
+_CHECK_UPDATE = object()  # the issuer token only ModelSpec.check_update passes
 
 
 def _normalise_tensors(value: Iterable[tuple[str, Iterable[int]]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -147,7 +179,7 @@ class ModelSpec:
         """
         return self.tensors[self._index[name]][1]
 
-    def check_update(self, feature_maps: FeatureMaps) -> tuple[int, ...]:
+    def check_update(self, feature_maps: FeatureMaps) -> CheckedUpdate:
         """Judge a device's uploaded weights before anything is added (spec/aggregation.md, "Update check").
 
         A device may send any non-empty subset of the model's tensors, in any order (the original rule),
@@ -158,7 +190,9 @@ class ModelSpec:
             feature_maps: ``(name, array)`` pairs as decoded from the request; arrays may be read-only.
 
         Returns:
-            The model position of each pair, in the order given.
+            The accepted update: the pairs and the model position of each, in the order given, to pass
+            to :meth:`~flcluster.aggregation.fedavg.FedAvgAccumulator.add` (which then does not check them
+            again).
 
         Raises:
             UpdateRejected: the first broken rule, naming the tensor, the bad value and what was expected.
@@ -167,7 +201,8 @@ class ModelSpec:
             raise UpdateRejected("an update must carry at least one weight; it carried none")
         seen: set[str] = set()
         indices: list[int] = []
-        for name, array in feature_maps:
+        pairs = tuple(feature_maps)
+        for name, array in pairs:
             index = self._index.get(name)
             if index is None:
                 raise UpdateRejected(
@@ -181,7 +216,7 @@ class ModelSpec:
             seen.add(name)
             if not isinstance(array, np.ndarray):
                 raise UpdateRejected(f"weight {name!r} is a {type(array).__name__}, expected a numpy array")
-            if array.dtype != np.float32:
+            if array.dtype is not _FLOAT32 and array.dtype != np.float32:
                 raise UpdateRejected(f"weight {name!r} has dtype {array.dtype.str!r}, expected float32")
             expected = self._sizes[index]
             if array.size != expected:
@@ -189,8 +224,8 @@ class ModelSpec:
                     f"weight {name!r} has {array.size} elements, expected exactly {expected} "
                     f"(shape {self.tensors[index][1]!r})"
                 )
-            finite = np.isfinite(array)
-            if not finite.all():
+            if not np.isfinite(array).all():
+                finite = np.isfinite(array)
                 bad = int(finite.size - np.count_nonzero(finite))
                 first = int(np.argmin(finite.reshape(-1)))
                 raise UpdateRejected(
@@ -198,7 +233,7 @@ class ModelSpec:
                     f"{array.reshape(-1)[first]!r}); every value must be finite"
                 )
             indices.append(index)
-        return tuple(indices)
+        return CheckedUpdate(self, pairs, tuple(indices), _CHECK_UPDATE)
 
 
 def as_float32_tensor(array: npt.NDArray[Any]) -> torch.Tensor:
@@ -209,21 +244,33 @@ def as_float32_tensor(array: npt.NDArray[Any]) -> torch.Tensor:
     through the tensor would change the buffer. Every caller in this package only *reads* the tensor
     (it is the right-hand side of an ``add_`` or the source of a device copy), so that specific warning is
     silenced here, deliberately, rather than paying for a defensive copy. Only that message is filtered,
-    and only around the one call. (``warnings.catch_warnings`` swaps the process-wide filter list; it is
-    entered only for read-only arrays, on the thread that runs aggregation.) A non-contiguous array is
-    flattened into a fresh, writable copy (one copy, no warning).
+    and only around the ``from_numpy`` calls (once for a whole update in :func:`as_float32_tensors`).
+    (``warnings.catch_warnings`` swaps the process-wide filter list; it is entered only when an array is
+    read-only, on the thread that runs aggregation.) A non-contiguous array is flattened into a fresh,
+    writable copy (one copy, no warning).
 
     Raises:
         TypeError: the array is not float32 (callers check with :meth:`ModelSpec.check_update` first).
     """
-    if array.dtype != np.float32:
-        raise TypeError(f"expected a float32 array, got dtype {array.dtype.str!r}")
-    flat = array.reshape(-1)
-    if flat.flags.writeable:
-        return torch.from_numpy(flat)
+    return as_float32_tensors((array,))[0]
+
+
+def as_float32_tensors(arrays: Iterable[npt.NDArray[Any]]) -> list[torch.Tensor]:
+    """:func:`as_float32_tensor` of each array, with the warning filter entered once for all of them.
+
+    Raises:
+        TypeError: an array is not float32; no tensor is made.
+    """
+    flats = []
+    for array in arrays:
+        if array.dtype is not _FLOAT32 and array.dtype != np.float32:
+            raise TypeError(f"expected a float32 array, got dtype {array.dtype.str!r}")
+        flats.append(array.reshape(-1))
+    if all(flat.flags.writeable for flat in flats):
+        return [torch.from_numpy(flat) for flat in flats]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING, category=UserWarning)
-        return torch.from_numpy(flat)
+        return [torch.from_numpy(flat) for flat in flats]
 
 
 def _check_flat_tensor(name: str, tensor: object) -> torch.Tensor:

@@ -26,7 +26,6 @@ locally from the last models (:class:`~flcluster.aggregation.store.ModelStore`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -35,6 +34,7 @@ import torch
 import trio
 
 from flcluster.aggregation import (
+    CheckedUpdate,
     FedAvgAccumulator,
     ModelSpec,
     ModelStore,
@@ -219,7 +219,7 @@ class RoundService:
             )
         maps = [(m.name, m.data) for m in req.feature_maps]
         try:
-            self.spec.check_update(maps)
+            checked = self.spec.check_update(maps)
         except UpdateRejected as exc:
             return encode_update_model_response(
                 retcode=int(ResponseCode.RequestError),
@@ -234,7 +234,7 @@ class RoundService:
             )
             if isinstance(reply, Accepted):
                 # Fold before acknowledging: a SUCCEED means "this update is in the sum".
-                self._fold(reply.iteration, maps, reply.data_size)
+                self._fold(reply.iteration, checked, reply.data_size)
         finally:
             self._pending[iteration] -= 1
             if not self._pending[iteration]:
@@ -336,14 +336,14 @@ class RoundService:
             return PlainText(SAFEMODE_TEXT)
         return await self.leader.call(request)
 
-    def _fold(self, iteration: int, maps: Sequence[tuple[str, np.ndarray[Any, Any]]], data_size: int) -> None:
+    def _fold(self, iteration: int, checked: CheckedUpdate, data_size: int) -> None:
         if iteration < self._dropped_below:
             # Cannot happen while the leader counts and collects in order; refuse loudly if it does.
             raise RuntimeError(f"update for iteration {iteration} arrived after its sums were collected")
         acc = self._accumulators.get(iteration)
         if acc is None:
             acc = self._accumulators[iteration] = FedAvgAccumulator(self.spec, self._device)
-        acc.add(maps, data_size)
+        acc.add(checked, data_size)
 
     def _latest_arrays(self) -> list[tuple[str, np.ndarray[Any, Any]]]:
         iteration, weights = self.store.latest()

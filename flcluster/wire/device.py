@@ -11,12 +11,14 @@ this module wraps it in frozen records and plain functions.
 
 **Decoding** (server side: ``decode_start_fl_job``, ``decode_update_model``, ``decode_get_model``; device
 side: ``decode_*_response``) always runs :func:`flcluster.wire.verify.verify` first, with a description of
-exactly the fields the decoder then reads, so the generated accessors only ever meet bounds-checked,
-aligned, UTF-8-valid data. Anything malformed (random bytes, truncation, another table, huge declared
-lengths, an empty body) raises :class:`SchemaError` with the original's reason ("The schema of RequestFLJob
-is invalid."), never an ``IndexError`` or ``struct.error``. A second check mirrors the original's "required
-fields" test (for example fl_id, fl_name and timestamp in RequestFLJob) and raises :class:`SchemaError` with
-the original's second reason ("Verify flatbuffers schema failed for RequestFLJob.").
+exactly the fields the decoder then reads, so the generated accessors only ever meet bounds-checked, aligned,
+UTF-8-valid data. ``decode_update_model``, the hot path of a Server, reads instead through the
+:class:`~flcluster.wire.verify.Verified` index that ``verify`` returns (positions and strings it has already
+checked), with no generated accessor at all. Anything malformed (random bytes, truncation, another table, huge
+declared lengths, an empty body) raises :class:`SchemaError` with the original's reason ("The schema of
+RequestFLJob is invalid."), never an ``IndexError`` or ``struct.error``. A second check mirrors the original's
+"required fields" test (for example fl_id, fl_name and timestamp in RequestFLJob) and raises
+:class:`SchemaError` with the original's second reason ("Verify flatbuffers schema failed for RequestFLJob.").
 
 Model tensors are not copied: :attr:`FeatureMapView.data` is a read-only little-endian float32 numpy view
 into the body, which it keeps alive. ``torch.from_numpy`` / ``torch.as_tensor`` wrap it without a copy but
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -106,6 +109,8 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _F32 = np.dtype("<f4")
 _I32 = np.dtype("<i4")
 _I8 = np.dtype("i1")
+_U8 = np.dtype("u1")
+_I32_FMT, _F32_FMT, _I8_FMT = struct.Struct("<i"), struct.Struct("<f"), struct.Struct("<b")
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -461,6 +466,17 @@ def _view(raw: Any, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     return view
 
 
+def _found_view(body: bytes, found: tuple[int, int] | None, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """A read-only view of a vector the verifier found at ``(start, count)`` (empty when absent)."""
+    if found is None:
+        view: npt.NDArray[Any] = np.empty(0, dtype)
+    else:
+        view = np.frombuffer(body, dtype=dtype, count=found[1], offset=found[0])  # .base is the body
+    if view.flags.writeable:  # a bytearray body; a bytes body gives read-only views already
+        view.flags.writeable = False
+    return view
+
+
 def _small_ints(raw: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in raw.tolist()) if isinstance(raw, np.ndarray) else ()
 
@@ -546,48 +562,57 @@ def decode_update_model(body: bytes) -> UpdateModelRequest:
             RequestUpdateModel is invalid."), or breaks a required-field rule ("Verify flatbuffers schema
             failed for RequestUpdateModel.").
     """
-    verify(body, REQUEST_UPDATE_MODEL)
-    req = fb_req_update_model.RequestUpdateModel.GetRootAs(body, 0)
+    root = verify(body, REQUEST_UPDATE_MODEL)
+    # Read by the positions the verifier found (its strings already decoded), not by generated accessors.
     second = "Verify flatbuffers schema failed for RequestUpdateModel."
-    fl_id, timestamp = req.FlId(), req.Timestamp()
+    fl_id, timestamp = root.string(1), root.string(4)
     if fl_id is None or timestamp is None:
         raise SchemaError(second, f"required field {'fl_id' if fl_id is None else 'timestamp'} absent")
-    upload_compress_type = int(req.UploadCompressType())
+    upload_compress_type = int(root.scalar(10, _I8_FMT, 0))
+    maps, cmaps = root.tables(3), root.tables(9)
     if upload_compress_type == CompressType.NO_COMPRESS:
-        if req.FeatureMapIsNone():
+        if maps is None:
             raise SchemaError(second, "feature_map absent with upload_compress_type NO_COMPRESS")
-        for i in range(req.FeatureMapLength()):
-            fm = req.FeatureMap(i)
-            if fm.WeightFullname() is None or fm.DataIsNone():
+        for i, fm in enumerate(maps):
+            if fm.string(0) is None or fm.vector(1) is None:
                 raise SchemaError(second, f"feature_map[{i}] lacks weight_fullname or data")
     else:
-        if req.CompressFeatureMapIsNone():
+        if cmaps is None:
             raise SchemaError(
                 second, f"compress_feature_map absent with upload_compress_type {upload_compress_type}"
             )
-        for i in range(req.CompressFeatureMapLength()):
-            cm = req.CompressFeatureMap(i)
-            if cm.WeightFullname() is None or cm.CompressDataIsNone():
+        for i, cm in enumerate(cmaps):
+            if cm.string(0) is None or cm.vector(1) is None:
                 raise SchemaError(second, f"compress_feature_map[{i}] lacks weight_fullname or compress_data")
-    upload_loss, upload_accuracy = float(req.UploadLoss()), float(req.UploadAccuracy())
+    upload_loss, upload_accuracy = float(root.scalar(6, _F32_FMT, 0.0)), float(root.scalar(13, _F32_FMT, 0.0))
     for name, value in (("upload_loss", upload_loss), ("upload_accuracy", upload_accuracy)):
         if not math.isfinite(value):
             raise SchemaError(second, f"{name} is {value!r}; a finite number is expected")
     return UpdateModelRequest(
-        fl_name=_text(req.FlName()),
-        fl_id=_text(fl_id),
-        iteration=int(req.Iteration()),
-        feature_maps=_feature_maps(req.FeatureMapLength(), req.FeatureMap),
-        timestamp=_text(timestamp),
+        fl_name=root.string(0) or "",
+        fl_id=fl_id,
+        iteration=int(root.scalar(2, _I32_FMT, 0)),
+        feature_maps=tuple(
+            FeatureMapView(fm.string(0) or "", _found_view(body, fm.vector(1), _F32)) for fm in maps or ()
+        ),
+        timestamp=timestamp,
         upload_loss=upload_loss,
         upload_accuracy=upload_accuracy,
-        sign=int(req.Sign()),
-        index_array=_view(req.IndexArrayAsNumpy(), _I32),
+        sign=int(root.scalar(7, _I32_FMT, 0)),
+        index_array=_found_view(body, root.vector(8), _I32),
         upload_compress_type=upload_compress_type,
-        upload_sparse_rate=float(req.UploadSparseRate()),
-        name_vec=tuple(_text(req.NameVec(i)) for i in range(req.NameVecLength())),
-        signature=_view(req.SignatureAsNumpy(), np.dtype("u1")).tobytes(),
-        compress_feature_maps=_compress_feature_maps(req.CompressFeatureMapLength(), req.CompressFeatureMap),
+        upload_sparse_rate=float(root.scalar(11, _F32_FMT, 0.0)),
+        name_vec=root.strings(12) or (),
+        signature=_found_view(body, root.vector(5), _U8).tobytes(),
+        compress_feature_maps=tuple(
+            CompressFeatureMapView(
+                cm.string(0) or "",
+                _found_view(body, cm.vector(1), _I8),
+                float(cm.scalar(2, _F32_FMT, 0.0)),
+                float(cm.scalar(3, _F32_FMT, 0.0)),
+            )
+            for cm in cmaps or ()
+        ),
     )
 
 

@@ -49,6 +49,7 @@ from flcluster.aggregation import (
     resolve_device,
     save_checkpoint,
 )
+from flcluster.aggregation.model import CheckedUpdate
 from flcluster.errors import ConfigError, FrameError, ProtocolError
 
 CPU = torch.device("cpu")
@@ -210,7 +211,7 @@ def test_check_update_refuses_with_a_message_naming_the_tensor(
 
 def test_check_update_accepts_a_subset_in_any_order() -> None:
     update = good_update()[::-1][:2]
-    assert SMALL_SPEC.check_update(update) == (3, 2)
+    assert SMALL_SPEC.check_update(update).indices == (3, 2)
 
 
 # ------------------------------------------------------------------------------------------ ModelWeights
@@ -408,6 +409,27 @@ def test_rejected_update_changes_nothing(
     after = accumulator.partial()
     assert after == before
     assert after.to_bytes() == before.to_bytes()
+
+
+def test_a_checked_update_is_added_without_a_second_check_and_equals_a_plain_add() -> None:
+    update = [(name, read_only(array)) for name, array in good_update()]
+    plain, checked = FedAvgAccumulator(SMALL_SPEC, CPU), FedAvgAccumulator(SMALL_SPEC, CPU)
+    plain.add(update, 4)
+    record = SMALL_SPEC.check_update(update)
+    assert record.indices == tuple(SMALL_SPEC.index(name) for name, _ in update)
+    checked.add(record, 4)
+    assert checked.partial() == plain.partial()
+    assert checked.partial().to_bytes() == plain.partial().to_bytes()
+
+
+def test_a_checked_update_is_made_only_by_check_update_and_only_skips_for_its_spec() -> None:
+    record = SMALL_SPEC.check_update(good_update())
+    with pytest.raises(TypeError, match=r"only by ModelSpec\.check_update"):
+        CheckedUpdate(SMALL_SPEC, record.feature_maps, record.indices, object())
+    other = FedAvgAccumulator(LENET_SPEC, CPU)
+    with pytest.raises(UpdateRejected):  # checked against SMALL_SPEC, so judged again for LeNet
+        other.add(record, 1)
+    assert other.partial() == PartialSum.empty(LENET_SPEC)
 
 
 @pytest.mark.parametrize("data_size", [0, -3, True, 2.5])

@@ -704,6 +704,20 @@ def test_non_utf8_and_unterminated_strings() -> None:
         d.decode_start_fl_job(bytes(body))
 
 
+def test_verify_reports_what_it_found_and_refuses_reads_it_did_not_check() -> None:
+    found = verify(SAMPLES["RequestUpdateModel"], d.REQUEST_UPDATE_MODEL)
+    assert (found.string(0), found.string(1), found.string(4)) == ("lenet", "dev", "ts")
+    assert found.scalar(2, struct.Struct("<i"), 0) == 1
+    maps = found.tables(3)
+    assert maps is not None and [m.string(0) for m in maps] == ["conv1.weight", "fc3.bias"]
+    assert [(m.vector(1) or (0, -1))[1] for m in maps] == [6, 3]  # (first element's position, count)
+    assert found.strings(12) == ("a",) and found.tables(9) is None
+    with pytest.raises(TypeError, match="verified as"):
+        found.string(2)  # a scalar slot read as a string
+    with pytest.raises(TypeError, match="4 bytes wide"):
+        found.scalar(2, struct.Struct("<q"), 0)
+
+
 def test_depth_limit_and_object_budget() -> None:
     depth = 20
     spec = Table("Leaf", ())
