@@ -163,7 +163,7 @@ class RoundService:
         self._dropped_below = 0
         self._pending: dict[int, int] = {}
         self._settled = trio.Event()
-        self._encoded_model: tuple[int, list[tuple[str, np.ndarray[Any, Any]]]] | None = None
+        self._start_fl_job_cache: tuple[tuple[int, int, str, int], bytes] | None = None
         self._get_model_total = 0
         self._get_model_accept = 0
 
@@ -190,15 +190,7 @@ class RoundService:
                     feature_maps=(),
                 )
             case Accepted(iteration=iteration, reason=reason, next_req_time_ms=next_ms):
-                return encode_start_fl_job_response(
-                    retcode=int(ResponseCode.SUCCEED),
-                    reason=reason,
-                    iteration=iteration,
-                    is_selected=True,
-                    next_req_time=str(next_ms),
-                    fl_plan=self.plan,
-                    feature_maps=self._latest_arrays(),
-                )
+                return self._accepted_start_fl_job(iteration, reason, next_ms)
 
     async def update_model(self, body: bytes) -> DeviceAnswer:
         """Answer one updateModel body: check, count at the leader, fold, then acknowledge."""
@@ -345,11 +337,28 @@ class RoundService:
             acc = self._accumulators[iteration] = FedAvgAccumulator(self.spec, self._device)
         acc.add(checked, data_size)
 
-    def _latest_arrays(self) -> list[tuple[str, np.ndarray[Any, Any]]]:
-        iteration, weights = self.store.latest()
-        if self._encoded_model is None or self._encoded_model[0] != iteration:
-            self._encoded_model = (iteration, self._arrays(weights))
-        return self._encoded_model[1]
+    def _accepted_start_fl_job(self, iteration: int, reason: str, next_ms: int) -> bytes:
+        """The SUCCEED answer to startFLJob, with the current model.
+
+        Every device accepted into one iteration gets the same answer (same iteration, model, reason
+        and, but for the retry floor, ``next_req_time``), so the encoded answer is kept and reused
+        while those stay the same, as the original caches it (reference §2.4): encoding the model is
+        the costliest part of startFLJob.
+        """
+        model_iteration, weights = self.store.latest()
+        key = (iteration, model_iteration, reason, next_ms)
+        if self._start_fl_job_cache is None or self._start_fl_job_cache[0] != key:
+            body = encode_start_fl_job_response(
+                retcode=int(ResponseCode.SUCCEED),
+                reason=reason,
+                iteration=iteration,
+                is_selected=True,
+                next_req_time=str(next_ms),
+                fl_plan=self.plan,
+                feature_maps=self._arrays(weights),
+            )
+            self._start_fl_job_cache = (key, body)
+        return self._start_fl_job_cache[1]
 
     def _arrays(self, weights: ModelWeights) -> list[tuple[str, np.ndarray[Any, Any]]]:
         return [(name, weights[name].detach().cpu().numpy()) for name in self.spec.names]
