@@ -367,7 +367,14 @@ class Leader:
             await self._publish(iteration, payload)
             if self.options.checkpoint_dir:
                 await trio.to_thread.run_sync(self._save_checkpoint, iteration, weights)
-        except (AggregationError, LinkClosed, FrameError, ValueError, trio.TooSlowError, OSError) as exc:
+        except (
+            AggregationError,
+            LinkClosed,
+            FrameError,
+            ValueError,
+            OSError,
+            trio.TooSlowError,
+        ) as exc:
             log.warning("aggregation of iteration %d failed: %s", iteration, exc)
             self.feed(AggregationFailed(self._cause("aggregation"), iteration, str(exc), self.clock.now_ms()))
             return
@@ -403,6 +410,10 @@ class Leader:
             with trio.fail_after(COLLECT_TIMEOUT):
                 await follower.link.send(CollectPartial(iteration=iteration))
                 msg, payload = await receive.receive()
+        except trio.EndOfChannel:
+            raise AggregationError(
+                f"Server {follower.node_id!r} left before sending its partial sums"
+            ) from None
         finally:
             follower.partials.pop(iteration, None)
         self._visits.get_total += msg.get_model_total
@@ -506,6 +517,8 @@ class Leader:
             log.info("follower %r left: %s", node_id, exc)
         finally:
             follower.outbox.close()
+            for waiting in follower.partials.values():
+                waiting.close()  # an aggregation waiting for this follower fails now, not at its timeout
             if self._followers.get(node_id) is follower:
                 del self._followers[node_id]
 
