@@ -1,0 +1,85 @@
+"""A follower lost before aggregation: its acknowledged update is unreachable, so the iteration fails
+cleanly (the model carries over) instead of publishing FedAvg over fewer updates than were acknowledged.
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import trio
+
+from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
+from flcluster.runtime.server import ServerNode, ServerSettings
+from flcluster.wire.device import (
+    ResponseCode,
+    decode_start_fl_job_response,
+    decode_update_model_response,
+    encode_start_fl_job_request,
+    encode_update_model_request,
+)
+from tests.helpers import FL_NAME, free_ports, lenet_job
+
+
+async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
+    ports = free_ports(2)
+    job = lenet_job(2, 5)
+    scheduler = SchedulerNode(SchedulerSettings(node_id="20", server_num=2, port=0, manage_port=0))
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
+        addrs = await nursery.start(scheduler.serve)
+        servers = [
+            ServerNode(
+                ServerSettings(
+                    node_id=str(i),
+                    server_num=2,
+                    fl_iteration_num=5,
+                    scheduler_port=addrs.port,
+                    device_port=ports[i],
+                    device_host="127.0.0.1",
+                    connect_interval=0.05,
+                ),
+                lenet_job(2, 5),
+            )
+            for i in range(2)
+        ]
+        scopes = [trio.CancelScope() for _ in servers]
+
+        async def run(server: ServerNode, scope: trio.CancelScope) -> None:
+            with scope:
+                await server.serve()
+
+        for server, scope in zip(servers, scopes, strict=True):
+            nursery.start_soon(run, server, scope)
+        for server in servers:
+            await server.wait_started()
+        leader, follower = sorted(servers, key=lambda s: s.rank or 0)
+        url = {id(s): f"http://127.0.0.1:{s.settings.device_port}" for s in servers}
+        for fl_id in ("a", "b"):
+            body = encode_start_fl_job_request(
+                fl_name=FL_NAME, fl_id=fl_id, iteration=1, data_size=4, timestamp="t"
+            )
+            answer = decode_start_fl_job_response(
+                (await client.post(f"{url[id(leader)]}/startFLJob", content=body)).content
+            )
+            assert answer.retcode == ResponseCode.SUCCEED
+        maps = [(n, np.full(s, 8.0, np.float32)) for n, s in zip(job.spec.names, job.spec.sizes, strict=True)]
+
+        async def upload(server: ServerNode, fl_id: str) -> int:
+            body = encode_update_model_request(
+                fl_name=FL_NAME, fl_id=fl_id, iteration=1, feature_maps=maps, timestamp="t"
+            )
+            raw = (await client.post(f"{url[id(server)]}/updateModel", content=body)).content
+            return decode_update_model_response(raw).retcode
+
+        assert await upload(follower, "a") == ResponseCode.SUCCEED  # folded on the follower only
+        scopes[servers.index(follower)].cancel()  # the follower is gone with its partial sums
+        assert leader.leader is not None
+        with trio.fail_after(10):
+            # Whether or not the leader has noticed the lost link yet, the aggregation must fail.
+            assert await upload(leader, "b") == ResponseCode.SUCCEED  # reaches the threshold
+            assert not await leader.leader.wait_ended(1)  # failed, not published over one update
+        assert leader.leader.machine.current_iteration == 2
+        held = leader.rounds.store.get(1)
+        assert held is not None
+        for name in job.spec.names:
+            np.testing.assert_array_equal(held[name].numpy(), job.initial[name].numpy())  # carried over
+        nursery.cancel_scope.cancel()
