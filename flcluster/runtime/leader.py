@@ -273,7 +273,6 @@ class Leader:
                     self._cause(f"updateModel:{fl_id}"), fl_id, request.iteration, now
                 )
                 visits.update_total += 1
-                meta = self.machine.device_meta(fl_id)
             case _:
                 raise ValueError(f"unknown leader call {request.op!r}; expected one of {OPS}")
         reply = self.feed(event)
@@ -285,6 +284,8 @@ class Leader:
                 visits.update_accept += 1
                 visits.loss_sum += request.upload_loss
                 visits.accuracy_sum += request.upload_accuracy
+                # The device's startFLJob of this iteration: held until the iteration ends.
+                meta = self.machine.device_meta(fl_id)
                 if meta is not None:
                     minutes = (now - meta.accepted_at_ms) / 60_000
                     level1, level2 = self.options.participation_levels

@@ -131,6 +131,8 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
     assert lines[0]["iterationExecutionTime"] == 10_000
     visits = lines[1]["clientVisitedInfo"]
     assert (visits["startFLJobAcceptClientNum"], visits["updateModelAcceptClientNum"]) == (2, 2)
+    # Both uploads came within a minute of their startFLJob: the first participation level.
+    assert (visits["participationTimeLevel1"], visits["participationTimeLevel2"]) == (2, 0)
     assert visits["getModelTotalClientNum"] == 1  # the getModel of the failed iteration's model
     assert lines[1]["instanceName"] == "test" and lines[1]["flName"] == FL_NAME
 
