@@ -66,14 +66,14 @@ from flcluster.wire.device import (
 from flcluster.wire.fbs import ResponseFLJob as fb_rsp_fl_job
 from flcluster.wire.fbs import ResponseGetModel as fb_rsp_get_model
 from flcluster.wire.fbs import ResponseUpdateModel as fb_rsp_update_model
-from tests.helpers import FL_NAME, free_ports
-from tests.integration.cluster_procs import (
+from recovery.harness import (
     REPO,
     free_port_block,
     kill_leftovers,
     started_pids,
     wait_gone,
 )
+from tests.helpers import FL_NAME, free_ports
 
 STARTED = "Server started successfully."
 STARTUP_TIMEOUT = 180.0

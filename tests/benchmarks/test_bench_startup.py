@@ -47,14 +47,14 @@ import pytest
 from flcluster.config import FLContext
 from flcluster.launch import start_process
 from flcluster.runtime.finish import pid_running
-from tests.helpers import free_ports
-from tests.integration.cluster_procs import (
+from recovery.harness import (
     REPO,
     free_port_block,
     kill_leftovers,
     started_processes,
     wait_gone,
 )
+from tests.helpers import free_ports
 
 pytestmark = pytest.mark.bench
 

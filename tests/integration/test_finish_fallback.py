@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from flcluster.runtime.finish import processes_naming_port
+from recovery.harness import REPO, kill_leftovers, started_pids, wait_for_state, wait_gone
 from tests.helpers import free_ports
-from tests.integration.cluster_procs import REPO, kill_leftovers, started_pids, wait_for_state, wait_gone
 
 pytestmark = pytest.mark.integration
 

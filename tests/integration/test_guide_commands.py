@@ -11,8 +11,7 @@ import pytest
 
 from flcluster.runtime.finish import processes_naming_port
 from flcluster.wire.device import ResponseCode, decode_start_fl_job_response
-from tests.helpers import free_ports
-from tests.integration.cluster_procs import (
+from recovery.harness import (
     copy_examples,
     kill_leftovers,
     run_script,
@@ -20,6 +19,7 @@ from tests.integration.cluster_procs import (
     wait_for_state,
     wait_gone,
 )
+from tests.helpers import free_ports
 
 pytestmark = pytest.mark.integration
 

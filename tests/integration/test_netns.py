@@ -34,7 +34,7 @@ import pytest
 
 from flcluster.runtime.finish import pid_running, processes_naming_port
 from flcluster.wire.device import ResponseCode, decode_start_fl_job_response
-from tests.integration.cluster_procs import (
+from recovery.harness import (
     copy_examples,
     run_script,
     started_pids,

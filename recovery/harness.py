@@ -1,4 +1,8 @@
-"""Helpers for integration tests that run the guide's scripts as real processes."""
+"""The process harness: run the guide's scripts as real processes, wait for states and log lines, clean up.
+
+Shared by the integration tests (``tests/integration``), the benchmarks and the kill-and-restart drills
+of this folder, so that all of them start, watch and stop a real cluster the same way.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import httpx
 
 from flcluster.runtime.finish import pid_running, processes_naming_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "mobile"
 
 
