@@ -241,14 +241,14 @@ def node_info(node_id: str) -> NodeInfo:
     return NodeInfo(node_id=node_id, role=Role.SERVER, host="127.0.0.1", port=7000, device_port=6668, pid=1)
 
 
-def register_event(node_id: str, now: float) -> RegisterNode:
+def register_event(node_id: str, now_ms: int) -> RegisterNode:
     return RegisterNode(
         cause=f"register:{node_id}",
         info=node_info(node_id),
         server_num=2,
         fl_iteration_num=20,
         recovering=False,
-        now=now,
+        now_ms=now_ms,
     )
 
 
@@ -271,9 +271,13 @@ async def test_management_nodes_and_state_have_the_original_shape() -> None:
         "nodeIds": [{"nodeId": "20", "rankId": "0", "role": "SCHEDULER", "alive": "true"}],
     }
 
-    scheduler.dispatch(register_event("a", 0.0))
-    scheduler.dispatch(register_event("b", 10.0))
-    scheduler.dispatch(LivenessCheck(cause="test", now=HEARTBEAT_TIMEOUT))  # a is silent since 0
+    assert scheduler.dispatch(register_event("a", 0)) == RegisterReply(accepted=True, rank=0, reason="")
+    assert scheduler.dispatch(register_event("b", 10_000)) == RegisterReply(accepted=True, rank=1, reason="")
+    # a is silent since 0: the machine counts in milliseconds, converted once from the settings' seconds
+    assert scheduler.machine.config.heartbeat_timeout_ms == 30_000
+    assert scheduler.dispatch(LivenessCheck(cause="test", now_ms=29_999)) is None
+    assert alive_by_id(scheduler.members()) == {"a": True, "b": True}
+    scheduler.dispatch(LivenessCheck(cause="test", now_ms=30_000))
 
     response = await client.get("/nodes")
     assert response.status_code == 200
