@@ -5,18 +5,31 @@ Theory of operation
 The Scheduler knows *who* is in the cluster and *whether they are alive*; it is not on the data path.
 This module holds those rules and nothing else: it never touches a socket, a clock or a file. The trio
 driver (:mod:`flcluster.runtime.scheduler`) turns what happens on the network and on its clock into
-:data:`Event` records, calls :meth:`ClusterMachine.handle`, and carries out the :data:`Instruction`
-records it gets back (reply to a registration, send the membership, log a state change, exit).
+:data:`Event` records and calls :meth:`ClusterMachine.handle`, which returns an
+:class:`~flcluster.core.outcome.Outcome`, the same result type :mod:`flcluster.core.iteration` returns:
+the :data:`Reply` to the node that sent the event (the answer to a registration, None otherwise) and the
+:data:`Instruction` records to carry out, in order (send the membership, log a state change, exit).
+Every event carries a ``cause`` id and every reply and instruction repeats it (dask's ``stimulus_id``).
 
 Identity and rank are kept apart on purpose: a node is known by its ``node_id`` (``MS_NODE_ID``), which
 survives restarts, and it is *given* a rank. Ranks 0..N-1 are handed out in order of arrival; a node id
 that registered before gets its old rank back. This is what lets a restarted node rejoin as itself, and
 what scaling (which renumbers ranks) will change later without touching identity.
 
-Time enters only through events: every event that depends on time carries ``now`` (seconds on the
-driver's clock). A node is alive while ``now < last_heartbeat + heartbeat_timeout``; the driver asks
+Time enters only through events, as ``now_ms``: **epoch milliseconds** (an ``int``), the unit and origin
+:mod:`flcluster.core.iteration` uses, so both machines read alike. Epoch time, not the driver's clock,
+because a :class:`ClusterSnapshot` outlives the process that took it: a last heartbeat persisted before a
+SIGKILL still means something to the restarted Scheduler, whose trio clock has another origin. The driver
+reads epoch milliseconds off trio's clock (so virtual time moves them too) and converts the configured
+heartbeat timeout from seconds to milliseconds once, into :class:`ClusterConfig`. A node is alive while
+``now_ms < last_heartbeat_ms + heartbeat_timeout_ms``; the driver asks
 :meth:`ClusterMachine.next_liveness_deadline` when to come back and feeds :class:`LivenessCheck` then,
 so a silent node becomes ``alive: false`` at exactly the timeout.
+
+:meth:`ClusterMachine.snapshot` gives the whole state as a frozen :class:`ClusterSnapshot` of plain
+records (membership with node ids, ranks and liveness, the total ``server_num``, the agreed
+``fl_iteration_num``, the cluster state and the two flags), and :meth:`ClusterMachine.from_snapshot`
+rebuilds a machine that is equal to the original and behaves exactly like it on every later event.
 
 Illegal events raise :class:`~flcluster.errors.IllegalEvent` and change nothing (the h11 rule); a
 registration that breaks a consistency rule is *not* illegal: it is refused with a reason, which the
@@ -26,12 +39,41 @@ driver sends back to that node.
 from __future__ import annotations
 
 import enum
-import math
-from typing import assert_never
+from typing import TypeAlias, assert_never, final
 
 import attrs
 
+from flcluster.core import outcome as _outcome
 from flcluster.errors import IllegalEvent
+
+__all__ = [
+    "AcceptRegistration",
+    "BeginShutdown",
+    "ClusterConfig",
+    "ClusterMachine",
+    "ClusterSnapshot",
+    "ClusterState",
+    "Event",
+    "ExitCluster",
+    "Heartbeat",
+    "Instruction",
+    "LivenessCheck",
+    "Member",
+    "NodeFinished",
+    "NodeInfo",
+    "NodeLivenessChanged",
+    "NodeRecord",
+    "Outcome",
+    "RefuseRegistration",
+    "RegisterNode",
+    "Reply",
+    "Role",
+    "SendMembership",
+    "SendShutdown",
+    "ShutdownDeadlinePassed",
+    "StartupDeadlinePassed",
+    "StateChanged",
+]
 
 
 class ClusterState(enum.IntEnum):
@@ -72,7 +114,7 @@ class NodeInfo:
     """
 
     node_id: str
-    role: Role
+    role: Role = attrs.field(converter=Role)
     host: str
     port: int
     device_port: int
@@ -94,6 +136,12 @@ class Member:
 # ---------------------------------------------------------------------------------------------- events
 
 
+def _epoch_ms(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    """A time on an event: epoch milliseconds, an ``int >= 0`` (a float of seconds is refused)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{attribute.name} must be epoch milliseconds (an int >= 0), got {value!r}")
+
+
 @attrs.frozen
 class RegisterNode:
     """A node asks to join (or rejoin) the cluster."""
@@ -103,7 +151,7 @@ class RegisterNode:
     server_num: int
     fl_iteration_num: int
     recovering: bool
-    now: float
+    now_ms: int = attrs.field(validator=_epoch_ms)
 
 
 @attrs.frozen
@@ -112,7 +160,7 @@ class Heartbeat:
 
     cause: str
     node_id: str
-    now: float
+    now_ms: int = attrs.field(validator=_epoch_ms)
 
 
 @attrs.frozen
@@ -120,7 +168,7 @@ class LivenessCheck:
     """The driver's clock reached a liveness deadline (or any later time)."""
 
     cause: str
-    now: float
+    now_ms: int = attrs.field(validator=_epoch_ms)
 
 
 @attrs.frozen
@@ -162,7 +210,7 @@ Event = (
     | ShutdownDeadlinePassed
 )
 
-# ---------------------------------------------------------------------------------------- instructions
+# --------------------------------------------------------------------------------------------- replies
 
 
 @attrs.frozen
@@ -181,6 +229,11 @@ class RefuseRegistration:
     cause: str
     node_id: str
     reason: str
+
+
+Reply = AcceptRegistration | RefuseRegistration
+
+# ---------------------------------------------------------------------------------------- instructions
 
 
 @attrs.frozen
@@ -228,50 +281,109 @@ class ExitCluster:
     unfinished: tuple[str, ...]
 
 
-Instruction = (
-    AcceptRegistration
-    | RefuseRegistration
-    | SendMembership
-    | StateChanged
-    | NodeLivenessChanged
-    | SendShutdown
-    | ExitCluster
-)
+Instruction = SendMembership | StateChanged | NodeLivenessChanged | SendShutdown | ExitCluster
 
-# ----------------------------------------------------------------------------------------------- state
+#: What one event produced: the registration answer (None for any other event) and the instructions,
+#: in order (the outcome type every core machine shares, :class:`flcluster.core.outcome.Outcome`).
+Outcome: TypeAlias = _outcome.Outcome[Reply, Instruction]
 
 
-@attrs.define
-class _NodeRecord:
-    info: NodeInfo
-    rank: int
-    last_heartbeat: float
-    alive: bool = True
-    finished: bool = False
+# ------------------------------------------------------------------------------------- configuration
 
 
+@final
 @attrs.frozen
 class ClusterConfig:
     """The numbers the Scheduler holds every registration against.
 
     Attributes:
-        server_num: How many Servers make up the cluster (``--server_num``).
-        heartbeat_timeout: Seconds without a heartbeat before a node is not alive.
+        server_num: How many Servers a new cluster is made of (``--server_num``).
+        heartbeat_timeout_ms: Milliseconds without a heartbeat before a node is not alive (the driver
+            converts the configured seconds once).
     """
 
-    server_num: int = attrs.field(validator=attrs.validators.ge(1))
-    heartbeat_timeout: float = attrs.field(validator=attrs.validators.gt(0))
+    server_num: int = attrs.field(validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
+    heartbeat_timeout_ms: int = attrs.field(
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+    )
+
+
+# ------------------------------------------------------------------------------------------ snapshot
+
+
+@final
+@attrs.frozen(kw_only=True)
+class NodeRecord:
+    """One registered node in a :class:`ClusterSnapshot`.
+
+    Attributes:
+        info: What the node registered with (its latest registration).
+        rank: The rank it was given.
+        last_heartbeat_ms: Epoch milliseconds of its latest heartbeat or registration.
+        alive: Whether it is alive (not timed out).
+        finished: Whether it reported finishing.
+    """
+
+    info: NodeInfo
+    rank: int
+    last_heartbeat_ms: int
+    alive: bool
+    finished: bool
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ClusterSnapshot:
+    """The whole state of a :class:`ClusterMachine` as plain records, for the recovery store.
+
+    ``nodes`` is in rank order, which is also the order the nodes registered in, so equal machines have
+    equal snapshots and a rebuilt machine lists nodes (in refusals, shutdowns, exits) as the original.
+
+    Attributes:
+        server_num: The total number of Servers the cluster is made of now.
+        state: The cluster state.
+        fl_iteration_num: The ``fl_iteration_num`` every Server agreed on; None before the first
+            accepted registration.
+        ever_ready: Whether the cluster has been ``CLUSTER_READY`` (then it never goes back to
+            ``CLUSTER_STARTING`` and outlives ``cluster_available_timeout``).
+        shutting_down: Whether a finish was requested (registrations are refused from then on).
+        nodes: Every registered node, by rank.
+    """
+
+    server_num: int
+    state: ClusterState = attrs.field(converter=ClusterState)
+    fl_iteration_num: int | None
+    ever_ready: bool
+    shutting_down: bool
+    nodes: tuple[NodeRecord, ...]
+
+
+# ------------------------------------------------------------------------------------------- machine
+
+
+@attrs.define
+class _Node:
+    info: NodeInfo
+    rank: int
+    last_heartbeat_ms: int
+    alive: bool = True
+    finished: bool = False
 
 
 class ClusterMachine:
     """Membership, ranks, liveness and cluster state of one Scheduler.
 
-    Feed it events with :meth:`handle`; carry out the instructions it returns, in order.
+    Feed it events with :meth:`handle`; send the outcome's reply and carry out its instructions, in
+    order. Two machines are equal when their configs and :meth:`snapshot` records are equal.
     """
 
     def __init__(self, config: ClusterConfig) -> None:
+        """Start a cluster with no nodes, in ``CLUSTER_STARTING``."""
         self._config = config
-        self._nodes: dict[str, _NodeRecord] = {}
+        self._server_num = config.server_num
+        # Insertion order is registration order is rank order: nodes are never removed, and a
+        # re-registration updates its node in place (from_snapshot rebuilds in rank order).
+        self._nodes: dict[str, _Node] = {}
         self._state = ClusterState.CLUSTER_STARTING
         self._fl_iteration_num: int | None = None
         self._ever_ready = False
@@ -281,8 +393,13 @@ class ClusterMachine:
 
     @property
     def config(self) -> ClusterConfig:
-        """The numbers this machine holds registrations against."""
+        """The numbers this machine was started with."""
         return self._config
+
+    @property
+    def server_num(self) -> int:
+        """The total number of Servers the cluster is made of (the config's, or the snapshot's)."""
+        return self._server_num
 
     @property
     def state(self) -> ClusterState:
@@ -319,17 +436,88 @@ class ClusterMachine:
         rec = self._nodes.get(node_id)
         return rec is not None and rec.finished
 
-    def next_liveness_deadline(self) -> float:
-        """The earliest time at which a live node would time out (``inf`` when there is none)."""
+    def next_liveness_deadline(self) -> int | None:
+        """The earliest epoch millisecond at which a live node would time out (None when none is live)."""
         deadlines = [
-            rec.last_heartbeat + self._config.heartbeat_timeout for rec in self._nodes.values() if rec.alive
+            rec.last_heartbeat_ms + self._config.heartbeat_timeout_ms
+            for rec in self._nodes.values()
+            if rec.alive
         ]
-        return min(deadlines, default=math.inf)
+        return min(deadlines, default=None)
+
+    # ----------------------------------------------------------------------------------- snapshot
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The whole state, as plain records (see :meth:`from_snapshot`)."""
+        return ClusterSnapshot(
+            server_num=self._server_num,
+            state=self._state,
+            fl_iteration_num=self._fl_iteration_num,
+            ever_ready=self._ever_ready,
+            shutting_down=self._shutting_down,
+            nodes=tuple(
+                NodeRecord(
+                    info=rec.info,
+                    rank=rec.rank,
+                    last_heartbeat_ms=rec.last_heartbeat_ms,
+                    alive=rec.alive,
+                    finished=rec.finished,
+                )
+                for rec in sorted(self._nodes.values(), key=lambda r: r.rank)
+            ),
+        )
+
+    @classmethod
+    def from_snapshot(cls, config: ClusterConfig, snapshot: ClusterSnapshot) -> ClusterMachine:
+        """Rebuild the machine a snapshot was taken from, with this config's heartbeat timeout.
+
+        The total ``server_num`` is the snapshot's (the total in force when it was taken), not the
+        config's: the original's Scheduler recovery restores the persisted totals too.
+
+        Raises:
+            ValueError: The snapshot breaks a rule no run of the machine can break (a corrupt store);
+                the message names every broken rule and the values.
+        """
+        _check_snapshot(snapshot)
+        machine = cls(config)
+        machine._server_num = snapshot.server_num
+        machine._state = snapshot.state
+        machine._fl_iteration_num = snapshot.fl_iteration_num
+        machine._ever_ready = snapshot.ever_ready
+        machine._shutting_down = snapshot.shutting_down
+        machine._nodes = {
+            n.info.node_id: _Node(
+                info=n.info,
+                rank=n.rank,
+                last_heartbeat_ms=n.last_heartbeat_ms,
+                alive=n.alive,
+                finished=n.finished,
+            )
+            for n in snapshot.nodes
+        }
+        return machine
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClusterMachine):
+            return NotImplemented
+        return (self._config, self.snapshot()) == (other._config, other.snapshot())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        alive = sum(rec.alive for rec in self._nodes.values())
+        return (
+            f"<ClusterMachine state={self._state.name} nodes={len(self._nodes)}/{self._server_num} "
+            f"alive={alive}>"
+        )
 
     # ------------------------------------------------------------------------------------ events
 
-    def handle(self, event: Event) -> list[Instruction]:
-        """Apply one event and return what the driver must do, in order.
+    def handle(self, event: Event) -> Outcome:
+        """Apply one event; return the reply to its sender and the instructions, in order.
+
+        Only :class:`RegisterNode` has a reply (:class:`AcceptRegistration` or
+        :class:`RefuseRegistration`); every other outcome's reply is None.
 
         Raises:
             IllegalEvent: the event is not legal now; the machine is unchanged.
@@ -340,25 +528,25 @@ class ClusterMachine:
             case RegisterNode():
                 return self._register(event)
             case Heartbeat():
-                return self._heartbeat(event)
+                return Outcome(None, tuple(self._heartbeat(event)))
             case LivenessCheck():
-                return self._liveness_check(event)
+                return Outcome(None, tuple(self._liveness_check(event)))
             case StartupDeadlinePassed():
-                return self._startup_deadline(event)
+                return Outcome(None, tuple(self._startup_deadline(event)))
             case BeginShutdown():
-                return self._begin_shutdown(event)
+                return Outcome(None, tuple(self._begin_shutdown(event)))
             case NodeFinished():
-                return self._node_finished(event)
+                return Outcome(None, tuple(self._node_finished(event)))
             case ShutdownDeadlinePassed():
-                return self._shutdown_deadline(event)
+                return Outcome(None, tuple(self._shutdown_deadline(event)))
             case _:
                 assert_never(event)
 
-    def _register(self, event: RegisterNode) -> list[Instruction]:
+    def _register(self, event: RegisterNode) -> Outcome:
         info = event.info
         refusal = self._registration_refusal(event)
         if refusal is not None:
-            return [RefuseRegistration(event.cause, info.node_id, refusal)]
+            return Outcome(RefuseRegistration(event.cause, info.node_id, refusal))
         if self._fl_iteration_num is None:
             self._fl_iteration_num = event.fl_iteration_num
         known = self._nodes.get(info.node_id)
@@ -367,7 +555,7 @@ class ClusterMachine:
         if known is not None:
             # A known node id gets its old rank back (spec: "Ranks"): a restart, a reconnect.
             known.info = info
-            known.last_heartbeat = event.now
+            known.last_heartbeat_ms = event.now_ms
             known.finished = False
             if not known.alive:
                 known.alive = True
@@ -375,13 +563,12 @@ class ClusterMachine:
             rank = known.rank
         else:
             rank = len(self._nodes)
-            self._nodes[info.node_id] = _NodeRecord(info=info, rank=rank, last_heartbeat=event.now)
-        out.append(AcceptRegistration(event.cause, info.node_id, rank))
-        if len(self._nodes) == self._config.server_num or revived:
+            self._nodes[info.node_id] = _Node(info=info, rank=rank, last_heartbeat_ms=event.now_ms)
+        if len(self._nodes) == self._server_num or revived:
             reason = f"node {info.node_id!r} registered again" if revived else "every Server has registered"
             out.extend(self._settle_state(event.cause, reason))
             out.append(self._membership(event.cause))
-        return out
+        return Outcome(AcceptRegistration(event.cause, info.node_id, rank), tuple(out))
 
     def _registration_refusal(self, event: RegisterNode) -> str | None:
         info = event.info
@@ -392,10 +579,10 @@ class ClusterMachine:
                 f"Node {info.node_id!r} registers as {info.role.value}, but this cluster has no Workers "
                 "(cross-device FL, worker_num=0); only SERVER nodes may register."
             )
-        if event.server_num != self._config.server_num:
+        if event.server_num != self._server_num:
             return (
                 f"Node {info.node_id!r} was started with server_num={event.server_num!r}, but the Scheduler "
-                f"expects server_num={self._config.server_num!r}; every process must be started with the "
+                f"expects server_num={self._server_num!r}; every process must be started with the "
                 "same --server_num."
             )
         if self._fl_iteration_num is not None and event.fl_iteration_num != self._fl_iteration_num:
@@ -404,9 +591,9 @@ class ClusterMachine:
                 f"the Servers already registered use fl_iteration_num={self._fl_iteration_num!r}; every "
                 "Server must be started with the same --fl_iteration_num."
             )
-        if info.node_id not in self._nodes and len(self._nodes) >= self._config.server_num:
+        if info.node_id not in self._nodes and len(self._nodes) >= self._server_num:
             return (
-                f"Node {info.node_id!r} is refused: all server_num={self._config.server_num!r} Servers have "
+                f"Node {info.node_id!r} is refused: all server_num={self._server_num!r} Servers have "
                 "already registered (node ids: "
                 f"{', '.join(repr(n) for n in self._nodes)}); a Server must use a unique MS_NODE_ID."
             )
@@ -416,7 +603,7 @@ class ClusterMachine:
         rec = self._nodes.get(event.node_id)
         if rec is None:
             raise IllegalEvent(f"heartbeat from node {event.node_id!r}, which has not registered")
-        rec.last_heartbeat = max(rec.last_heartbeat, event.now)
+        rec.last_heartbeat_ms = max(rec.last_heartbeat_ms, event.now_ms)
         if rec.alive:
             return []
         rec.alive = True
@@ -426,15 +613,15 @@ class ClusterMachine:
         return out
 
     def _liveness_check(self, event: LivenessCheck) -> list[Instruction]:
-        out: list[Instruction] = []
+        silent: list[str] = []
         for node_id, rec in self._nodes.items():
-            if rec.alive and event.now >= rec.last_heartbeat + self._config.heartbeat_timeout:
+            if rec.alive and event.now_ms >= rec.last_heartbeat_ms + self._config.heartbeat_timeout_ms:
                 rec.alive = False
-                out.append(NodeLivenessChanged(event.cause, node_id, False))
-        if not out:
-            return out
-        silent = ", ".join(repr(i.node_id) for i in out if isinstance(i, NodeLivenessChanged))
-        out.extend(self._settle_state(event.cause, f"no heartbeat from {silent}"))
+                silent.append(node_id)
+        if not silent:
+            return []
+        out: list[Instruction] = [NodeLivenessChanged(event.cause, node_id, False) for node_id in silent]
+        out.extend(self._settle_state(event.cause, f"no heartbeat from {', '.join(map(repr, silent))}"))
         out.append(self._membership(event.cause))
         return out
 
@@ -442,7 +629,7 @@ class ClusterMachine:
         if self._ever_ready:
             return []
         reason = (
-            f"only {len(self._nodes)} of server_num={self._config.server_num} Servers registered within "
+            f"only {len(self._nodes)} of server_num={self._server_num} Servers registered within "
             "cluster_available_timeout"
         )
         return self._exit(event.cause, reason)
@@ -464,7 +651,7 @@ class ClusterMachine:
         if not self._shutting_down:
             # A node that finishes on its own (its job is done) counts as finished; the cluster exits
             # when every node has (reference §3.7, EXIT).
-            if all(r.finished for r in self._nodes.values()) and len(self._nodes) == self._config.server_num:
+            if all(r.finished for r in self._nodes.values()) and len(self._nodes) == self._server_num:
                 return self._exit(event.cause, "every node has finished")
             return []
         if all(r.finished or not r.alive for r in self._nodes.values()):
@@ -485,7 +672,7 @@ class ClusterMachine:
 
     def _settle_state(self, cause: str, reason: str) -> list[Instruction]:
         """Derive READY / NODE_TIMEOUT / STARTING from membership and liveness."""
-        complete = len(self._nodes) == self._config.server_num
+        complete = len(self._nodes) == self._server_num
         all_alive = all(rec.alive for rec in self._nodes.values())
         if not all_alive:
             new = ClusterState.NODE_TIMEOUT
@@ -502,3 +689,72 @@ class ClusterMachine:
 
     def _membership(self, cause: str) -> SendMembership:
         return SendMembership(cause, self._state, self.members())
+
+
+#: The states this machine enters today; the others are reserved for scaling and instance management.
+_REACHABLE = frozenset(
+    {
+        ClusterState.CLUSTER_STARTING,
+        ClusterState.CLUSTER_READY,
+        ClusterState.NODE_TIMEOUT,
+        ClusterState.CLUSTER_EXIT,
+    }
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_snapshot(s: ClusterSnapshot) -> None:
+    """Refuse a snapshot that no run of the machine can produce (spec "Cluster", "Snapshot")."""
+    problems: list[str] = []
+
+    def rule(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    rule(_is_int(s.server_num) and s.server_num >= 1, f"server_num must be an int >= 1, got {s.server_num!r}")
+    n = len(s.nodes)
+    rule(n <= s.server_num, f"{n} nodes are registered, more than server_num={s.server_num!r}")
+    ranks = [node.rank for node in s.nodes]
+    rule(ranks == list(range(n)), f"the nodes' ranks must be 0..{n - 1} in order, got {ranks!r}")
+    node_ids = [node.info.node_id for node in s.nodes]
+    rule(len(set(node_ids)) == n, f"a node id is registered twice: {node_ids!r}")
+    for node in s.nodes:
+        rule(
+            node.info.role is Role.SERVER,
+            f"node {node.info.node_id!r} has role {node.info.role.value!r}, but only SERVER nodes register",
+        )
+        rule(
+            _is_int(node.last_heartbeat_ms) and node.last_heartbeat_ms >= 0,
+            f"node {node.info.node_id!r} has last_heartbeat_ms {node.last_heartbeat_ms!r}, "
+            "expected epoch milliseconds (an int >= 0)",
+        )
+    rule(
+        (s.fl_iteration_num is None) == (n == 0),
+        f"fl_iteration_num is {s.fl_iteration_num!r} with {n} nodes registered; it is fixed by the "
+        "first accepted registration, so it is None exactly when no node is registered",
+    )
+    rule(s.state in _REACHABLE, f"state {s.state.name} is not one this machine enters")
+    rule(
+        not s.ever_ready or n == s.server_num,
+        f"the cluster was ready once, so all server_num={s.server_num!r} Servers registered, got {n}",
+    )
+    if s.state is not ClusterState.CLUSTER_EXIT:
+        some_dead = not all(node.alive for node in s.nodes)
+        rule(
+            (s.state is ClusterState.NODE_TIMEOUT) == some_dead,
+            f"state {s.state.name} does not fit the liveness of the nodes "
+            "(NODE_TIMEOUT exactly while some node is not alive)",
+        )
+        rule(
+            s.state is not ClusterState.CLUSTER_READY or s.ever_ready,
+            "state CLUSTER_READY, but ever_ready is False",
+        )
+        rule(
+            s.state is not ClusterState.CLUSTER_STARTING or not s.ever_ready,
+            "state CLUSTER_STARTING, but the cluster was ready once (it never goes back to starting)",
+        )
+    if problems:
+        raise ValueError("refused cluster snapshot: " + "; ".join(problems))

@@ -46,10 +46,11 @@ import enum
 import math
 from collections.abc import Callable
 from fractions import Fraction
-from typing import assert_never, final
+from typing import TypeAlias, assert_never, final
 
 import attrs
 
+from flcluster.core import outcome as _outcome
 from flcluster.errors import IllegalEvent
 
 __all__ = [
@@ -606,13 +607,9 @@ Instruction = (
 )
 
 
-@final
-@attrs.frozen
-class Outcome:
-    """What one event produced: the reply to its sender (None for non-requests) and instructions."""
-
-    reply: Reply | None = None
-    instructions: tuple[Instruction, ...] = ()
+#: What one event produced: the reply to its sender (None for non-requests) and instructions, in order
+#: (the outcome type every core machine shares, :class:`flcluster.core.outcome.Outcome`).
+Outcome: TypeAlias = _outcome.Outcome[Reply, Instruction]
 
 
 # ---------------------------------------------------------------------------------------- snapshot

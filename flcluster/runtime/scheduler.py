@@ -14,6 +14,13 @@ The Scheduler is the only writer of the cluster machine, and every change goes t
 Server link has a bounded outbound queue drained by its own writer task, so a slow or stuck Server can
 never stall the Scheduler: when its queue is full, its link is dropped and it reconnects.
 
+The driver owns time. The cluster machine counts in epoch milliseconds (``now_ms``, spec
+state-machines.md "Cluster"); an :class:`~flcluster.runtime.clock.EpochClock` reads them off trio's clock,
+so ``autojump_clock`` tests see exact virtual times, and the configured ``heartbeat_timeout`` (seconds) is
+converted to milliseconds once, here, into the machine's :class:`~flcluster.core.cluster.ClusterConfig`.
+Cluster-wide timers that are not the machine's (``cluster_available_timeout``, ``finish_timeout``) stay
+trio sleeps in seconds and come back as events.
+
 A connection's first frame says what it is: ``register`` opens a Server link; ``finish_cluster`` is
 the operator's ``flcluster finish``. Anything else is answered with ``error`` and closed.
 """
@@ -25,7 +32,7 @@ import logging
 import os
 import uuid
 from functools import partial
-from typing import Any
+from typing import assert_never
 
 import attrs
 import trio
@@ -39,6 +46,7 @@ from flcluster.core.cluster import (
     Event,
     ExitCluster,
     Heartbeat,
+    Instruction,
     LivenessCheck,
     Member,
     NodeFinished,
@@ -46,6 +54,7 @@ from flcluster.core.cluster import (
     NodeLivenessChanged,
     RefuseRegistration,
     RegisterNode,
+    Reply,
     Role,
     SendMembership,
     SendShutdown,
@@ -56,6 +65,7 @@ from flcluster.core.cluster import (
 from flcluster.errors import FrameError, IllegalEvent, MessageError
 from flcluster.http.management import create_management_app
 from flcluster.http.serving import serve_app
+from flcluster.runtime.clock import EpochClock
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.wire.messages import (
     ErrorReply,
@@ -66,6 +76,7 @@ from flcluster.wire.messages import (
     HeartbeatReply,
     MemberRecord,
     Membership,
+    Message,
     NodeProcess,
     Register,
     RegisterReply,
@@ -121,9 +132,9 @@ class _ServerLink:
     def __init__(self, node_id: str, link: FramedLink) -> None:
         self.node_id = node_id
         self.link = link
-        self.send_channel, self.receive_channel = trio.open_memory_channel[Any](OUTBOUND_QUEUE)
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Message](OUTBOUND_QUEUE)
 
-    def post(self, msg: Any) -> bool:
+    def post(self, msg: Message) -> bool:
         """Queue a message; False when the Server is too slow (the caller drops the link)."""
         try:
             self.send_channel.send_nowait(msg)
@@ -137,9 +148,14 @@ class SchedulerNode:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
+        # The one place seconds of configuration become the machine's milliseconds.
         self.machine = ClusterMachine(
-            ClusterConfig(server_num=settings.server_num, heartbeat_timeout=settings.heartbeat_timeout)
+            ClusterConfig(
+                server_num=settings.server_num,
+                heartbeat_timeout_ms=round(settings.heartbeat_timeout * 1000),
+            )
         )
+        self.clock = EpochClock()
         self._links: dict[str, _ServerLink] = {}
         self._changed = trio.Event()
         self._exited = trio.Event()
@@ -201,50 +217,62 @@ class SchedulerNode:
         assert self._exit is not None
         return self._exit
 
-    def dispatch(self, event: Event, reply_to: FramedLink | None = None) -> list[Any]:
-        """Feed one event to the cluster machine and carry out its instructions.
+    def dispatch(self, event: Event) -> RegisterReply | None:
+        """Feed one event to the cluster machine and carry out its instructions, in order.
 
         Returns:
-            Replies meant for the connection that caused the event (registration answers).
+            The answer for the connection that caused the event (a registration's), else None.
 
         Raises:
             IllegalEvent: the event was illegal; nothing changed.
         """
-        instructions = self.machine.handle(event)
-        replies: list[Any] = []
-        for ins in instructions:
-            match ins:
-                case AcceptRegistration(rank=rank):
-                    replies.append(RegisterReply(accepted=True, rank=rank, reason=""))
-                case RefuseRegistration(reason=reason):
-                    log.warning("refused registration of %r: %s", ins.node_id, reason)
-                    replies.append(RegisterReply(accepted=False, rank=-1, reason=reason))
-                case SendMembership(state=state, members=members):
-                    msg = Membership(
-                        state=state.name, members=tuple(MemberRecord(**attrs.asdict(m)) for m in members)
-                    )
-                    for server_link in list(self._links.values()):
-                        self._post(server_link, msg)
-                case StateChanged(old=old, new=new, reason=reason):
-                    log.info("cluster state %s -> %s (%s)", old.name, new.name, reason)
-                case NodeLivenessChanged(node_id=node_id, alive=alive):
-                    log.info("node %r is %s", node_id, "alive" if alive else "not alive (heartbeat timeout)")
-                case SendShutdown(node_ids=node_ids):
-                    for node_id in node_ids:
-                        target = self._links.get(node_id)
-                        if target is not None:
-                            self._post(target, Shutdown(reason="the operator asked the cluster to finish"))
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._shutdown_deadline)
-                case ExitCluster(reason=reason):
-                    log.info("Scheduler exits: %s", reason)
-                    self._exit = ins
-                    self._exited.set()
+        outcome = self.machine.handle(event)
+        reply = self._wire_reply(outcome.reply)
+        for ins in outcome.instructions:
+            self._carry_out(ins)
         self._changed.set()
         self._changed = trio.Event()
-        return replies
+        return reply
 
-    def _post(self, link: _ServerLink, msg: Any) -> None:
+    def _wire_reply(self, reply: Reply | None) -> RegisterReply | None:
+        match reply:
+            case None:
+                return None
+            case AcceptRegistration(rank=rank):
+                return RegisterReply(accepted=True, rank=rank, reason="")
+            case RefuseRegistration(node_id=node_id, reason=reason):
+                log.warning("refused registration of %r: %s", node_id, reason)
+                return RegisterReply(accepted=False, rank=-1, reason=reason)
+            case _:
+                assert_never(reply)
+
+    def _carry_out(self, ins: Instruction) -> None:
+        match ins:
+            case SendMembership(state=state, members=members):
+                msg = Membership(
+                    state=state.name, members=tuple(MemberRecord(**attrs.asdict(m)) for m in members)
+                )
+                for server_link in list(self._links.values()):
+                    self._post(server_link, msg)
+            case StateChanged(old=old, new=new, reason=reason):
+                log.info("cluster state %s -> %s (%s)", old.name, new.name, reason)
+            case NodeLivenessChanged(node_id=node_id, alive=alive):
+                log.info("node %r is %s", node_id, "alive" if alive else "not alive (heartbeat timeout)")
+            case SendShutdown(node_ids=node_ids):
+                for node_id in node_ids:
+                    target = self._links.get(node_id)
+                    if target is not None:
+                        self._post(target, Shutdown(reason="the operator asked the cluster to finish"))
+                assert self._nursery is not None
+                self._nursery.start_soon(self._shutdown_deadline)
+            case ExitCluster(reason=reason):
+                log.info("Scheduler exits: %s", reason)
+                self._exit = ins
+                self._exited.set()
+            case _:
+                assert_never(ins)
+
+    def _post(self, link: _ServerLink, msg: Message) -> None:
         if not link.post(msg):
             log.warning("Server %r is not reading its link; dropping it", link.node_id)
             link.send_channel.close()
@@ -255,13 +283,17 @@ class SchedulerNode:
 
     async def _reap_silent_nodes(self) -> None:
         while True:
-            deadline = self.machine.next_liveness_deadline()
+            deadline_ms = self.machine.next_liveness_deadline()
             changed = self._changed
-            with trio.move_on_at(deadline):
+            if deadline_ms is None:
                 await changed.wait()
-            now = trio.current_time()
-            if now >= self.machine.next_liveness_deadline():
-                self.dispatch(LivenessCheck(cause=f"liveness@{now:.3f}", now=now))
+                continue
+            with trio.move_on_at(self.clock.trio_time(deadline_ms)):
+                await changed.wait()
+            now_ms = self.clock.now_ms()
+            deadline_ms = self.machine.next_liveness_deadline()
+            if deadline_ms is not None and now_ms >= deadline_ms:
+                self.dispatch(LivenessCheck(cause=f"liveness@{now_ms}", now_ms=now_ms))
 
     async def _startup_deadline(self) -> None:
         await trio.sleep(self.settings.cluster_available_timeout)
@@ -322,15 +354,15 @@ class SchedulerNode:
             server_num=msg.server_num,
             fl_iteration_num=msg.fl_iteration_num,
             recovering=msg.recovering,
-            now=trio.current_time(),
+            now_ms=self.clock.now_ms(),
         )
         server_link = _ServerLink(msg.node_id, link)
         previous = self._links.get(msg.node_id)
         # Register the link before dispatching, so a membership broadcast caused by this very
         # registration reaches the new node too (after its register reply, queued first).
         self._links[msg.node_id] = server_link
-        replies = self.dispatch(event)
-        reply = replies[0]
+        reply = self.dispatch(event)
+        assert reply is not None, "a registration is always answered"
         if not reply.accepted:
             del self._links[msg.node_id]
             if previous is not None:
@@ -370,7 +402,7 @@ class SchedulerNode:
                 match msg:
                     case HeartbeatMsg(node_id=node_id) if node_id == server_link.node_id:
                         self.dispatch(
-                            Heartbeat(cause=f"hb:{node_id}", node_id=node_id, now=trio.current_time())
+                            Heartbeat(cause=f"hb:{node_id}", node_id=node_id, now_ms=self.clock.now_ms())
                         )
                         server_link.post(HeartbeatReply(state=self.machine.state.name))
                     case Finished(node_id=node_id) if node_id == server_link.node_id:

@@ -9,6 +9,7 @@ through Quart's test client.
 from __future__ import annotations
 
 import json
+import time
 from functools import partial
 from typing import Any
 
@@ -25,6 +26,7 @@ from flcluster.core.cluster import (
     Role,
 )
 from flcluster.http.management import create_management_app
+from flcluster.runtime.clock import EpochClock
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
 from flcluster.wire.frames import HEADER_LENGTH, LENGTH
@@ -174,6 +176,38 @@ async def test_a_silent_server_times_out_at_exactly_the_heartbeat_timeout(autoju
         nursery.cancel_scope.cancel()
 
 
+async def test_a_fractional_heartbeat_timeout_is_kept_to_the_millisecond(autojump_clock: Any) -> None:
+    """Seconds from the settings become the machine's milliseconds once; the timeout stays exact."""
+    scheduler = SchedulerNode(settings(heartbeat_timeout=2.5))
+    assert scheduler.machine.config.heartbeat_timeout_ms == 2_500
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(scheduler.serve, with_management=False))
+        first, _second = await form_cluster(nursery, scheduler)
+        registered = trio.current_time()
+        await trio.sleep_until(registered + 1.25)
+        await first.heartbeat()
+        await trio.sleep_until(registered + 2.499)
+        await wait_all_tasks_blocked()
+        assert alive_by_id(scheduler.members()) == {"0": True, "1": True}
+        await trio.sleep_until(registered + 2.5)
+        await wait_all_tasks_blocked()
+        assert alive_by_id(scheduler.members()) == {"0": True, "1": False}
+        await trio.sleep_until(registered + 1.25 + 2.5)
+        await wait_all_tasks_blocked()
+        assert alive_by_id(scheduler.members()) == {"0": False, "1": False}
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_epoch_clock_reads_a_deadline_back_exactly_when_woken_at_it(autojump_clock: Any) -> None:
+    clock = EpochClock()
+    start = clock.now_ms()
+    assert abs(start - time.time() * 1000) < 60_000  # epoch milliseconds, not trio's arbitrary origin
+    for step in (1, 7, 999, 1_000, 29_999, 30_000, 123_457):
+        deadline = clock.now_ms() + step
+        await trio.sleep_until(clock.trio_time(deadline))
+        assert clock.now_ms() == deadline
+
+
 async def test_serve_returns_an_exit_when_the_cluster_does_not_form_in_time(autojump_clock: Any) -> None:
     scheduler = SchedulerNode(settings())
     outcome: list[tuple[float, ExitCluster]] = []
@@ -241,14 +275,14 @@ def node_info(node_id: str) -> NodeInfo:
     return NodeInfo(node_id=node_id, role=Role.SERVER, host="127.0.0.1", port=7000, device_port=6668, pid=1)
 
 
-def register_event(node_id: str, now: float) -> RegisterNode:
+def register_event(node_id: str, now_ms: int) -> RegisterNode:
     return RegisterNode(
         cause=f"register:{node_id}",
         info=node_info(node_id),
         server_num=2,
         fl_iteration_num=20,
         recovering=False,
-        now=now,
+        now_ms=now_ms,
     )
 
 
@@ -271,9 +305,13 @@ async def test_management_nodes_and_state_have_the_original_shape() -> None:
         "nodeIds": [{"nodeId": "20", "rankId": "0", "role": "SCHEDULER", "alive": "true"}],
     }
 
-    scheduler.dispatch(register_event("a", 0.0))
-    scheduler.dispatch(register_event("b", 10.0))
-    scheduler.dispatch(LivenessCheck(cause="test", now=HEARTBEAT_TIMEOUT))  # a is silent since 0
+    assert scheduler.dispatch(register_event("a", 0)) == RegisterReply(accepted=True, rank=0, reason="")
+    assert scheduler.dispatch(register_event("b", 10_000)) == RegisterReply(accepted=True, rank=1, reason="")
+    # a is silent since 0: the machine counts in milliseconds, converted once from the settings' seconds
+    assert scheduler.machine.config.heartbeat_timeout_ms == 30_000
+    assert scheduler.dispatch(LivenessCheck(cause="test", now_ms=29_999)) is None
+    assert alive_by_id(scheduler.members()) == {"a": True, "b": True}
+    scheduler.dispatch(LivenessCheck(cause="test", now_ms=30_000))
 
     response = await client.get("/nodes")
     assert response.status_code == 200
