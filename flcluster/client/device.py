@@ -68,14 +68,8 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from flcluster.errors import ClusterError, ConfigError, ProtocolError
-from flcluster.wire.device import (
-    FLPlanParams,
-    GetModelResponse,
-    ResponseCode,
-    SchemaError,
-    StartFLJobResponse,
-    UpdateModelResponse,
+from flcluster.errors import ClusterError, ConfigError, ProtocolError, SchemaError
+from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
     decode_update_model_response,
@@ -83,6 +77,8 @@ from flcluster.wire.device import (
     encode_start_fl_job_request,
     encode_update_model_request,
 )
+from flcluster.wire.codes import ResponseCode
+from flcluster.wire.records import FLPlanParams, GetModelResponse, StartFLJobResponse, UpdateModelResponse
 
 __all__ = [
     "MAX_SLEEP_TIME_MS",

@@ -51,10 +51,10 @@ from flcluster.core.iteration import (
     PlainText,
     Rejected,
 )
-from flcluster.wire.device import (
-    FLPlanParams,
-    ResponseCode,
-    SchemaError,
+from flcluster.errors import SchemaError
+from flcluster.wire.codes import ResponseCode
+from flcluster.wire.records import FLPlanParams
+from flcluster.wire.server_codec import (
     decode_get_model,
     decode_start_fl_job,
     decode_update_model,

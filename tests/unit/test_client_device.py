@@ -45,10 +45,9 @@ from flcluster.client import (
 from flcluster.errors import ConfigError
 from flcluster.http import device as http_device
 from flcluster.http.serving import serve_app
-from flcluster.wire.device import (
-    FLPlanParams,
-    ResponseCode,
-    StartFLJobResponse,
+from flcluster.wire.codes import ResponseCode
+from flcluster.wire.records import FLPlanParams, StartFLJobResponse
+from flcluster.wire.server_codec import (
     decode_get_model,
     decode_start_fl_job,
     decode_update_model,
