@@ -38,10 +38,9 @@ from flcluster.aggregation.model import (
     FeatureMaps,
     ModelSpec,
     ModelWeights,
-    UpdateRejected,
     as_float32_tensors,
 )
-from flcluster.errors import AggregationError, FrameError
+from flcluster.errors import AggregationError, FrameError, UpdateRejected
 
 MAGIC = b"FLPS"
 """First four bytes of an encoded :class:`PartialSum`."""
