@@ -271,9 +271,7 @@ def test_duplicate_fl_id_in_one_iteration_is_out_of_time() -> None:
     m = make_machine()
     m.handle(start("a"))
     r = assert_rejected_unchanged(m, start("a", data_size=99, now=T0 + 3))
-    assert r == Rejected(
-        ResponseCode.OutOfTime, "Updating device metadata failed for fl id a", T0 + SW + UW
-    )
+    assert r == Rejected(ResponseCode.OutOfTime, "Updating device metadata failed for fl id a", T0 + SW + UW)
     assert m.device_meta("a") == DeviceMeta("a", 10, T0)  # the first declaration stands
 
 
