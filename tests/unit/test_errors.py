@@ -1,5 +1,5 @@
-"""The error hierarchy (flcluster/errors.py): one home, every public error under FLClusterError, with its fault
-and its HTTP status hint."""
+"""The error hierarchy (flcluster/errors.py): one home, every public error under FLClusterError, each with
+its fault and its HTTP status hint."""
 
 from __future__ import annotations
 
@@ -73,14 +73,17 @@ def test_config_error_stays_a_value_error() -> None:
     assert issubclass(errors.CheckpointError, ValueError)
 
 
+EXCEPTION_SUFFIXES = ("Error", "Exception", "Refused", "Closed", "Event", "Rejected", "Answer", "Unavailable")
+
+
 def defined_exceptions(path: Path) -> list[str]:
-    """Public classes in ``path`` whose bases name an exception (by the ``Error``/``Exception`` convention)."""
+    """Public classes in ``path`` whose bases name an exception (by the names exceptions end with)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = []
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
             bases = [ast.unparse(b) for b in node.bases]
-            if any(b.endswith(("Error", "Exception", "Refused", "Closed", "Event", "Rejected")) for b in bases):
+            if any(b.endswith(EXCEPTION_SUFFIXES) for b in bases):
                 names.append(node.name)
     return names
 
