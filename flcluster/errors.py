@@ -1,27 +1,115 @@
-"""One small error hierarchy for flcluster, split by who is at fault.
+"""Every public error flcluster raises, in one hierarchy split by who is at fault.
 
+Theory of operation
+-------------------
 Every error message states the rule that was broken, the offending value (with ``!r``) and what was
 expected, so an operator or a device always gets a clear answer rather than a traceback.
 
-- :class:`ConfigError`: the operator gave a bad parameter, flag, environment variable or ``config.json``.
-- :class:`ProtocolError`: a peer (device, node or operator tool) sent something that breaks a protocol
-  rule; the receiver answers with the protocol's error and changes nothing.
-- :class:`ClusterError`: the cluster itself cannot do what was asked (not ready, refused, timed out).
+Each class says two things about itself, as class attributes (h11's ``error_status_hint`` is the model):
+
+- :attr:`FLClusterError.fault`, who has to change something for the same request to succeed, seen from
+  the code that raises it: :attr:`Fault.THEIRS`, the input was wrong (a device's body, a peer node's frame,
+  an operator's flag or ``config.json``, a calling program's argument) and sending it again fails again;
+  :attr:`Fault.OURS`, the input was acceptable but this side could not do the job now (not ready, a peer
+  gone, a deadline passed, a result that does not add up), and a later try may succeed.
+- :attr:`FLClusterError.status_hint`, the HTTP status a server boundary answers when this error reaches
+  it: 4xx for :attr:`~Fault.THEIRS`, 5xx for :attr:`~Fault.OURS`. The device protocol answers its own
+  refusals with HTTP 200 and a ``retcode`` (spec/device-protocol.md); the hint is for errors that escape
+  to the HTTP layer (flcluster/http/answers.py) and for logs.
+
+The tree::
+
+    FLClusterError
+    ├── ConfigError (ValueError)      theirs  400  a refused parameter, flag, environment variable, file
+    │   └── CheckpointError           theirs  400  a checkpoint in checkpoint_dir cannot be used
+    ├── ProtocolError                 theirs  400  a message broke a protocol rule; nothing changed
+    │   ├── FrameError                theirs  400  a cluster TCP frame is malformed (the link is closed)
+    │   │   └── MessageError          theirs  400  a well-framed message is unknown or ill-typed
+    │   ├── IllegalEvent              theirs  409  an event a state machine does not take in its state
+    │   ├── SchemaError               theirs  400  a FlatBuffers body does not match its table
+    │   ├── UpdateRejected            theirs  400  a device's update breaks a model rule
+    │   └── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
+    └── ClusterError                  ours    503  the cluster cannot do what was asked now
+        ├── RegistrationRefused       ours    503  the Scheduler refused a Server's registration
+        ├── LinkClosed                ours    503  a cluster TCP link closed or broke
+        ├── AggregationError          ours    500  an iteration's aggregate cannot be formed
+        ├── DeviceTransportError      ours    503  (device SDK) a request got no HTTP answer
+        ├── DeviceHTTPError           ours    502  (device SDK) a server answered a status other than 200
+        └── ModelUnavailable          ours    503  (device SDK) no model could be fetched
+
+Catch :class:`FLClusterError` at a boundary (the command line, an HTTP app); catch a leaf where the code
+knows what to do about it.
 """
 
 from __future__ import annotations
 
+import enum
+from typing import ClassVar
+
+__all__ = [
+    "AggregationError",
+    "CheckpointError",
+    "ClusterError",
+    "ConfigError",
+    "DeviceHTTPError",
+    "DeviceTransportError",
+    "FLClusterError",
+    "Fault",
+    "FrameError",
+    "IllegalEvent",
+    "LinkClosed",
+    "MalformedAnswer",
+    "MessageError",
+    "ModelUnavailable",
+    "ProtocolError",
+    "RegistrationRefused",
+    "SchemaError",
+    "UpdateRejected",
+]
+
+_EXCERPT = 200
+
+
+class Fault(enum.Enum):
+    """Who has to change something for the same request to succeed (see the module docstring)."""
+
+    #: This side could not do it now (not ready, a peer gone, a deadline passed): a later try may succeed.
+    OURS = "ours"
+    #: The input was wrong (a body, a frame, a flag, an argument): the same input fails again.
+    THEIRS = "theirs"
+
 
 class FLClusterError(Exception):
-    """Base of every error flcluster raises on purpose."""
+    """Base of every error flcluster raises on purpose.
+
+    Attributes:
+        fault: Who is at fault (:class:`Fault`); set by every subclass.
+        status_hint: The HTTP status a server answers when this error reaches its HTTP boundary.
+    """
+
+    fault: ClassVar[Fault] = Fault.OURS
+    status_hint: ClassVar[int] = 500
+
+
+# ------------------------------------------------------------------------------------------ theirs
 
 
 class ConfigError(FLClusterError, ValueError):
     """A configuration value is refused: the message names the parameter, the value and what is allowed."""
 
+    fault = Fault.THEIRS
+    status_hint = 400
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint in the configured directory cannot be used (corrupt, or for another model)."""
+
 
 class ProtocolError(FLClusterError):
     """A message broke a protocol rule; the state it was meant to change is left as it was."""
+
+    fault = Fault.THEIRS
+    status_hint = 400
 
 
 class FrameError(ProtocolError):
@@ -38,10 +126,108 @@ class MessageError(FrameError):
 class IllegalEvent(ProtocolError):
     """A state machine was fed an event that is not legal in its current state (nothing changed)."""
 
+    status_hint = 409
+
+
+class SchemaError(ProtocolError):
+    """A FlatBuffers body does not match the schema it was decoded as, or breaks one of its limits.
+
+    Attributes:
+        reason: The answer for the peer, in the original's words where it has them (for example
+            ``"The schema of RequestFLJob is invalid."``).
+        detail: What exactly was wrong and where, for logs and for the curious peer.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason} {detail}".rstrip())
+        self.reason = reason
+        self.detail = detail
+
+
+class UpdateRejected(ProtocolError):
+    """A device's update breaks a model rule (spec/aggregation.md, "Update check"); nothing was changed."""
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:_EXCERPT].decode("utf-8", errors="replace")
+    return text + ("…" if len(body) > _EXCERPT else "")
+
+
+class MalformedAnswer(ProtocolError):
+    """(Device SDK) An HTTP 200 body is neither one of the server's plain texts nor a well-formed table.
+
+    Attributes:
+        url: The URL the device posted to.
+        body: The answer's body.
+    """
+
+    status_hint = 502
+
+    def __init__(self, url: str, table: str, error: SchemaError, body: bytes) -> None:
+        super().__init__(
+            f"POST {url} answered a body that is neither one of the server's plain texts nor a valid "
+            f"{table}: {error}; body starts {_excerpt(body)!r}"
+        )
+        self.url = url
+        self.body = body
+
+
+# -------------------------------------------------------------------------------------------- ours
+
 
 class ClusterError(FLClusterError):
     """The cluster cannot do what was asked: not ready, refused, or a deadline passed."""
 
+    fault = Fault.OURS
+    status_hint = 503
+
 
 class RegistrationRefused(ClusterError):
     """The Scheduler refused a Server's registration; the message says which rule and why."""
+
+
+class LinkClosed(ClusterError):
+    """A cluster TCP link closed: the other side closed it, or it broke (spec/cluster-protocol.md)."""
+
+
+class AggregationError(ClusterError):
+    """The aggregate cannot be formed (it is not finite, or the partial sums do not fit together)."""
+
+    status_hint = 500
+
+
+class DeviceTransportError(ClusterError):
+    """(Device SDK) A request never got an HTTP answer (connection refused or reset, timeout, TLS failure).
+
+    Attributes:
+        url: The URL the device posted to.
+    """
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(f"POST {url} got no HTTP answer: {type(cause).__name__}: {cause}")
+        self.url = url
+
+
+class DeviceHTTPError(ClusterError):
+    """(Device SDK) A server answered an HTTP status other than 200 (every protocol answer is 200).
+
+    Attributes:
+        url: The URL the device posted to.
+        status: The HTTP status code.
+        body: The answer's body.
+    """
+
+    status_hint = 502
+
+    def __init__(self, url: str, status: int, body: bytes) -> None:
+        super().__init__(
+            f"POST {url} answered HTTP {status!r}, expected 200 (every device-protocol answer is 200); "
+            f"body: {_excerpt(body)!r}"
+        )
+        self.url = url
+        self.status = status
+        self.body = body
+
+
+class ModelUnavailable(ClusterError):
+    """(Device SDK) :meth:`~flcluster.client.device.Device.fetch_model` got no model; the reason says why."""

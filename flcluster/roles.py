@@ -103,7 +103,7 @@ def job_settings(
     from flcluster.core.iteration import IterationConfig
     from flcluster.runtime.leader import LeaderOptions
     from flcluster.runtime.server import JobSettings
-    from flcluster.wire.device import FLPlanParams
+    from flcluster.wire.records import FLPlanParams
 
     module = make_lenet(seed=0) if model is None else model
     spec = ModelSpec.from_module(module)

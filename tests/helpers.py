@@ -13,7 +13,7 @@ from flcluster.client.lenet import make_lenet
 from flcluster.core.iteration import IterationConfig
 from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
 from flcluster.runtime.server import JobSettings, ServerNode, ServerSettings
-from flcluster.wire.device import FLPlanParams
+from flcluster.wire.records import FLPlanParams
 
 
 def free_ports(count: int) -> list[int]:

@@ -13,7 +13,6 @@ The rules and their reasons are in spec/aggregation.md.
 from __future__ import annotations
 
 from flcluster.aggregation.checkpoint import (
-    CheckpointError,
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
@@ -21,17 +20,17 @@ from flcluster.aggregation.checkpoint import (
     save_checkpoint,
 )
 from flcluster.aggregation.device import resolve_device
-from flcluster.aggregation.fedavg import AggregationError, FedAvgAccumulator, PartialSum, combine, finalize
+from flcluster.aggregation.fedavg import FedAvgAccumulator, PartialSum, combine, finalize
 from flcluster.aggregation.metrics import ClientVisitedInfo, InstanceStatus, IterationMetrics, MetricsWriter
 from flcluster.aggregation.model import (
     CheckedUpdate,
     FeatureMaps,
     ModelSpec,
     ModelWeights,
-    UpdateRejected,
     as_float32_tensor,
 )
 from flcluster.aggregation.store import ModelStore
+from flcluster.errors import AggregationError, CheckpointError, UpdateRejected
 
 __all__ = [
     "AggregationError",

@@ -27,14 +27,10 @@ from pathlib import Path
 import torch
 
 from flcluster.aggregation.model import ModelSpec, ModelWeights
-from flcluster.errors import ConfigError
+from flcluster.errors import CheckpointError, ConfigError
 
 SUFFIX = ".ckpt"
 """Checkpoint file suffix."""
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint in the configured directory cannot be used (corrupt, or for another model)."""
 
 
 def _check_fl_name(fl_name: str) -> None:

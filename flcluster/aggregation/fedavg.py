@@ -38,10 +38,9 @@ from flcluster.aggregation.model import (
     FeatureMaps,
     ModelSpec,
     ModelWeights,
-    UpdateRejected,
     as_float32_tensors,
 )
-from flcluster.errors import ClusterError, FrameError
+from flcluster.errors import AggregationError, FrameError, UpdateRejected
 
 MAGIC = b"FLPS"
 """First four bytes of an encoded :class:`PartialSum`."""
@@ -53,10 +52,6 @@ _NAME_LENGTH = struct.Struct("<H")
 _ENTRY = struct.Struct("<QQ")  # element count, data-size total
 _CRC = struct.Struct("<I")
 _FLOAT = np.dtype("<f4")
-
-
-class AggregationError(ClusterError):
-    """The aggregate cannot be formed (it is not finite, or the partial sums do not fit together)."""
 
 
 def _check_partial(partial: PartialSum) -> None:

@@ -28,7 +28,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from flcluster.errors import ProtocolError
+from flcluster.errors import UpdateRejected
 
 FeatureMaps: TypeAlias = Sequence[tuple[str, npt.NDArray[Any]]]
 """A device's uploaded weights: ``(name, flat array)`` pairs in the order the device sent them."""
@@ -39,10 +39,6 @@ MAX_NAME_BYTES = 0xFFFF
 # torch warns once per process when it wraps a read-only numpy array; see as_float32_tensor.
 _READ_ONLY_WARNING = r"The given NumPy array is not writable"
 _FLOAT32 = np.dtype(np.float32)
-
-
-class UpdateRejected(ProtocolError):
-    """A device's update breaks a model rule (spec/aggregation.md, "Update check"); nothing was changed."""
 
 
 @attrs.frozen(eq=False)

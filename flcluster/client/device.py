@@ -8,12 +8,14 @@ A :class:`Device` POSTs the original's FlatBuffers request bodies to ``<server><
 original client's ``useElb`` does, so one iteration may touch several Servers; otherwise it always uses
 ``servers[0]``.
 
-Every protocol answer is HTTP 200. Its body is either one of the server's plain texts (:class:`ServerText`,
-told apart from a FlatBuffer by comparing the whole body with the exact strings, as the original's clients
-do) or a FlatBuffer response table. The low-level calls :meth:`Device.start_fl_job`,
+Every protocol answer is HTTP 200. Its body is either one of the server's plain texts
+(:class:`~flcluster.wire.codes.ServerText`, the one home of those strings, which the Server's side sends
+too; told apart from a FlatBuffer by comparing the whole body with the exact strings, as the original's
+clients do) or a FlatBuffer response table. The low-level calls :meth:`Device.start_fl_job`,
 :meth:`Device.update_model` and :meth:`Device.get_model` return that answer as it is. Anything else is an
 error: a transport failure raises :class:`DeviceTransportError`, a non-200 status :class:`DeviceHTTPError`,
-a body that is neither a known text nor a well-formed table :class:`MalformedAnswer`.
+a body that is neither a known text nor a well-formed table :class:`MalformedAnswer` (all three live in
+:mod:`flcluster.errors` and are re-exported here).
 
 :meth:`Device.run_iteration` runs one iteration (startFLJob → local training → updateModel → getModel) and
 reacts to every answer as the original's client does (§2.4, "Retcode → device action"):
@@ -68,14 +70,15 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from flcluster.errors import ClusterError, ConfigError, ProtocolError
-from flcluster.wire.device import (
-    FLPlanParams,
-    GetModelResponse,
-    ResponseCode,
+from flcluster.errors import (
+    ConfigError,
+    DeviceHTTPError,
+    DeviceTransportError,
+    MalformedAnswer,
+    ModelUnavailable,
     SchemaError,
-    StartFLJobResponse,
-    UpdateModelResponse,
+)
+from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
     decode_update_model_response,
@@ -83,6 +86,8 @@ from flcluster.wire.device import (
     encode_start_fl_job_request,
     encode_update_model_request,
 )
+from flcluster.wire.codes import DeviceRound, ResponseCode, ServerText
+from flcluster.wire.records import FLPlanParams, GetModelResponse, StartFLJobResponse, UpdateModelResponse
 
 __all__ = [
     "MAX_SLEEP_TIME_MS",
@@ -116,23 +121,11 @@ FloatArray: TypeAlias = npt.NDArray[np.float32]
 
 _HEADERS = {"Content-Type": "application/octet-stream"}
 _EPOCH_MS = re.compile(r"[0-9]{1,18}")
-_EXCERPT = 200
 
 
 def wall_clock_ms() -> int:
     """The wall clock in epoch milliseconds, the unit of ``next_req_time``."""
     return time.time_ns() // 1_000_000
-
-
-class ServerText(enum.Enum):
-    """The plain-text answers a server sends instead of a FlatBuffer (spec/device-protocol.md).
-
-    The values are the exact bodies; a body is one of these only if it equals the value byte for byte.
-    """
-
-    NOT_READY = "The server's training job is not ready."
-    SAFEMODE = "The cluster is in safemode."
-    DISABLED_OR_FINISHED = "The server's training job is disabled or finished."
 
 
 _TEXTS: dict[bytes, ServerText] = {member.value.encode(): member for member in ServerText}
@@ -143,68 +136,6 @@ UpdateModelResult: TypeAlias = UpdateModelResponse | ServerText
 """What ``/updateModel`` answered: a decoded ``ResponseUpdateModel`` or one of the plain texts."""
 GetModelResult: TypeAlias = GetModelResponse | ServerText
 """What ``/getModel`` answered: a decoded ``ResponseGetModel`` or one of the plain texts."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Errors
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _excerpt(body: bytes) -> str:
-    text = body[:_EXCERPT].decode("utf-8", errors="replace")
-    return text + ("…" if len(body) > _EXCERPT else "")
-
-
-class DeviceTransportError(ClusterError):
-    """A request never got an HTTP answer (connection refused or reset, timeout, TLS failure).
-
-    Attributes:
-        url: The URL the device posted to.
-    """
-
-    def __init__(self, url: str, cause: BaseException) -> None:
-        super().__init__(f"POST {url} got no HTTP answer: {type(cause).__name__}: {cause}")
-        self.url = url
-
-
-class DeviceHTTPError(ClusterError):
-    """A server answered with an HTTP status other than 200 (the protocol answers everything with 200).
-
-    Attributes:
-        url: The URL the device posted to.
-        status: The HTTP status code.
-        body: The answer's body.
-    """
-
-    def __init__(self, url: str, status: int, body: bytes) -> None:
-        super().__init__(
-            f"POST {url} answered HTTP {status!r}, expected 200 (every device-protocol answer is 200); "
-            f"body: {_excerpt(body)!r}"
-        )
-        self.url = url
-        self.status = status
-        self.body = body
-
-
-class MalformedAnswer(ProtocolError):
-    """An HTTP 200 body is neither one of the server's plain texts nor a well-formed response table.
-
-    Attributes:
-        url: The URL the device posted to.
-        body: The answer's body.
-    """
-
-    def __init__(self, url: str, table: str, error: SchemaError, body: bytes) -> None:
-        super().__init__(
-            f"POST {url} answered a body that is neither one of the server's plain texts nor a valid "
-            f"{table}: {error}; body starts {_excerpt(body)!r}"
-        )
-        self.url = url
-        self.body = body
-
-
-class ModelUnavailable(ClusterError):
-    """:meth:`Device.fetch_model` could not get a model: the reason says what the server answered."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -516,7 +447,7 @@ class Device:
             data_size=data_size,
             timestamp=self._timestamp(),
         )
-        url, answer = await self._post("startFLJob", body)
+        url, answer = await self._post(DeviceRound.START_FL_JOB, body)
         return _decode(url, answer, "ResponseFLJob", decode_start_fl_job_response)
 
     async def update_model(
@@ -552,7 +483,7 @@ class Device:
             upload_loss=upload_loss,
             upload_accuracy=upload_accuracy,
         )
-        url, answer = await self._post("updateModel", body)
+        url, answer = await self._post(DeviceRound.UPDATE_MODEL, body)
         return _decode(url, answer, "ResponseUpdateModel", decode_update_model_response)
 
     async def get_model(self, iteration: int) -> GetModelResult:
@@ -572,7 +503,7 @@ class Device:
         body = encode_get_model_request(
             fl_name=self._fl_name, iteration=iteration, timestamp=self._timestamp()
         )
-        url, answer = await self._post("getModel", body)
+        url, answer = await self._post(DeviceRound.GET_MODEL, body)
         return _decode(url, answer, "ResponseGetModel", decode_get_model_response)
 
     # --- reactions ----------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ import attrs
 
 from flcluster.core import outcome as _outcome
 from flcluster.errors import IllegalEvent
+from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, ResponseCode
 
 __all__ = [
     "JOB_NOT_AVAILABLE_TEXT",
@@ -112,10 +113,8 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------ wire constants
 
-#: Plain-text body while the cluster is between iterations (reference §2.1, §3.1). Clients match it.
-SAFEMODE_TEXT = "The cluster is in safemode."
-#: Plain-text body while the instance is disabled or finished (reference §2.1). Clients match it.
-JOB_NOT_AVAILABLE_TEXT = "The server's training job is disabled or finished."
+# ResponseCode, SAFEMODE_TEXT and JOB_NOT_AVAILABLE_TEXT live in flcluster.wire.codes (pure, stdlib only);
+# they are re-exported here for the core's callers.
 #: Largest ``data_size`` a device may declare (F-new refuses ``0x10000``; reference §2.4 step 4).
 MAX_DATA_SIZE = 65535
 #: Reason of a successful startFLJob (reference §2.4 step 7).
@@ -176,16 +175,6 @@ def reason_global_timeout(iteration: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- enums
-
-
-class ResponseCode(enum.IntEnum):
-    """The ``retcode`` values a device understands (reference §2.3, ``ResponseCode``)."""
-
-    SUCCEED = 200
-    SUC_NOT_READY = 201
-    OUT_OF_TIME = 300
-    REQUEST_ERROR = 400
-    SYSTEM_ERROR = 500
 
 
 class InstanceState(enum.StrEnum):
@@ -867,7 +856,7 @@ class IterationMachine:
         if ev.iteration != self._iteration:
             t = self.next_req_time_ms(ev.now_ms)
             reason = reason_wrong_iteration(ev.iteration, self._iteration, t, ev.fl_id)
-            return Rejected(ResponseCode.OUT_OF_TIME, reason, t)
+            return Rejected(ResponseCode.OutOfTime, reason, t)
         meta = self._devices.get(ev.fl_id)
         if meta is None:
             return self._reject(reason_device_meta_missing(ev.fl_id), ev.now_ms)
@@ -944,7 +933,7 @@ class IterationMachine:
     # ---------------------------------------------------------------------------------- helpers
 
     def _reject(self, reason: str, now_ms: int) -> Rejected:
-        return Rejected(ResponseCode.OUT_OF_TIME, reason, self.next_req_time_ms(now_ms))
+        return Rejected(ResponseCode.OutOfTime, reason, self.next_req_time_ms(now_ms))
 
     def _iteration_end_bound(self) -> int | None:
         started = self._started_at_ms

@@ -1,7 +1,8 @@
 """The Scheduler's management REST API (spec/management-api.md).
 
 The shapes are the original's (reference §4): every answer is JSON; success is HTTP 200 with
-``"code": "0"``; an error is HTTP 400 with ``{"error_message": ..., "code": "1"}``. As in the
+``"code": "0"``; an error is HTTP 400 with ``{"error_message": ..., "code": "1"}`` (the one JSON error
+shape, flcluster/http/answers.py; an flcluster error that escapes a view gets its status hint). As in the
 original, the HTTP method is not checked, and bodies sent to endpoints that take none are ignored.
 Unlike the original, the bind address is configurable (``scheduler_manage_host``, loopback by
 default) and an unknown path gets a JSON 404 in the same error shape.
@@ -11,6 +12,7 @@ The app only *reads* the cluster through a :class:`ClusterView`; it never change
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from quart import Response, jsonify, request
@@ -18,6 +20,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from flcluster.core.cluster import ClusterState, Member
+from flcluster.http.answers import error_for, json_error
+
+log = logging.getLogger("flcluster.management")
 
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -38,17 +43,6 @@ class ClusterView(Protocol):
     def members(self) -> tuple[Member, ...]:
         """Every registered Server, by rank."""
         ...
-
-
-def error_response(message: str, status: int = 400) -> Response:
-    """The original's error shape: ``{"error_message": message, "code": "1"}``.
-
-    The connection is closed after an error: the request body may not have been read in full.
-    """
-    response = jsonify({"error_message": message, "code": "1"})
-    response.status_code = status
-    response.headers["Connection"] = "close"
-    return response
 
 
 def create_management_app(view: ClusterView, *, max_body: int) -> QuartTrio:
@@ -85,14 +79,13 @@ def create_management_app(view: ClusterView, *, max_body: int) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         if exc.code == 413:
-            return error_response(f"The post message is bigger than {max_body} bytes.")
+            return json_error(f"The post message is bigger than {max_body} bytes.")
         if exc.code == 404:
-            return error_response(f"The management API has no endpoint at this path: {exc.description}", 404)
-        return error_response(str(exc.description), exc.code or 400)
+            return json_error(f"The management API has no endpoint at this path: {exc.description}", 404)
+        return json_error(str(exc.description), exc.code or 400)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        app.logger.exception("management request failed")
-        return error_response(f"Internal error: {type(exc).__name__}", 500)
+        return error_for(exc, log)
 
     return app

@@ -43,7 +43,6 @@ from flcluster.aggregation import AggregationError, PartialSum, combine, finaliz
 from flcluster.aggregation.checkpoint import save_checkpoint
 from flcluster.aggregation.metrics import ClientVisitedInfo, IterationMetrics, MetricsWriter
 from flcluster.core.iteration import (
-    SAFEMODE_TEXT,
     Accepted,
     AggregateIteration,
     AggregationDone,
@@ -61,7 +60,6 @@ from flcluster.core.iteration import (
     Phase,
     PlainText,
     Rejected,
-    ResponseCode,
     StartFLJobReceived,
     UpdateModelReceived,
     WindowClosed,
@@ -74,9 +72,8 @@ from flcluster.runtime.rounds import (
     IterationView,
     LeaderReply,
     RoundService,
-    weights_from_bytes,
-    weights_to_bytes,
 )
+from flcluster.wire.codes import SAFEMODE_TEXT, ResponseCode
 from flcluster.wire.messages import (
     CollectPartial,
     DropPartials,
@@ -89,6 +86,7 @@ from flcluster.wire.messages import (
     PeerPing,
     PublishModel,
 )
+from flcluster.wire.model_bytes import weights_from_bytes, weights_to_bytes
 
 log = logging.getLogger("flcluster.leader")
 

@@ -21,14 +21,11 @@ from typing import Any
 import trio
 
 from flcluster.errors import FrameError
+from flcluster.errors import LinkClosed as LinkClosed  # its home is flcluster.errors
 from flcluster.wire.frames import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 from flcluster.wire.messages import Message, from_frame, to_header
 
 RECEIVE_CHUNK = 256 * 1024
-
-
-class LinkClosed(Exception):
-    """The other side closed the link (or it broke)."""
 
 
 class FramedLink:

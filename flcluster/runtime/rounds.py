@@ -43,18 +43,17 @@ from flcluster.aggregation import (
     UpdateRejected,
 )
 from flcluster.core.iteration import (
-    JOB_NOT_AVAILABLE_TEXT,
-    SAFEMODE_TEXT,
     Accepted,
     InstanceState,
     Phase,
     PlainText,
     Rejected,
 )
-from flcluster.wire.device import (
-    FLPlanParams,
-    ResponseCode,
-    SchemaError,
+from flcluster.errors import SchemaError
+from flcluster.http.device import DeviceAnswer, DeviceHandler
+from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
+from flcluster.wire.records import FLPlanParams
+from flcluster.wire.server_codec import (
     decode_get_model,
     decode_start_fl_job,
     decode_update_model,
@@ -66,8 +65,6 @@ from flcluster.wire.device import (
 log = logging.getLogger("flcluster.rounds")
 
 LeaderReply = Accepted | Rejected | PlainText
-DeviceAnswer = bytes | str
-"""A FlatBuffer response (bytes) or one of the original's plain-text answers (str)."""
 
 
 @attrs.frozen
@@ -116,30 +113,6 @@ class IterationView:
     next_req_time_ms: int = 0
 
 
-def weights_to_bytes(weights: ModelWeights, spec: ModelSpec) -> bytes:
-    """The model as little-endian float32 bytes in model order (the payload of ``publish_model``)."""
-    return b"".join(
-        weights[name].detach().cpu().numpy().astype("<f4", copy=False).tobytes() for name in spec.names
-    )
-
-
-def weights_from_bytes(data: bytes, spec: ModelSpec) -> ModelWeights:
-    """Inverse of :func:`weights_to_bytes`; refuses a payload of the wrong size.
-
-    Raises:
-        ValueError: the payload does not hold exactly the model's float32 elements.
-    """
-    if len(data) != 4 * spec.total_elements:
-        raise ValueError(f"model payload of {len(data)} bytes; the model needs {4 * spec.total_elements}")
-    flat = np.frombuffer(data, dtype="<f4")
-    out: list[tuple[str, torch.Tensor]] = []
-    offset = 0
-    for name, size in zip(spec.names, spec.sizes, strict=True):
-        out.append((name, torch.from_numpy(flat[offset : offset + size].copy())))
-        offset += size
-    return ModelWeights(out)
-
-
 class RoundService:
     """The device rounds of one Server, and the model and partial sums it holds."""
 
@@ -168,6 +141,14 @@ class RoundService:
         self._get_model_accept = 0
 
     # -------------------------------------------------------------------------- device requests
+
+    def routes(self) -> dict[str, DeviceHandler]:
+        """The device route table (flcluster/http/device.py ``DeviceRounds``): round name → handler."""
+        return {
+            DeviceRound.START_FL_JOB: self.start_fl_job,
+            DeviceRound.UPDATE_MODEL: self.update_model,
+            DeviceRound.GET_MODEL: self.get_model,
+        }
 
     async def start_fl_job(self, body: bytes) -> DeviceAnswer:
         """Answer one startFLJob body (reference §2.4, order of checks kept)."""
@@ -385,6 +366,4 @@ __all__ = [
     "LeaderChannel",
     "LeaderReply",
     "RoundService",
-    "weights_from_bytes",
-    "weights_to_bytes",
 ]

@@ -45,7 +45,6 @@ from flcluster.runtime.addresses import advertised_address
 from flcluster.runtime.leader import EpochClock, FollowerSession, Leader, LeaderOptions, LocalLeaderChannel
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.rounds import RoundService
-from flcluster.wire.device import FLPlanParams
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
@@ -60,6 +59,7 @@ from flcluster.wire.messages import (
     RegisterReply,
     Shutdown,
 )
+from flcluster.wire.records import FLPlanParams
 
 log = logging.getLogger("flcluster.server")
 

@@ -60,7 +60,7 @@ from typing import Any
 
 import attrs
 
-from flcluster.errors import ProtocolError
+from flcluster.errors import SchemaError
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -84,21 +84,6 @@ _MAX_BUFFER = 2**31
 _U16_PAIR = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
-
-
-class SchemaError(ProtocolError):
-    """A FlatBuffers body does not match the schema it was decoded as, or breaks one of its limits.
-
-    Attributes:
-        reason: The answer for the peer, in the original's words where it has them (for example
-            ``"The schema of RequestFLJob is invalid."``).
-        detail: What exactly was wrong and where, for logs and for the curious peer.
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason} {detail}".rstrip())
-        self.reason = reason
-        self.detail = detail
 
 
 class Kind(enum.Enum):

@@ -55,17 +55,17 @@ from flcluster.aggregation import ModelSpec
 from flcluster.client.lenet import make_lenet
 from flcluster.launch import start_process
 from flcluster.runtime.finish import pid_running
-from flcluster.wire.device import (
-    FLPlanParams,
-    ResponseCode,
+from flcluster.wire.client_codec import (
     encode_get_model_request,
     encode_start_fl_job_request,
-    encode_start_fl_job_response,
     encode_update_model_request,
 )
+from flcluster.wire.codes import ResponseCode
 from flcluster.wire.fbs import ResponseFLJob as fb_rsp_fl_job
 from flcluster.wire.fbs import ResponseGetModel as fb_rsp_get_model
 from flcluster.wire.fbs import ResponseUpdateModel as fb_rsp_update_model
+from flcluster.wire.records import FLPlanParams
+from flcluster.wire.server_codec import encode_start_fl_job_response
 from recovery.harness import (
     REPO,
     free_port_block,

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from flcluster.runtime.finish import processes_naming_port
-from flcluster.wire.device import ResponseCode, decode_start_fl_job_response
+from flcluster.wire.client_codec import decode_start_fl_job_response
+from flcluster.wire.codes import ResponseCode
 from recovery.harness import (
     copy_examples,
     kill_leftovers,

@@ -33,7 +33,8 @@ from typing import Any
 import pytest
 
 from flcluster.runtime.finish import pid_running, processes_naming_port
-from flcluster.wire.device import ResponseCode, decode_start_fl_job_response
+from flcluster.wire.client_codec import decode_start_fl_job_response
+from flcluster.wire.codes import ResponseCode
 from recovery.harness import (
     copy_examples,
     run_script,

@@ -1,7 +1,7 @@
 """The device SDK's reactions to every kind of answer, against a scripted HTTP server on loopback.
 
 The server double is a quart-trio app served by hypercorn on port 0 (``serve_app``); it answers each round
-from a script (FlatBuffers built with ``flcluster.wire.device``'s encoders, the plain texts, HTTP errors)
+from a script (FlatBuffers built with the server codec's encoders, the plain texts, HTTP errors)
 and records when each request arrived. Tests that involve waiting run on ``autojump_clock``, so the times
 of the device's requests are exact virtual times.
 """
@@ -42,13 +42,13 @@ from flcluster.client import (
     simulate,
     synthetic_update,
 )
+from flcluster.core import iteration
 from flcluster.errors import ConfigError
-from flcluster.http import device as http_device
 from flcluster.http.serving import serve_app
-from flcluster.wire.device import (
-    FLPlanParams,
-    ResponseCode,
-    StartFLJobResponse,
+from flcluster.wire import codes
+from flcluster.wire.codes import ResponseCode
+from flcluster.wire.records import FLPlanParams, StartFLJobResponse
+from flcluster.wire.server_codec import (
     decode_get_model,
     decode_start_fl_job,
     decode_update_model,
@@ -240,10 +240,17 @@ def make_device(client: httpx.AsyncClient, urls: Sequence[str], **kwargs: object
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_server_texts_are_the_http_layers_exact_strings() -> None:
-    assert ServerText.NOT_READY.value == http_device.NOT_READY
-    assert ServerText.SAFEMODE.value == http_device.SAFEMODE
-    assert ServerText.DISABLED_OR_FINISHED.value == http_device.DISABLED_OR_FINISHED
+def test_server_texts_are_the_originals_exact_strings_from_their_one_home() -> None:
+    assert ServerText is codes.ServerText
+    assert {t.name: t.value for t in ServerText} == {
+        "NOT_READY": "The server's training job is not ready.",
+        "SAFEMODE": "The cluster is in safemode.",
+        "DISABLED_OR_FINISHED": "The server's training job is disabled or finished.",
+    }
+    assert tuple(ServerText) == (codes.NOT_READY_TEXT, codes.SAFEMODE_TEXT, codes.JOB_NOT_AVAILABLE_TEXT)
+    # The Server's side sends the same objects: the core's replies and the device app's "not ready".
+    assert iteration.SAFEMODE_TEXT is codes.SAFEMODE_TEXT
+    assert iteration.JOB_NOT_AVAILABLE_TEXT is codes.JOB_NOT_AVAILABLE_TEXT
 
 
 async def test_each_call_posts_the_original_request_and_decodes_the_answer(autojump_clock: object) -> None:

@@ -190,7 +190,7 @@ def test_new_machine_is_iteration_1_running_and_waiting() -> None:
 
 def test_instance_state_values_are_the_metrics_strings() -> None:
     assert [s.value for s in InstanceState] == ["running", "disable", "finish"]
-    assert [int(c) for c in ResponseCode] == [200, 201, 300, 400, 500]
+    assert [int(c) for c in ResponseCode] == [200, 201, 202, 204, 300, 301, 400, 500]
 
 
 # ------------------------------------------------------------------------------------------ startFLJob
@@ -239,7 +239,7 @@ def test_start_fl_job_after_threshold_is_out_of_time_with_next_req_time() -> Non
         m.handle(start(f))
     r = assert_rejected_unchanged(m, start("d", now=T0 + 1))
     assert r == Rejected(
-        ResponseCode.OUT_OF_TIME,
+        ResponseCode.OutOfTime,
         "Current amount for startFLJob has reached the threshold. Please startFLJob later.",
         T0 + UW,  # the updateModel window armed when the round closed ends before start + SW + UW
     )
@@ -257,13 +257,13 @@ def test_threshold_check_comes_before_the_data_size_check() -> None:
 def test_data_size_below_one_is_out_of_time(size: int) -> None:
     m = make_machine()
     r = assert_rejected_unchanged(m, start("a", data_size=size))
-    assert r == Rejected(ResponseCode.OUT_OF_TIME, "FL job data size is not enough.", T0 + 1000)
+    assert r == Rejected(ResponseCode.OutOfTime, "FL job data size is not enough.", T0 + 1000)
 
 
 def test_data_size_above_65535_is_out_of_time_and_65535_is_fine() -> None:
     m = make_machine()
     r = assert_rejected_unchanged(m, start("a", data_size=65536))
-    assert r == Rejected(ResponseCode.OUT_OF_TIME, "FL job data size is too large.", T0 + 1000)
+    assert r == Rejected(ResponseCode.OutOfTime, "FL job data size is too large.", T0 + 1000)
     assert accepted(m.handle(start("a", data_size=65535))).data_size == 65535
 
 
@@ -271,9 +271,7 @@ def test_duplicate_fl_id_in_one_iteration_is_out_of_time() -> None:
     m = make_machine()
     m.handle(start("a"))
     r = assert_rejected_unchanged(m, start("a", data_size=99, now=T0 + 3))
-    assert r == Rejected(
-        ResponseCode.OUT_OF_TIME, "Updating device metadata failed for fl id a", T0 + SW + UW
-    )
+    assert r == Rejected(ResponseCode.OutOfTime, "Updating device metadata failed for fl id a", T0 + SW + UW)
     assert m.device_meta("a") == DeviceMeta("a", 10, T0)  # the first declaration stands
 
 
@@ -323,7 +321,7 @@ def test_wrong_iteration_is_out_of_time_with_the_original_reason() -> None:
     r = assert_rejected_unchanged(m, update("a", 7, T0 + 1))
     t = T0 + SW + UW
     assert r == Rejected(
-        ResponseCode.OUT_OF_TIME,
+        ResponseCode.OutOfTime,
         "UpdateModel iteration number is invalid:7, current iteration:1, "
         f"Retry later at time: {t}, fl id is a",
         t,
@@ -341,7 +339,7 @@ def test_update_without_start_fl_job_this_iteration_is_out_of_time() -> None:
     m.handle(start("a"))
     r = assert_rejected_unchanged(m, update("b", 1, T0 + 1))
     assert r == Rejected(
-        ResponseCode.OUT_OF_TIME, "devices_meta for b is not set. Please retry later.", T0 + SW + UW
+        ResponseCode.OutOfTime, "devices_meta for b is not set. Please retry later.", T0 + SW + UW
     )
 
 
@@ -351,7 +349,7 @@ def test_repeated_update_from_the_same_device_is_refused() -> None:
     m.handle(start("b"))
     m.handle(update("a"))
     r = assert_rejected_unchanged(m, update("a", 1, T0 + 1))
-    assert r.retcode is ResponseCode.OUT_OF_TIME
+    assert r.retcode is ResponseCode.OutOfTime
     assert r.reason == "Updating metadata of UpdateModelClientList failed for fl id a"
     assert m.counts().update_model == 1
 
@@ -376,7 +374,7 @@ def test_reaching_update_threshold_starts_aggregation_in_safemode() -> None:
     assert m.handle(start("d", now=T0 + 4)) == Outcome(PlainText("The cluster is in safemode."))
     r = assert_rejected_unchanged(m, update("c", 1, T0 + 4))
     assert r == Rejected(
-        ResponseCode.OUT_OF_TIME,
+        ResponseCode.OutOfTime,
         "Current amount for updateModel is enough. Please retry later.",
         T0 + SW + UW,
     )
@@ -974,7 +972,7 @@ class IterationRules(RuleBasedStateMachine):
         assert out is not None
         if self.m.state is InstanceState.RUNNING and not self.m.in_safemode:
             assert out.reply == Rejected(
-                ResponseCode.OUT_OF_TIME, it.reason_repeated_update(fl_id), self.m.next_req_time_ms(self.now)
+                ResponseCode.OutOfTime, it.reason_repeated_update(fl_id), self.m.next_req_time_ms(self.now)
             )
 
     @rule(fl_id=st.sampled_from(FL_IDS), offset=st.sampled_from([0, 0, -1, 1]))

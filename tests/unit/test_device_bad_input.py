@@ -48,18 +48,17 @@ from flcluster.core.iteration import IterationMachine, Phase
 from flcluster.runtime.leader import Leader
 from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
 from flcluster.runtime.server import ServerNode, ServerSettings
-from flcluster.wire.device import (
-    CompressFeatureMapView,
-    CompressType,
-    ResponseCode,
+from flcluster.wire.client_codec import (
     decode_get_model_response,
-    decode_start_fl_job,
     decode_start_fl_job_response,
     decode_update_model_response,
     encode_get_model_request,
     encode_start_fl_job_request,
     encode_update_model_request,
 )
+from flcluster.wire.codes import CompressType, ResponseCode
+from flcluster.wire.records import CompressFeatureMapView
+from flcluster.wire.server_codec import decode_start_fl_job
 from tests.helpers import FL_NAME, free_ports, lenet_job
 
 SERVERS = 4

@@ -4,7 +4,7 @@ schema").
 - ``tools/generate_fbs.py --check`` finds flcluster/wire/fbs/ up to date (skipped without flatc).
 - spec/fl_job.fbs keeps the original's field order and types for the device tables (a golden copy below, taken
   from MindSpore Federated's later fl_job.fbs / cipher.fbs).
-- Every verifier description in flcluster.wire.device matches its table in the .fbs, slot for slot.
+- Every verifier description in flcluster.wire.schema matches its table in the .fbs, slot for slot.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flcluster.wire import device
+from flcluster.wire import schema
 from flcluster.wire.verify import Kind, Table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,7 +215,7 @@ def _expected_kind(
 
 def _all_descriptions() -> list[Table]:
     seen: dict[str, Table] = {}
-    stack = list(device.TABLES)
+    stack = list(schema.TABLES)
     while stack:
         table = stack.pop()
         if table.name not in seen:

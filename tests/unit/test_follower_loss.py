@@ -10,13 +10,13 @@ import trio
 
 from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
 from flcluster.runtime.server import ServerNode, ServerSettings
-from flcluster.wire.device import (
-    ResponseCode,
+from flcluster.wire.client_codec import (
     decode_start_fl_job_response,
     decode_update_model_response,
     encode_start_fl_job_request,
     encode_update_model_request,
 )
+from flcluster.wire.codes import ResponseCode
 from tests.helpers import FL_NAME, free_ports, lenet_job
 
 

@@ -19,8 +19,7 @@ from flcluster.core.iteration import IterationMachine, Phase
 from flcluster.roles import job_settings
 from flcluster.runtime.leader import EpochClock, Leader, LeaderOptions, LocalLeaderChannel
 from flcluster.runtime.rounds import RoundService
-from flcluster.wire.device import (
-    ResponseCode,
+from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
     decode_update_model_response,
@@ -28,6 +27,7 @@ from flcluster.wire.device import (
     encode_start_fl_job_request,
     encode_update_model_request,
 )
+from flcluster.wire.codes import ResponseCode
 from tests.helpers import FL_NAME, lenet_job
 
 

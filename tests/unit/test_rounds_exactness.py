@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 import trio
 
-from flcluster.wire.device import (
-    ResponseCode,
+from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
     decode_update_model_response,
@@ -23,6 +22,7 @@ from flcluster.wire.device import (
     encode_start_fl_job_request,
     encode_update_model_request,
 )
+from flcluster.wire.codes import ResponseCode
 from tests.helpers import FL_NAME, cluster, lenet_job
 
 

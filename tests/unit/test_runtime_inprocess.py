@@ -8,7 +8,8 @@ import trio
 from flcluster.core.cluster import ClusterState
 from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
 from flcluster.runtime.server import ServerNode, ServerSettings
-from flcluster.wire.device import ResponseCode, decode_start_fl_job_response
+from flcluster.wire.client_codec import decode_start_fl_job_response
+from flcluster.wire.codes import ResponseCode
 from tests.helpers import free_ports, lenet_job
 
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flcluster.errors import ProtocolError
-from flcluster.wire import device as d
+from flcluster.wire import client_codec, codes, records, schema, server_codec
 from flcluster.wire.fbs import FeatureMap as fb_feature_map
 from flcluster.wire.fbs import RequestFLJob as fb_req_fl_job
 from flcluster.wire.fbs import RequestUpdateModel as fb_req_update_model
@@ -46,7 +46,7 @@ def lenet_maps(seed: int = 0) -> list[tuple[str, np.ndarray[Any, Any]]]:
 
 
 def assert_maps_equal(
-    views: tuple[d.FeatureMapView, ...], maps: list[tuple[str, np.ndarray[Any, Any]]]
+    views: tuple[records.FeatureMapView, ...], maps: list[tuple[str, np.ndarray[Any, Any]]]
 ) -> None:
     assert [v.name for v in views] == [name for name, _ in maps]
     for view, (_, data) in zip(views, maps, strict=True):
@@ -54,7 +54,7 @@ def assert_maps_equal(
         np.testing.assert_array_equal(view.data, data)
 
 
-def assert_zero_copy(views: tuple[d.FeatureMapView, ...], body: bytes) -> None:
+def assert_zero_copy(views: tuple[records.FeatureMapView, ...], body: bytes) -> None:
     whole = np.frombuffer(body, dtype=np.uint8)
     for view in views:
         base: object = view.data.base
@@ -71,13 +71,13 @@ def assert_zero_copy(views: tuple[d.FeatureMapView, ...], body: bytes) -> None:
 
 
 def test_start_fl_job_request_round_trip_with_every_field() -> None:
-    body = d.encode_start_fl_job_request(
+    body = client_codec.encode_start_fl_job_request(
         fl_name="lenet",
-        fl_id="f" * d.MAX_FL_ID_BYTES,
+        fl_id="f" * codes.MAX_FL_ID_BYTES,
         iteration=7,
         data_size=32,
         timestamp="1668000000000",
-        download_compress_types=[d.CompressType.NO_COMPRESS, d.CompressType.QUANT],
+        download_compress_types=[codes.CompressType.NO_COMPRESS, codes.CompressType.QUANT],
         eval_data_size=16,
         sign_data=b"\x00\x01\xfe\xff",
         key_attestation="ka",
@@ -85,7 +85,7 @@ def test_start_fl_job_request_round_trip_with_every_field() -> None:
         equip_ca_cert="eca",
         root_cert="rc",
     )
-    assert d.decode_start_fl_job(body) == d.StartFLJobRequest(
+    assert server_codec.decode_start_fl_job(body) == records.StartFLJobRequest(
         fl_name="lenet",
         fl_id="f" * 256,
         iteration=7,
@@ -102,17 +102,17 @@ def test_start_fl_job_request_round_trip_with_every_field() -> None:
 
 
 def test_start_fl_job_request_minimal_reads_defaults() -> None:
-    body = d.encode_start_fl_job_request(
+    body = client_codec.encode_start_fl_job_request(
         fl_name="j", fl_id="é-device", iteration=0, data_size=1, timestamp=""
     )
-    assert d.decode_start_fl_job(body) == d.StartFLJobRequest(
+    assert server_codec.decode_start_fl_job(body) == records.StartFLJobRequest(
         fl_name="j", fl_id="é-device", iteration=0, data_size=1, timestamp=""
     )
 
 
 def test_update_model_request_round_trip_lenet_zero_copy() -> None:
     maps = lenet_maps()
-    body = d.encode_update_model_request(
+    body = client_codec.encode_update_model_request(
         fl_name="lenet",
         fl_id="device-1",
         iteration=3,
@@ -123,7 +123,7 @@ def test_update_model_request_round_trip_lenet_zero_copy() -> None:
         signature=b"sig",
     )
     assert 66404 * 4 < len(body) < 66404 * 4 + 2048
-    req = d.decode_update_model(body)
+    req = server_codec.decode_update_model(body)
     assert (req.fl_name, req.fl_id, req.iteration, req.timestamp) == (
         "lenet",
         "device-1",
@@ -132,15 +132,15 @@ def test_update_model_request_round_trip_lenet_zero_copy() -> None:
     )
     assert (req.upload_loss, req.upload_accuracy, req.signature) == (0.25, 0.75, b"sig")
     assert (req.sign, req.index_array.size, req.name_vec, req.compress_feature_maps) == (0, 0, (), ())
-    assert req.upload_compress_type == d.CompressType.NO_COMPRESS
+    assert req.upload_compress_type == codes.CompressType.NO_COMPRESS
     assert_maps_equal(req.feature_maps, maps)
     assert_zero_copy(req.feature_maps, body)
     assert sum(v.data.size for v in req.feature_maps) == 66404
 
 
 def test_update_model_request_round_trip_signds_and_compression_fields() -> None:
-    cmaps = (d.CompressFeatureMapView("fc1.weight", np.arange(-5, 5, dtype=np.int8), -1.5, 2.5),)
-    body = d.encode_update_model_request(
+    cmaps = (records.CompressFeatureMapView("fc1.weight", np.arange(-5, 5, dtype=np.int8), -1.5, 2.5),)
+    body = client_codec.encode_update_model_request(
         fl_name="lenet",
         fl_id="d",
         iteration=1,
@@ -148,15 +148,15 @@ def test_update_model_request_round_trip_signds_and_compression_fields() -> None
         timestamp="t",
         sign=-1,
         index_array=[3, 99, 65000],
-        upload_compress_type=d.CompressType.DIFF_SPARSE_QUANT,
+        upload_compress_type=codes.CompressType.DIFF_SPARSE_QUANT,
         upload_sparse_rate=0.4,
         name_vec=["fc1.weight", "fc2.weight"],
         compress_feature_maps=cmaps,
     )
-    req = d.decode_update_model(body)
+    req = server_codec.decode_update_model(body)
     assert req.sign == -1
     assert req.index_array.tolist() == [3, 99, 65000] and not req.index_array.flags.writeable
-    assert req.upload_compress_type == d.CompressType.DIFF_SPARSE_QUANT
+    assert req.upload_compress_type == codes.CompressType.DIFF_SPARSE_QUANT
     assert req.upload_sparse_rate == pytest.approx(0.4)
     assert req.name_vec == ("fc1.weight", "fc2.weight")
     assert req.compress_feature_maps == cmaps
@@ -164,19 +164,21 @@ def test_update_model_request_round_trip_signds_and_compression_fields() -> None
 
 
 def test_get_model_request_round_trip() -> None:
-    body = d.encode_get_model_request(
+    body = client_codec.encode_get_model_request(
         fl_name="lenet", iteration=5, timestamp="ts", download_compress_types=[2]
     )
-    assert d.decode_get_model(body) == d.GetModelRequest(
+    assert server_codec.decode_get_model(body) == records.GetModelRequest(
         fl_name="lenet", iteration=5, timestamp="ts", download_compress_types=(2,)
     )
-    bare = d.encode_get_model_request(fl_name="", iteration=-1, timestamp="")
-    assert d.decode_get_model(bare) == d.GetModelRequest(fl_name="", iteration=-1, timestamp="")
+    bare = client_codec.encode_get_model_request(fl_name="", iteration=-1, timestamp="")
+    assert server_codec.decode_get_model(bare) == records.GetModelRequest(
+        fl_name="", iteration=-1, timestamp=""
+    )
 
 
 def test_start_fl_job_response_round_trip_with_plan_and_lenet() -> None:
     maps = lenet_maps(1)
-    plan = d.FLPlanParams(
+    plan = records.FLPlanParams(
         fl_name="lenet",
         iterations=25,
         epochs=1,
@@ -186,18 +188,18 @@ def test_start_fl_job_response_round_trip_with_plan_and_lenet() -> None:
         pw_t=3,
         pw_prime=bytes(range(33)),
     )
-    body = d.encode_start_fl_job_response(
-        retcode=d.ResponseCode.SUCCEED,
+    body = server_codec.encode_start_fl_job_response(
+        retcode=codes.ResponseCode.SUCCEED,
         reason="success",
         iteration=4,
         is_selected=True,
         next_req_time="1668000060000",
         fl_plan=plan,
         feature_maps=maps,
-        upload_compress_type=d.CompressType.DIFF_SPARSE_QUANT,
+        upload_compress_type=codes.CompressType.DIFF_SPARSE_QUANT,
         upload_sparse_rate=0.5,
     )
-    rsp = d.decode_start_fl_job_response(body)
+    rsp = client_codec.decode_start_fl_job_response(body)
     assert (rsp.retcode, rsp.reason, rsp.iteration, rsp.is_selected) == (200, "success", 4, True)
     assert (rsp.next_req_time, rsp.timestamp) == ("1668000060000", "")
     assert (rsp.upload_compress_type, rsp.upload_sparse_rate, rsp.download_compress_type) == (1, 0.5, 0)
@@ -218,16 +220,16 @@ def test_start_fl_job_response_round_trip_with_plan_and_lenet() -> None:
     )
     for name in floats:  # float32 on the wire
         assert getattr(got, name) == pytest.approx(getattr(plan, name), rel=1e-6), name
-    exact = {f for f in d.FLPlanParams.__attrs_attrs__.__dict__} - set(floats)
+    exact = {f for f in records.FLPlanParams.__attrs_attrs__.__dict__} - set(floats)
     for name in exact:
         assert getattr(got, name) == getattr(plan, name), name
     assert (len(got.pw_p), len(got.pw_prime), got.pw_g) == (32, 33, 1)
 
 
 def test_start_fl_job_response_without_plan_and_with_quantised_maps() -> None:
-    cmaps = [d.CompressFeatureMapView("conv1.weight", np.full(450, -128, dtype=np.int8), 0.0, 1.0)]
-    body = d.encode_start_fl_job_response(
-        retcode=d.ResponseCode.OutOfTime,
+    cmaps = [records.CompressFeatureMapView("conv1.weight", np.full(450, -128, dtype=np.int8), 0.0, 1.0)]
+    body = server_codec.encode_start_fl_job_response(
+        retcode=codes.ResponseCode.OutOfTime,
         reason="Current amount for startFLJob has reached the threshold. Please startFLJob later.",
         iteration=2,
         is_selected=False,
@@ -235,11 +237,11 @@ def test_start_fl_job_response_without_plan_and_with_quantised_maps() -> None:
         fl_plan=None,
         feature_maps=[],
         timestamp="now",
-        download_compress_type=d.CompressType.QUANT,
+        download_compress_type=codes.CompressType.QUANT,
         compress_feature_maps=cmaps,
     )
-    rsp = d.decode_start_fl_job_response(body)
-    assert rsp == d.StartFLJobResponse(
+    rsp = client_codec.decode_start_fl_job_response(body)
+    assert rsp == records.StartFLJobResponse(
         retcode=300,
         reason="Current amount for startFLJob has reached the threshold. Please startFLJob later.",
         iteration=2,
@@ -256,22 +258,30 @@ def test_start_fl_job_response_without_plan_and_with_quantised_maps() -> None:
 
 
 def test_update_model_response_round_trip() -> None:
-    body = d.encode_update_model_response(retcode=200, reason="success not ready", next_req_time="99")
-    assert d.decode_update_model_response(body) == d.UpdateModelResponse(200, "success not ready", "99", "")
-    body = d.encode_update_model_response(retcode=400, reason="bad", next_req_time="", timestamp="ts")
-    assert d.decode_update_model_response(body) == d.UpdateModelResponse(400, "bad", "", "ts")
+    body = server_codec.encode_update_model_response(
+        retcode=200, reason="success not ready", next_req_time="99"
+    )
+    assert client_codec.decode_update_model_response(body) == records.UpdateModelResponse(
+        200, "success not ready", "99", ""
+    )
+    body = server_codec.encode_update_model_response(
+        retcode=400, reason="bad", next_req_time="", timestamp="ts"
+    )
+    assert client_codec.decode_update_model_response(body) == records.UpdateModelResponse(
+        400, "bad", "", "ts"
+    )
 
 
 def test_get_model_response_round_trip_lenet() -> None:
     maps = lenet_maps(2)
-    body = d.encode_get_model_response(
-        retcode=d.ResponseCode.SUCCEED,
+    body = server_codec.encode_get_model_response(
+        retcode=codes.ResponseCode.SUCCEED,
         reason="Get model for iteration 3",
         iteration=4,
         feature_maps=maps,
         timestamp="9",
     )
-    rsp = d.decode_get_model_response(body)
+    rsp = client_codec.decode_get_model_response(body)
     assert (rsp.retcode, rsp.reason, rsp.iteration, rsp.timestamp) == (
         200,
         "Get model for iteration 3",
@@ -284,7 +294,7 @@ def test_get_model_response_round_trip_lenet() -> None:
 
 
 def test_encoders_flatten_and_convert_tensors() -> None:
-    body = d.encode_get_model_response(
+    body = server_codec.encode_get_model_response(
         retcode=200,
         reason="",
         iteration=0,
@@ -295,18 +305,20 @@ def test_encoders_flatten_and_convert_tensors() -> None:
             ("e", np.empty(0)),
         ],
     )
-    rsp = d.decode_get_model_response(body)
+    rsp = client_codec.decode_get_model_response(body)
     assert [v.data.tolist() for v in rsp.feature_maps] == [[0, 1, 2, 3, 4, 5], [1.5, -2.0], []]
     assert not any(v.data.flags.writeable for v in rsp.feature_maps)
 
 
 def test_decoders_accept_a_bytearray_and_keep_views_read_only() -> None:
     body = bytearray(
-        d.encode_get_model_response(
+        server_codec.encode_get_model_response(
             retcode=200, reason="", iteration=0, timestamp="", feature_maps=[("w", [1.0])]
         )
     )
-    view = d.decode_get_model_response(cast(bytes, body)).feature_maps[0].data  # any bytes-like body works
+    view = (
+        client_codec.decode_get_model_response(cast(bytes, body)).feature_maps[0].data
+    )  # any bytes-like body works
     assert not view.flags.writeable
     assert np.shares_memory(view, np.frombuffer(body, dtype=np.uint8))
 
@@ -324,7 +336,7 @@ def test_encoders_write_each_tensor_in_one_call(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(flatbuffers.Builder, "CreateNumpyVector", spy)
     monkeypatch.setattr(flatbuffers.Builder, "PrependFloat32", forbidden)
-    d.encode_start_fl_job_response(
+    server_codec.encode_start_fl_job_response(
         retcode=200,
         reason="",
         iteration=0,
@@ -337,7 +349,7 @@ def test_encoders_write_each_tensor_in_one_call(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_response_codes_and_compress_types_match_the_schema() -> None:
-    assert {c.name: c.value for c in d.ResponseCode} == {
+    assert {c.name: c.value for c in codes.ResponseCode} == {
         "SUCCEED": 200,
         "SucNotReady": 201,
         "RepeatRequest": 202,
@@ -347,7 +359,7 @@ def test_response_codes_and_compress_types_match_the_schema() -> None:
         "RequestError": 400,
         "SystemError": 500,
     }
-    assert [(c.name, c.value) for c in d.CompressType] == [
+    assert [(c.name, c.value) for c in codes.CompressType] == [
         ("NO_COMPRESS", 0),
         ("DIFF_SPARSE_QUANT", 1),
         ("QUANT", 2),
@@ -422,13 +434,13 @@ def raw_update_model(
 
 
 def test_generated_readers_read_what_the_codecs_write() -> None:
-    body = d.encode_start_fl_job_response(
+    body = server_codec.encode_start_fl_job_response(
         retcode=200,
         reason="success",
         iteration=1,
         is_selected=True,
         next_req_time="5",
-        fl_plan=d.FLPlanParams(fl_name="lenet", encrypt_type="DP_ENCRYPT"),
+        fl_plan=records.FLPlanParams(fl_name="lenet", encrypt_type="DP_ENCRYPT"),
         feature_maps=[("w", [1.0, 2.0])],
     )
     rsp = fb_rsp_fl_job.ResponseFLJob.GetRootAs(body, 0)
@@ -448,8 +460,8 @@ def test_generated_readers_read_what_the_codecs_write() -> None:
 
 
 def test_decoders_accept_bodies_with_the_file_identifier() -> None:
-    assert d.decode_start_fl_job(raw_start_fl_job(identifier=True)).data_size == 10
-    assert d.decode_start_fl_job(raw_start_fl_job(identifier=False)).data_size == 10
+    assert server_codec.decode_start_fl_job(raw_start_fl_job(identifier=True)).data_size == 10
+    assert server_codec.decode_start_fl_job(raw_start_fl_job(identifier=False)).data_size == 10
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -462,7 +474,7 @@ def test_start_fl_job_without_a_required_field(missing: str) -> None:
     absent: dict[str, Any] = {missing: None}
     body = raw_start_fl_job(**absent)
     with pytest.raises(SchemaError) as info:
-        d.decode_start_fl_job(body)
+        server_codec.decode_start_fl_job(body)
     assert info.value.reason == "Verify flatbuffers schema failed for RequestFLJob."
     assert missing in info.value.detail
 
@@ -480,13 +492,13 @@ def test_start_fl_job_without_a_required_field(missing: str) -> None:
 )
 def test_update_model_required_field_rules(body: bytes, why: str) -> None:
     with pytest.raises(SchemaError) as info:
-        d.decode_update_model(body)
+        server_codec.decode_update_model(body)
     assert info.value.reason == "Verify flatbuffers schema failed for RequestUpdateModel."
     assert why in info.value.detail
 
 
 def test_update_model_with_an_empty_feature_map_vector_is_accepted() -> None:
-    assert d.decode_update_model(raw_update_model([])).feature_maps == ()
+    assert server_codec.decode_update_model(raw_update_model([])).feature_maps == ()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,56 +507,65 @@ def test_update_model_with_an_empty_feature_map_vector_is_accepted() -> None:
 
 
 def test_limits_are_accepted_exactly_and_refused_one_past() -> None:
-    ok = d.decode_start_fl_job(raw_start_fl_job(fl_name="n" * 256, fl_id="i" * 256))
+    ok = server_codec.decode_start_fl_job(raw_start_fl_job(fl_name="n" * 256, fl_id="i" * 256))
     assert (len(ok.fl_name), len(ok.fl_id)) == (256, 256)
     for kwargs in ({"fl_name": "n" * 257}, {"fl_id": "i" * 257}, {"fl_id": "é" * 129}):
         with pytest.raises(
             SchemaError, match=r"The schema of RequestFLJob is invalid\. .*at most 256 allowed"
         ):
-            d.decode_start_fl_job(raw_start_fl_job(**kwargs))  # type: ignore[arg-type]
-    assert len(d.decode_update_model(raw_update_model([("x" * 1024, [0.0])])).feature_maps[0].name) == 1024
+            server_codec.decode_start_fl_job(raw_start_fl_job(**kwargs))  # type: ignore[arg-type]
+    assert (
+        len(server_codec.decode_update_model(raw_update_model([("x" * 1024, [0.0])])).feature_maps[0].name)
+        == 1024
+    )
     with pytest.raises(SchemaError, match="weight_fullname: 1025 bytes, at most 1024"):
-        d.decode_update_model(raw_update_model([("x" * 1025, [0.0])]))
+        server_codec.decode_update_model(raw_update_model([("x" * 1025, [0.0])]))
 
 
 def test_feature_map_count_limit() -> None:
     maps: list[tuple[str | None, list[float] | None]] = [(f"w{i}", [float(i)]) for i in range(4096)]
-    assert len(d.decode_update_model(raw_update_model(maps)).feature_maps) == 4096
+    assert len(server_codec.decode_update_model(raw_update_model(maps)).feature_maps) == 4096
     with pytest.raises(SchemaError, match="feature_map: 4097 elements, at most 4096"):
-        d.decode_update_model(raw_update_model([*maps, ("w", [0.0])]))
+        server_codec.decode_update_model(raw_update_model([*maps, ("w", [0.0])]))
 
 
 @pytest.mark.parametrize(
     ("encode", "match"),
     [
         (
-            lambda: d.encode_start_fl_job_request(
+            lambda: client_codec.encode_start_fl_job_request(
                 fl_name="n", fl_id="i" * 257, iteration=0, data_size=1, timestamp=""
             ),
             "fl_id",
         ),
-        (lambda: d.encode_get_model_request(fl_name="n" * 257, iteration=0, timestamp=""), "fl_name"),
         (
-            lambda: d.encode_get_model_response(
+            lambda: client_codec.encode_get_model_request(fl_name="n" * 257, iteration=0, timestamp=""),
+            "fl_name",
+        ),
+        (
+            lambda: server_codec.encode_get_model_response(
                 retcode=200, reason="", iteration=0, timestamp="", feature_maps=[("w", [0.0])] * 4097
             ),
             "at most 4096",
         ),
         (
-            lambda: d.encode_update_model_request(
+            lambda: client_codec.encode_update_model_request(
                 fl_name="", fl_id="", iteration=0, timestamp="", feature_maps=[("x" * 1025, [0.0])]
             ),
             "at most 1024",
         ),
-        (lambda: d.encode_update_model_response(retcode=2**31, reason="", next_req_time=""), "retcode"),
         (
-            lambda: d.encode_start_fl_job_response(
+            lambda: server_codec.encode_update_model_response(retcode=2**31, reason="", next_req_time=""),
+            "retcode",
+        ),
+        (
+            lambda: server_codec.encode_start_fl_job_response(
                 retcode=200,
                 reason="",
                 iteration=0,
                 is_selected=False,
                 next_req_time="",
-                fl_plan=d.FLPlanParams(fl_name="n" * 257),
+                fl_plan=records.FLPlanParams(fl_name="n" * 257),
                 feature_maps=[],
             ),
             "fl_plan.fl_name",
@@ -561,19 +582,19 @@ def test_encoders_refuse_what_decoders_would_refuse(encode: Callable[[], bytes],
 # ----------------------------------------------------------------------------------------------------------
 
 DECODERS: dict[str, Callable[[bytes], object]] = {
-    "RequestFLJob": d.decode_start_fl_job,
-    "RequestUpdateModel": d.decode_update_model,
-    "RequestGetModel": d.decode_get_model,
-    "ResponseFLJob": d.decode_start_fl_job_response,
-    "ResponseUpdateModel": d.decode_update_model_response,
-    "ResponseGetModel": d.decode_get_model_response,
+    "RequestFLJob": server_codec.decode_start_fl_job,
+    "RequestUpdateModel": server_codec.decode_update_model,
+    "RequestGetModel": server_codec.decode_get_model,
+    "ResponseFLJob": client_codec.decode_start_fl_job_response,
+    "ResponseUpdateModel": client_codec.decode_update_model_response,
+    "ResponseGetModel": client_codec.decode_get_model_response,
 }
 
 
 def sample_bodies() -> dict[str, bytes]:
     small = [("conv1.weight", np.linspace(-1, 1, 6, dtype=np.float32)), ("fc3.bias", np.ones(3, np.float32))]
     return {
-        "RequestFLJob": d.encode_start_fl_job_request(
+        "RequestFLJob": client_codec.encode_start_fl_job_request(
             fl_name="lenet",
             fl_id="dev",
             iteration=1,
@@ -583,7 +604,7 @@ def sample_bodies() -> dict[str, bytes]:
             sign_data=b"s",
             key_attestation="k",
         ),
-        "RequestUpdateModel": d.encode_update_model_request(
+        "RequestUpdateModel": client_codec.encode_update_model_request(
             fl_name="lenet",
             fl_id="dev",
             iteration=1,
@@ -593,19 +614,25 @@ def sample_bodies() -> dict[str, bytes]:
             name_vec=["a"],
             signature=b"sig",
         ),
-        "RequestGetModel": d.encode_get_model_request(fl_name="lenet", iteration=1, timestamp="ts"),
-        "ResponseFLJob": d.encode_start_fl_job_response(
+        "RequestGetModel": client_codec.encode_get_model_request(
+            fl_name="lenet", iteration=1, timestamp="ts"
+        ),
+        "ResponseFLJob": server_codec.encode_start_fl_job_response(
             retcode=200,
             reason="success",
             iteration=1,
             is_selected=True,
             next_req_time="1",
-            fl_plan=d.FLPlanParams(fl_name="lenet"),
+            fl_plan=records.FLPlanParams(fl_name="lenet"),
             feature_maps=small,
-            compress_feature_maps=[d.CompressFeatureMapView("q", np.arange(3, dtype=np.int8), 0.0, 1.0)],
+            compress_feature_maps=[
+                records.CompressFeatureMapView("q", np.arange(3, dtype=np.int8), 0.0, 1.0)
+            ],
         ),
-        "ResponseUpdateModel": d.encode_update_model_response(retcode=200, reason="ok", next_req_time="1"),
-        "ResponseGetModel": d.encode_get_model_response(
+        "ResponseUpdateModel": server_codec.encode_update_model_response(
+            retcode=200, reason="ok", next_req_time="1"
+        ),
+        "ResponseGetModel": server_codec.encode_get_model_response(
             retcode=200, reason="ok", iteration=1, feature_maps=small, timestamp="1"
         ),
     }
@@ -674,12 +701,14 @@ def _vector_length_position(body: bytes, needle: np.ndarray[Any, Any]) -> int:
 def test_huge_declared_vector_length(declared: int) -> None:
     maps = lenet_maps()
     body = bytearray(
-        d.encode_update_model_request(fl_name="l", fl_id="d", iteration=0, feature_maps=maps, timestamp="t")
+        client_codec.encode_update_model_request(
+            fl_name="l", fl_id="d", iteration=0, feature_maps=maps, timestamp="t"
+        )
     )
     at = _vector_length_position(bytes(body), maps[2][1])  # fc1.weight
     struct.pack_into("<I", body, at, declared)
     with pytest.raises(SchemaError, match=r"feature_map\[2\]\.data"):
-        d.decode_update_model(bytes(body))
+        server_codec.decode_update_model(bytes(body))
 
 
 def test_huge_declared_table_vector_length() -> None:
@@ -689,7 +718,7 @@ def test_huge_declared_table_vector_length() -> None:
     assert struct.unpack_from("<I", body, at)[0] == 1
     struct.pack_into("<I", body, at, 0x7FFF_FFFF)
     with pytest.raises(SchemaError, match="feature_map"):
-        d.decode_update_model(bytes(body))
+        server_codec.decode_update_model(bytes(body))
 
 
 def test_non_utf8_and_unterminated_strings() -> None:
@@ -697,15 +726,15 @@ def test_non_utf8_and_unterminated_strings() -> None:
     at = bytes(body).index(b"abcd")
     body[at + 1] = 0xFF
     with pytest.raises(SchemaError, match=r"fl_id: string is not valid UTF-8"):
-        d.decode_start_fl_job(bytes(body))
+        server_codec.decode_start_fl_job(bytes(body))
     body[at + 1] = ord("b")
     body[at + 4] = ord("!")  # the NUL terminator
     with pytest.raises(SchemaError, match="not NUL-terminated"):
-        d.decode_start_fl_job(bytes(body))
+        server_codec.decode_start_fl_job(bytes(body))
 
 
 def test_verify_reports_what_it_found_and_refuses_reads_it_did_not_check() -> None:
-    found = verify(SAMPLES["RequestUpdateModel"], d.REQUEST_UPDATE_MODEL)
+    found = verify(SAMPLES["RequestUpdateModel"], schema.REQUEST_UPDATE_MODEL)
     assert (found.string(0), found.string(1), found.string(4)) == ("lenet", "dev", "ts")
     assert found.scalar(2, struct.Struct("<i"), 0) == 1
     maps = found.tables(3)
@@ -737,21 +766,21 @@ def test_depth_limit_and_object_budget() -> None:
         verify(chain, spec)
     with pytest.raises(SchemaError, match="budget"):
         verify(chain, spec, max_depth=depth, max_objects=depth - 1)
-    lenet = d.encode_get_model_response(
+    lenet = server_codec.encode_get_model_response(
         retcode=200, reason="", iteration=0, timestamp="", feature_maps=lenet_maps()
     )
     with pytest.raises(SchemaError, match="budget"):
-        verify(lenet, d.RESPONSE_GET_MODEL, max_objects=10)
+        verify(lenet, schema.RESPONSE_GET_MODEL, max_objects=10)
 
 
 def test_misaligned_and_out_of_bounds_offsets() -> None:
     body = bytearray(SAMPLES["RequestGetModel"])
     struct.pack_into("<I", body, 0, struct.unpack_from("<I", body, 0)[0] + 1)  # root table off by one
     with pytest.raises(SchemaError, match="not aligned"):
-        d.decode_get_model(bytes(body))
+        server_codec.decode_get_model(bytes(body))
     struct.pack_into("<I", body, 0, len(body) + 4)
     with pytest.raises(SchemaError, match="past the end"):
-        d.decode_get_model(bytes(body))
+        server_codec.decode_get_model(bytes(body))
 
 
 # ----------------------------------------------------------------------------------------------------------
