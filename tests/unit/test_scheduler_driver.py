@@ -36,21 +36,17 @@ from flcluster.wire.messages import (
     RegisterReply,
     to_header,
 )
+from tests.helpers import loopback_scheduler
 
 HEARTBEAT_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 3.0
 
 
 def settings(**overrides: Any) -> SchedulerSettings:
-    values: dict[str, Any] = {
-        "node_id": "20",
-        "server_num": 2,
-        "heartbeat_timeout": HEARTBEAT_TIMEOUT,
-        "cluster_available_timeout": 900,
-        "port": 0,
-    }
-    values.update(overrides)
-    return SchedulerSettings(**values)
+    """The Scheduler's settings from an FLContext (``overrides`` are FLContext keywords)."""
+    context: dict[str, Any] = {"heartbeat_timeout": HEARTBEAT_TIMEOUT, "cluster_available_timeout": 900}
+    context.update(overrides)
+    return loopback_scheduler(2, **context)
 
 
 class FakeServer:
