@@ -268,3 +268,17 @@ def test_run_role_refuses_with_one_line_and_status_1(caplog: pytest.LogCaptureFi
         assert run_role(ctx) == 1
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.getMessage().startswith("enable_ssl=True is refused: TLS is not implemented yet")
+
+
+def test_flcluster_server_refuses_before_launching_any_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flcluster.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["server", "--server_num=2", "--local_server_num=2", "--background", "--encrypt_type=SIGNDS"]
+    assert main(argv) == 1
+    assert (
+        "encrypt_type='SIGNDS' is refused: SignDS (SIGNDS) is not implemented yet" in capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []  # no server_<i> directory: nothing was launched
