@@ -28,7 +28,13 @@ from functools import partial
 import httpx
 import trio
 
-from flcluster.config import FLContext, add_context_arguments, build_fl_context, context_kwargs_from_args
+from flcluster.config import (
+    FLContext,
+    add_context_arguments,
+    build_fl_context,
+    context_kwargs_from_args,
+    refuse_unimplemented,
+)
 from flcluster.errors import FLClusterError
 from flcluster.launch import start_servers
 from flcluster.roles import configure_logging, run_role
@@ -65,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 def _context(args: argparse.Namespace, role: str) -> tuple[FLContext, dict[str, object]]:
     kwargs = context_kwargs_from_args(args)
     kwargs["ms_role"] = role
-    return build_fl_context(kwargs, os.environ), kwargs
+    ctx = build_fl_context(kwargs, os.environ)
+    # Refused here too, before any Server process is launched in the background.
+    refuse_unimplemented(ctx)
+    return ctx, kwargs
 
 
 def _run_servers(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ __all__ = [
     "RegistrationRefused",
     "SchemaError",
     "UpdateRejected",
+    "ValueRefused",
 ]
 
 _EXCERPT = 200
@@ -99,6 +100,19 @@ class ConfigError(FLClusterError, ValueError):
 
     fault = Fault.THEIRS
     status_hint = 400
+
+
+class ValueRefused(ConfigError):
+    """One configuration value is refused by its rule (``flcluster.config.rules``).
+
+    Attributes:
+        parameter: The parameter's name, so a caller that knows where the value came from (an
+            environment variable, a key of ``config.json``) can re-word the message.
+        allowed: The rule's text of what it accepts.
+    """
+
+    parameter: str = ""
+    allowed: str = ""
 
 
 class CheckpointError(ConfigError):

@@ -1,4 +1,4 @@
-"""Shared test helpers: free ports, in-process clusters."""
+"""Shared test helpers: free ports, settings built from an FLContext, in-process clusters."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
-from flcluster.aggregation import ModelSpec, ModelWeights
-from flcluster.client.lenet import make_lenet
-from flcluster.core.iteration import IterationConfig
+from flcluster.config import FLContext
 from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
 from flcluster.runtime.server import JobSettings, ServerNode, ServerSettings
-from flcluster.wire.records import FLPlanParams
+from flcluster.settings import job_settings, scheduler_settings, server_settings
 
 
 def free_ports(count: int) -> list[int]:
@@ -33,41 +32,67 @@ def free_ports(count: int) -> list[int]:
 FL_NAME = "Lenet"
 
 
-def lenet_job(threshold: int, iterations: int, **windows: int) -> JobSettings:
-    module = make_lenet(seed=0)
-    spec = ModelSpec.from_module(module)
-    return JobSettings(
-        spec=spec,
-        initial=ModelWeights.from_state_dict(module.state_dict(), spec),
-        iteration=IterationConfig(
-            start_fl_job_threshold=threshold,
-            update_model_ratio=1.0,
-            start_fl_job_time_window=windows.get("start", 60_000),
-            update_model_time_window=windows.get("update", 60_000),
-            global_iteration_time_window=windows.get("global", 600_000),
-            fl_iteration_num=iterations,
-        ),
-        plan=FLPlanParams(fl_name=FL_NAME, iterations=iterations),
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_scheduler(server_num: int, **context: object) -> SchedulerSettings:
+    """A Scheduler's settings from an FLContext on loopback (node id ``"20"``), on ports the OS picks.
+
+    ``context`` is any other FLContext keywords. FLContext refuses port 0 (an operator names a port); the
+    runtime accepts it, so the derived settings take 0 for the cluster and management ports.
+    """
+    ctx = FLContext.from_kwargs(ms_role="MS_SCHED", server_num=server_num, scheduler_ip=LOOPBACK, **context)
+    return attrs.evolve(scheduler_settings(ctx, "20"), port=0, manage_port=0)
+
+
+def loopback_server(
+    node_id: str, server_num: int, *, scheduler_port: int, device_port: int, **context: object
+) -> ServerSettings:
+    """A Server's settings from an FLContext: loopback, reconnecting every 50 ms; ``context`` is the rest."""
+    ctx = FLContext.from_kwargs(
+        server_num=server_num,
+        scheduler_ip=LOOPBACK,
+        scheduler_port=scheduler_port,
+        fl_server_port=device_port,
+        fl_server_host=LOOPBACK,
+        connect_interval=0.05,
+        **context,
     )
+    return server_settings(ctx, node_id)
+
+
+def lenet_context(threshold: int, iterations: int, **windows: int) -> FLContext:
+    """The FL context of a LeNet job: ``threshold`` devices per iteration, windows in ms."""
+    return FLContext(
+        fl_name=FL_NAME,
+        fl_iteration_num=iterations,
+        start_fl_job_threshold=threshold,
+        start_fl_job_time_window=windows.get("start", 60_000),
+        update_model_time_window=windows.get("update", 60_000),
+        global_iteration_time_window=windows.get("global", 600_000),
+    )
+
+
+def lenet_job(threshold: int, iterations: int, **windows: int) -> JobSettings:
+    """The job of :func:`lenet_context`: LeNet5 with seed 0, aggregated on the CPU."""
+    return job_settings(lenet_context(threshold, iterations, **windows))
 
 
 @asynccontextmanager
 async def cluster(server_num: int, job: Callable[[], JobSettings]) -> AsyncIterator[list[str]]:
     """A Scheduler and ``server_num`` Servers in this process; yields the Servers' base URLs."""
     ports = free_ports(server_num)
-    scheduler = SchedulerNode(SchedulerSettings(node_id="20", server_num=server_num, port=0, manage_port=0))
+    scheduler = SchedulerNode(loopback_scheduler(server_num))
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(scheduler.serve)
         servers = [
             ServerNode(
-                ServerSettings(
-                    node_id=str(i),
-                    server_num=server_num,
-                    fl_iteration_num=job().iteration.fl_iteration_num,
+                loopback_server(
+                    str(i),
+                    server_num,
                     scheduler_port=addrs.port,
                     device_port=ports[i],
-                    device_host="127.0.0.1",
-                    connect_interval=0.05,
+                    fl_iteration_num=job().iteration.fl_iteration_num,
                 ),
                 job(),
             )

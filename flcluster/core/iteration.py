@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
 from fractions import Fraction
 from typing import TypeAlias, assert_never, final
 
@@ -208,29 +207,6 @@ class WindowKind(enum.StrEnum):
 
 # --------------------------------------------------------------------------------------- config
 
-_UINT32_MAX = 0xFFFFFFFF
-
-
-_IntValidator = Callable[[object, "attrs.Attribute[int]", int], None]
-
-
-def _positive_int(low: int = 1, high: int = _UINT32_MAX) -> _IntValidator:
-    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{attribute.name} must be an int in [{low}, {high}], got {value!r}")
-
-    return check
-
-
-def _ratio(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= 1
-    ):
-        raise ValueError(f"{attribute.name} must be a number in (0, 1], got {value!r}")
-
 
 def update_model_threshold(start_fl_job_threshold: int, update_model_ratio: float) -> int:
     """``ceil(start_fl_job_threshold × update_model_ratio)`` (reference §2.2), computed exactly.
@@ -247,6 +223,9 @@ def update_model_threshold(start_fl_job_threshold: int, update_model_ratio: floa
 class IterationConfig:
     """The numbers every iteration is held against (reference §1.1).
 
+    Built from a validated ``FLContext`` by ``flcluster.settings.iteration_config``; no defaults and no rules
+    of its own (the context's are the only ones, ``spec/configuration.md`` §2).
+
     Attributes:
         start_fl_job_threshold: Accepted startFLJob calls that close the startFLJob round.
         update_model_ratio: In (0, 1]; ``update_model_threshold = ceil(threshold × ratio)``.
@@ -256,18 +235,15 @@ class IterationConfig:
         fl_iteration_num: Iterations in the job, failed ones included.
         min_retry_delay_ms: The least time, after ``now``, that any ``next_req_time`` names
             (flcluster's own knob; see :meth:`IterationMachine.next_req_time_ms`).
-
-    Raises:
-        ValueError: A value is out of range; the message names the field, the value and the range.
     """
 
-    start_fl_job_threshold: int = attrs.field(validator=_positive_int())
-    update_model_ratio: float = attrs.field(validator=_ratio)
-    start_fl_job_time_window: int = attrs.field(validator=_positive_int())
-    update_model_time_window: int = attrs.field(validator=_positive_int())
-    global_iteration_time_window: int = attrs.field(validator=_positive_int())
-    fl_iteration_num: int = attrs.field(validator=_positive_int())
-    min_retry_delay_ms: int = attrs.field(default=1000, validator=_positive_int(1, 3_600_000))
+    start_fl_job_threshold: int
+    update_model_ratio: float
+    start_fl_job_time_window: int
+    update_model_time_window: int
+    global_iteration_time_window: int
+    fl_iteration_num: int
+    min_retry_delay_ms: int
 
     @property
     def update_model_threshold(self) -> int:

@@ -149,6 +149,9 @@ class _Follower:
 class LeaderOptions:
     """What the leader does besides counting: checkpoints, their rotation, and metrics.json.
 
+    Built from a validated :class:`flcluster.config.FLContext` by :func:`flcluster.settings.leader_options`;
+    no defaults of its own.
+
     Attributes:
         fl_name: The job name (names checkpoints and metrics lines).
         checkpoint_dir: Where ``<fl_name>_iteration_<N>.ckpt`` goes after each completed iteration.
@@ -158,12 +161,12 @@ class LeaderOptions:
         participation_levels: ``participation_time_level`` in minutes (startFLJob → updateModel buckets).
     """
 
-    fl_name: str = ""
-    checkpoint_dir: str = ""
-    checkpoint_keep: int = 3
-    metrics_path: str = ""
-    instance_name: str = ""
-    participation_levels: tuple[int, int] = (5, 15)
+    fl_name: str
+    checkpoint_dir: str
+    checkpoint_keep: int
+    metrics_path: str
+    instance_name: str
+    participation_levels: tuple[int, int]
 
 
 @attrs.define
@@ -208,13 +211,13 @@ class Leader:
         *,
         self_id: str,
         members: Callable[[], list[tuple[int, str]]],
-        options: LeaderOptions | None = None,
+        options: LeaderOptions,
     ) -> None:
         self.machine = machine
         self._self_id = self_id
         self.rounds = rounds
         self.clock = clock
-        self.options = options or LeaderOptions()
+        self.options = options
         self._members = members
         self._followers: dict[str, _Follower] = {}
         self._windows: dict[WindowKind, trio.CancelScope] = {}

@@ -91,7 +91,11 @@ OUTBOUND_QUEUE = 64
 
 @attrs.frozen
 class SchedulerSettings:
-    """What a Scheduler process needs to run (taken from :class:`flcluster.config.FLContext`).
+    """What a Scheduler process needs to run.
+
+    Built from a validated :class:`flcluster.config.FLContext` by
+    :func:`flcluster.settings.scheduler_settings`; no defaults and no rules of its own (the context's are the
+    only ones).
 
     Attributes:
         node_id: The Scheduler's own node id (listed by ``/nodes``).
@@ -108,14 +112,14 @@ class SchedulerSettings:
 
     node_id: str
     server_num: int
-    bind_host: str = "127.0.0.1"
-    port: int = 6667
-    manage_host: str = "127.0.0.1"
-    manage_port: int = 11202
-    heartbeat_timeout: float = 30.0
-    cluster_available_timeout: float = 900.0
-    finish_timeout: float = 10.0
-    max_message_size: int = 100 * 1024 * 1024
+    bind_host: str
+    port: int
+    manage_host: str
+    manage_port: int
+    heartbeat_timeout: float
+    cluster_available_timeout: float
+    finish_timeout: float
+    max_message_size: int
 
 
 @attrs.frozen

@@ -69,7 +69,10 @@ HANDSHAKE_TIMEOUT = 10.0
 
 @attrs.frozen
 class ServerSettings:
-    """What a Server process needs to run (taken from :class:`flcluster.config.FLContext`).
+    """What a Server process needs to run.
+
+    Built from a validated :class:`flcluster.config.FLContext` by :func:`flcluster.settings.server_settings`;
+    no defaults and no rules of its own (the context's are the only ones).
 
     Attributes:
         node_id: Stable identity (``MS_NODE_ID``).
@@ -91,21 +94,24 @@ class ServerSettings:
     node_id: str
     server_num: int
     fl_iteration_num: int
-    scheduler_host: str = "127.0.0.1"
-    scheduler_port: int = 6667
-    device_port: int = 6668
-    device_host: str = "0.0.0.0"
-    url_prefix: str = ""
-    advertise_host: str = ""
-    heartbeat_interval: float = 3.0
-    connect_interval: float = 3.0
-    max_message_size: int = 100 * 1024 * 1024
-    max_device_body: int = 64 * 1024 * 1024
+    scheduler_host: str
+    scheduler_port: int
+    device_port: int
+    device_host: str
+    url_prefix: str
+    advertise_host: str
+    heartbeat_interval: float
+    connect_interval: float
+    max_message_size: int
+    max_device_body: int
 
 
 @attrs.frozen
 class JobSettings:
     """The federated job a Server serves: the model, the iteration rules and what devices are told.
+
+    Built from a validated :class:`flcluster.config.FLContext` and the training script's model by
+    :func:`flcluster.settings.job_settings`; no defaults of its own.
 
     Attributes:
         spec: The model's tensors (names and shapes), in model order.
@@ -121,9 +127,9 @@ class JobSettings:
     initial: ModelWeights
     iteration: IterationConfig
     plan: FLPlanParams
-    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
-    model_keep: int = 3
-    leader: LeaderOptions = attrs.field(factory=LeaderOptions)
+    device: torch.device
+    model_keep: int
+    leader: LeaderOptions
 
 
 @attrs.frozen

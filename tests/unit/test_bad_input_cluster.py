@@ -23,11 +23,11 @@ import pytest
 import trio
 
 from flcluster.core.cluster import ClusterState
-from flcluster.runtime.scheduler import SchedulerAddresses, SchedulerNode, SchedulerSettings
-from flcluster.runtime.server import ServerNode, ServerSettings
+from flcluster.runtime.scheduler import SchedulerAddresses, SchedulerNode
+from flcluster.runtime.server import ServerNode
 from flcluster.wire.frames import HEADER_LENGTH, LENGTH, FrameDecoder, encode_frame
 from flcluster.wire.messages import ErrorReply, HeartbeatMsg, Register, RegisterReply, from_frame, to_header
-from tests.helpers import free_ports, lenet_job
+from tests.helpers import free_ports, lenet_job, loopback_scheduler, loopback_server
 
 MAX_MESSAGE = 1024 * 1024
 ANSWER_WITHIN = 5.0
@@ -57,21 +57,13 @@ class Cluster:
 @asynccontextmanager
 async def ready_cluster() -> AsyncIterator[Cluster]:
     ports = free_ports(2)
-    scheduler = SchedulerNode(
-        SchedulerSettings(node_id="20", server_num=2, port=0, manage_port=0, max_message_size=MAX_MESSAGE)
-    )
+    scheduler = SchedulerNode(loopback_scheduler(2, max_message_size=MAX_MESSAGE))
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(scheduler.serve)
         servers = [
             ServerNode(
-                ServerSettings(
-                    node_id=str(i),
-                    server_num=2,
-                    fl_iteration_num=20,
-                    scheduler_port=addresses.port,
-                    device_port=ports[i],
-                    device_host="127.0.0.1",
-                    connect_interval=0.05,
+                loopback_server(
+                    str(i), 2, scheduler_port=addresses.port, device_port=ports[i], fl_iteration_num=20
                 ),
                 lenet_job(threshold=2, iterations=20),
             )

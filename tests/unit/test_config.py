@@ -136,11 +136,13 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("enable_ssl", "true", "a bool"),
     ("pki_verify", 0, "a bool"),
     ("enable_fl", None, "a bool"),
-    ("start_fl_job_threshold", 0, "an integer >= 1"),
-    ("start_fl_job_time_window", 0, ">= 1"),
-    ("update_model_time_window", -3000, ">= 1"),
+    ("start_fl_job_threshold", 0, "an integer in [1, 4294967295]"),
+    ("start_fl_job_threshold", 0x100000000, "an integer in [1, 4294967295]"),
+    ("start_fl_job_time_window", 0, "in [1, 4294967295]"),
+    ("update_model_time_window", -3000, "in [1, 4294967295]"),
     ("cipher_time_window", 0, ">= 1"),
-    ("global_iteration_time_window", 0, ">= 1"),
+    ("global_iteration_time_window", 0, "in [1, 4294967295]"),
+    ("global_iteration_time_window", 0x100000000, "in [1, 4294967295]"),
     ("replay_attack_time_diff", 0, ">= 1"),
     ("update_model_ratio", 0.0, "in (0, 1]"),
     ("update_model_ratio", 1.5, "in (0, 1]"),
@@ -152,7 +154,7 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("fl_name", "../evil", "without '/'"),
     ("fl_name", "a\\b", "without '/'"),
     ("fl_name", 5, "a string"),
-    ("fl_iteration_num", 0, "an integer >= 1"),
+    ("fl_iteration_num", 0, "an integer in [1, 4294967295]"),
     ("client_epoch_num", 0, "an integer >= 1"),
     ("client_batch_size", 0, "an integer >= 1"),
     ("client_learning_rate", 0.0, "> 0"),
@@ -204,6 +206,11 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("max_message_size", 0, "an integer >= 1"),
     ("max_device_body", 0, "an integer >= 1"),
     ("checkpoint_keep", 0, "an integer >= 1"),
+    ("model_keep", 0, "an integer >= 1"),
+    ("min_retry_delay_ms", 0, "in [1, 3600000]"),
+    ("min_retry_delay_ms", 3_600_001, "in [1, 3600000]"),
+    ("advertise_host", "10.0.0.1 ", "'' or a host name or IP address"),
+    ("finish_timeout", 0, "> 0"),
 ]
 
 
@@ -262,6 +269,10 @@ GOOD_VALUES: list[tuple[str, object]] = [
     ("node_id", "n" * 100),
     ("fl_name", "LeNet"),
     ("fl_name", ""),
+    ("start_fl_job_threshold", 0xFFFFFFFF),
+    ("global_iteration_time_window", 0xFFFFFFFF),
+    ("min_retry_delay_ms", 3_600_000),
+    ("advertise_host", "10.0.0.7"),
 ]
 
 
@@ -435,7 +446,7 @@ def test_field_names() -> None:
     assert names == tuple(a.name for a in attrs.fields(FLContext))
     assert names[0] == "server_mode"
     assert {"enable_fl", "node_id", "checkpoint_keep", "worker_step_num_per_iteration"} <= set(names)
-    assert len(names) == len(set(names)) == 61
+    assert len(names) == len(set(names)) == 65
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,6 +600,7 @@ def test_adding_flags_twice_is_an_argparse_error() -> None:
 # a valid value for every field; cross-field rules are repaired in _valid_kwargs
 _HOST_TEXT = st.from_regex(r"[A-Za-z0-9._:%\[\]-]{1,100}", fullmatch=True)
 _POSITIVE_INT = st.integers(min_value=1, max_value=2**40)
+_UINT32 = st.integers(min_value=1, max_value=0xFFFFFFFF)
 _POSITIVE_FLOAT = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
 _RATIO = st.floats(min_value=0, max_value=1, exclude_min=True)
 # argparse treats a lone "--" as the end of options even in "--flag=--" and hands back [] (refused
@@ -603,15 +615,15 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "scheduler_port": st.integers(1, 65535),
     "fl_server_port": st.integers(1, 65535),
     "enable_fl_client": st.booleans(),
-    "start_fl_job_threshold": _POSITIVE_INT,
-    "start_fl_job_time_window": _POSITIVE_INT,
+    "start_fl_job_threshold": _UINT32,
+    "start_fl_job_time_window": _UINT32,
     "update_model_ratio": _RATIO,
-    "update_model_time_window": _POSITIVE_INT,
+    "update_model_time_window": _UINT32,
     "share_secrets_ratio": _RATIO,
     "cipher_time_window": _POSITIVE_INT,
     "reconstruct_secrets_threshold": _POSITIVE_INT,
     "fl_name": _ANY_TEXT.filter(lambda s: not set(s) & {"/", "\\", "\x00"}),
-    "fl_iteration_num": _POSITIVE_INT,
+    "fl_iteration_num": _UINT32,
     "client_epoch_num": _POSITIVE_INT,
     "client_batch_size": _POSITIVE_INT,
     "client_learning_rate": _POSITIVE_FLOAT,
@@ -637,7 +649,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "scheduler_manage_port": st.integers(1, 65535),
     "config_file_path": _ANY_TEXT,
     "http_url_prefix": st.from_regex(r"(/[A-Za-z0-9._~%@:-]{1,8}){0,3}", fullmatch=True),
-    "global_iteration_time_window": _POSITIVE_INT,
+    "global_iteration_time_window": _UINT32,
     "upload_compress_type": st.sampled_from(["NO_COMPRESS", "DIFF_SPARSE_QUANT"]),
     "upload_sparse_rate": _RATIO,
     "download_compress_type": st.sampled_from(["NO_COMPRESS", "QUANT"]),
@@ -662,6 +674,10 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "max_message_size": _POSITIVE_INT,
     "max_device_body": _POSITIVE_INT,
     "checkpoint_keep": _POSITIVE_INT,
+    "model_keep": _POSITIVE_INT,
+    "min_retry_delay_ms": st.integers(1, 3_600_000),
+    "advertise_host": st.one_of(st.just(""), _HOST_TEXT),
+    "finish_timeout": _POSITIVE_FLOAT,
 }
 
 

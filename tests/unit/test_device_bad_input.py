@@ -46,8 +46,8 @@ import trio
 
 from flcluster.core.iteration import IterationMachine, Phase
 from flcluster.runtime.leader import Leader
-from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
-from flcluster.runtime.server import ServerNode, ServerSettings
+from flcluster.runtime.scheduler import SchedulerNode
+from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
@@ -59,7 +59,7 @@ from flcluster.wire.client_codec import (
 from flcluster.wire.codes import CompressType, ResponseCode
 from flcluster.wire.records import CompressFeatureMapView
 from flcluster.wire.server_codec import decode_start_fl_job
-from tests.helpers import FL_NAME, free_ports, lenet_job
+from tests.helpers import FL_NAME, free_ports, lenet_job, loopback_scheduler, loopback_server
 
 SERVERS = 4
 DEVICES = 12
@@ -117,19 +117,17 @@ class Cluster:
 async def open_cluster() -> AsyncIterator[Cluster]:
     """``tests.helpers.cluster`` with ``max_device_body=MAX_BODY``, handing out the Servers too."""
     ports = free_ports(SERVERS)
-    scheduler = SchedulerNode(SchedulerSettings(node_id="20", server_num=SERVERS, port=0, manage_port=0))
+    scheduler = SchedulerNode(loopback_scheduler(SERVERS))
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(scheduler.serve)
         servers = [
             ServerNode(
-                ServerSettings(
-                    node_id=str(i),
-                    server_num=SERVERS,
-                    fl_iteration_num=ITERATIONS,
+                loopback_server(
+                    str(i),
+                    SERVERS,
                     scheduler_port=addresses.port,
                     device_port=ports[i],
-                    device_host="127.0.0.1",
-                    connect_interval=0.05,
+                    fl_iteration_num=ITERATIONS,
                     max_device_body=MAX_BODY,
                 ),
                 lenet_job(DEVICES, ITERATIONS),

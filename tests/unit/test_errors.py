@@ -23,6 +23,7 @@ EXPECTED = {
     "FLClusterError": (OURS, 500),
     "ConfigError": (THEIRS, 400),
     "CheckpointError": (THEIRS, 400),
+    "ValueRefused": (THEIRS, 400),
     "ProtocolError": (THEIRS, 400),
     "FrameError": (THEIRS, 400),
     "MessageError": (THEIRS, 400),

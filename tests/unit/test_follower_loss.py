@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import trio
 
-from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
-from flcluster.runtime.server import ServerNode, ServerSettings
+from flcluster.runtime.scheduler import SchedulerNode
+from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import (
     decode_start_fl_job_response,
     decode_update_model_response,
@@ -17,25 +17,19 @@ from flcluster.wire.client_codec import (
     encode_update_model_request,
 )
 from flcluster.wire.codes import ResponseCode
-from tests.helpers import FL_NAME, free_ports, lenet_job
+from tests.helpers import FL_NAME, free_ports, lenet_job, loopback_scheduler, loopback_server
 
 
 async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
     ports = free_ports(2)
     job = lenet_job(2, 5)
-    scheduler = SchedulerNode(SchedulerSettings(node_id="20", server_num=2, port=0, manage_port=0))
+    scheduler = SchedulerNode(loopback_scheduler(2))
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
         addrs = await nursery.start(scheduler.serve)
         servers = [
             ServerNode(
-                ServerSettings(
-                    node_id=str(i),
-                    server_num=2,
-                    fl_iteration_num=5,
-                    scheduler_port=addrs.port,
-                    device_port=ports[i],
-                    device_host="127.0.0.1",
-                    connect_interval=0.05,
+                loopback_server(
+                    str(i), 2, scheduler_port=addrs.port, device_port=ports[i], fl_iteration_num=5
                 ),
                 lenet_job(2, 5),
             )

@@ -14,11 +14,11 @@ import torch
 import trio
 import trio.testing
 
-from flcluster.config import FLContext
+from flcluster.config import ClusterConfig, FLContext, StorageConfig
 from flcluster.core.iteration import IterationMachine, Phase
-from flcluster.roles import job_settings
-from flcluster.runtime.leader import EpochClock, Leader, LeaderOptions, LocalLeaderChannel
+from flcluster.runtime.leader import EpochClock, Leader, LocalLeaderChannel
 from flcluster.runtime.rounds import RoundService
+from flcluster.settings import job_settings, leader_options
 from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
@@ -28,7 +28,7 @@ from flcluster.wire.client_codec import (
     encode_update_model_request,
 )
 from flcluster.wire.codes import ResponseCode
-from tests.helpers import FL_NAME, lenet_job
+from tests.helpers import FL_NAME, lenet_context, lenet_job
 
 
 def start(fl_id: str, size: int) -> bytes:
@@ -50,11 +50,11 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
     rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device)
     clock = EpochClock()
     metrics = tmp_path / "metrics.json"
-    options = LeaderOptions(
-        fl_name=FL_NAME,
-        metrics_path=str(metrics),
-        instance_name="test",
-        checkpoint_dir=str(tmp_path / "ckpt"),
+    ctx = lenet_context(2, 5, start=10_000, update=20_000).evolve(
+        instance_name="test", checkpoint_dir=str(tmp_path / "ckpt")
+    )
+    options = leader_options(
+        ctx, ClusterConfig(metrics=StorageConfig(storage_type=1, storage_file_path=str(metrics)))
     )
     leader = Leader(
         IterationMachine(job.iteration),
@@ -141,7 +141,12 @@ async def test_update_window_expiring_fails_the_iteration(autojump_clock: trio.t
     job = lenet_job(2, 5, start=10_000, update=20_000)
     rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device)
     leader = Leader(
-        IterationMachine(job.iteration), rounds, EpochClock(), self_id="0", members=lambda: [(0, "0")]
+        IterationMachine(job.iteration),
+        rounds,
+        EpochClock(),
+        self_id="0",
+        members=lambda: [(0, "0")],
+        options=job.leader,
     )
     rounds.leader = LocalLeaderChannel(leader)
     async with trio.open_nursery() as nursery:

@@ -6,28 +6,22 @@ import httpx
 import trio
 
 from flcluster.core.cluster import ClusterState
-from flcluster.runtime.scheduler import SchedulerNode, SchedulerSettings
-from flcluster.runtime.server import ServerNode, ServerSettings
+from flcluster.runtime.scheduler import SchedulerNode
+from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import decode_start_fl_job_response
 from flcluster.wire.codes import ResponseCode
-from tests.helpers import free_ports, lenet_job
+from tests.helpers import free_ports, lenet_job, loopback_scheduler, loopback_server
 
 
 async def test_four_servers_form_a_ready_cluster() -> None:
     ports = free_ports(5)
-    scheduler = SchedulerNode(SchedulerSettings(node_id="20", server_num=4, port=0, manage_port=0))
+    scheduler = SchedulerNode(loopback_scheduler(4))
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(scheduler.serve)
         servers = [
             ServerNode(
-                ServerSettings(
-                    node_id=str(i),
-                    server_num=4,
-                    fl_iteration_num=20,
-                    scheduler_port=addrs.port,
-                    device_port=ports[i],
-                    device_host="127.0.0.1",
-                    connect_interval=0.05,
+                loopback_server(
+                    str(i), 4, scheduler_port=addrs.port, device_port=ports[i], fl_iteration_num=20
                 ),
                 lenet_job(threshold=8, iterations=20),
             )

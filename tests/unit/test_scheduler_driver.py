@@ -38,21 +38,17 @@ from flcluster.wire.messages import (
     RegisterReply,
     to_header,
 )
+from tests.helpers import loopback_scheduler
 
 HEARTBEAT_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 3.0
 
 
 def settings(**overrides: Any) -> SchedulerSettings:
-    values: dict[str, Any] = {
-        "node_id": "20",
-        "server_num": 2,
-        "heartbeat_timeout": HEARTBEAT_TIMEOUT,
-        "cluster_available_timeout": 900,
-        "port": 0,
-    }
-    values.update(overrides)
-    return SchedulerSettings(**values)
+    """The Scheduler's settings from an FLContext (``overrides`` are FLContext keywords)."""
+    context: dict[str, Any] = {"heartbeat_timeout": HEARTBEAT_TIMEOUT, "cluster_available_timeout": 900}
+    context.update(overrides)
+    return loopback_scheduler(2, **context)
 
 
 class FakeServer:
@@ -178,7 +174,7 @@ async def test_a_silent_server_times_out_at_exactly_the_heartbeat_timeout(autoju
 
 async def test_a_fractional_heartbeat_timeout_is_kept_to_the_millisecond(autojump_clock: Any) -> None:
     """Seconds from the settings become the machine's milliseconds once; the timeout stays exact."""
-    scheduler = SchedulerNode(settings(heartbeat_timeout=2.5))
+    scheduler = SchedulerNode(settings(heartbeat_timeout=2.5, heartbeat_interval=1.0))
     assert scheduler.machine.config.heartbeat_timeout_ms == 2_500
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(scheduler.serve, with_management=False))

@@ -1,0 +1,284 @@
+"""Tests for flcluster.settings: every settings record is derived from FLContext, and nothing else.
+
+Also the start-up refusals (flcluster.config.refuse_unimplemented): a role never starts with TLS, device PKI
+or an encrypt_type it does not implement, and the message says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+
+from flcluster.config import ClusterConfig, FLContext, StorageConfig, refuse_unimplemented
+from flcluster.core.iteration import IterationConfig
+from flcluster.errors import ConfigError
+from flcluster.roles import run_role
+from flcluster.runtime.leader import LeaderOptions
+from flcluster.runtime.scheduler import SchedulerSettings
+from flcluster.runtime.server import JobSettings, ServerSettings
+from flcluster.settings import (
+    fl_plan,
+    iteration_config,
+    job_settings,
+    leader_options,
+    scheduler_settings,
+    server_settings,
+)
+
+# A context in which every value a settings record takes differs from its default.
+CHANGED: dict[str, object] = {
+    "server_num": 3,
+    "fl_iteration_num": 7,
+    "scheduler_ip": "10.1.2.3",
+    "scheduler_port": 7001,
+    "fl_server_port": 7002,
+    "fl_server_host": "127.0.0.2",
+    "http_url_prefix": "/fl",
+    "advertise_host": "10.9.8.7",
+    "scheduler_manage_host": "127.0.0.3",
+    "scheduler_manage_port": 7003,
+    "heartbeat_interval": 1.5,
+    "heartbeat_timeout": 12.0,
+    "cluster_available_timeout": 77.0,
+    "connect_interval": 0.25,
+    "finish_timeout": 4.5,
+    "max_message_size": 12345,
+    "max_device_body": 54321,
+    "start_fl_job_threshold": 9,
+    "update_model_ratio": 0.5,
+    "start_fl_job_time_window": 1111,
+    "update_model_time_window": 2222,
+    "global_iteration_time_window": 3333,
+    "min_retry_delay_ms": 44,
+    "fl_name": "Job",
+    "checkpoint_dir": "ckpts",
+    "checkpoint_keep": 5,
+    "instance_name": "inst",
+    "participation_time_level": "2,9",
+    "model_keep": 6,
+    "client_epoch_num": 3,
+    "client_batch_size": 8,
+    "client_learning_rate": 0.5,
+    "reconstruct_secrets_threshold": 4,
+    "dp_eps": 5.0,
+    "dp_delta": 0.5,
+    "dp_norm_clip": 2.0,
+    "sign_k": 0.2,
+    "sign_eps": 10.0,
+    "sign_thr_ratio": 0.7,
+    "sign_global_lr": 2.0,
+    "sign_dim_out": 5,
+}
+
+# Each record field and the FLContext field it comes from.
+SOURCES: dict[type, dict[str, str]] = {
+    SchedulerSettings: {
+        "server_num": "server_num",
+        "bind_host": "scheduler_ip",
+        "port": "scheduler_port",
+        "manage_host": "scheduler_manage_host",
+        "manage_port": "scheduler_manage_port",
+        "heartbeat_timeout": "heartbeat_timeout",
+        "cluster_available_timeout": "cluster_available_timeout",
+        "finish_timeout": "finish_timeout",
+        "max_message_size": "max_message_size",
+    },
+    ServerSettings: {
+        "server_num": "server_num",
+        "fl_iteration_num": "fl_iteration_num",
+        "scheduler_host": "scheduler_ip",
+        "scheduler_port": "scheduler_port",
+        "device_port": "fl_server_port",
+        "device_host": "fl_server_host",
+        "url_prefix": "http_url_prefix",
+        "advertise_host": "advertise_host",
+        "heartbeat_interval": "heartbeat_interval",
+        "connect_interval": "connect_interval",
+        "max_message_size": "max_message_size",
+        "max_device_body": "max_device_body",
+    },
+    IterationConfig: {
+        "start_fl_job_threshold": "start_fl_job_threshold",
+        "update_model_ratio": "update_model_ratio",
+        "start_fl_job_time_window": "start_fl_job_time_window",
+        "update_model_time_window": "update_model_time_window",
+        "global_iteration_time_window": "global_iteration_time_window",
+        "fl_iteration_num": "fl_iteration_num",
+        "min_retry_delay_ms": "min_retry_delay_ms",
+    },
+    LeaderOptions: {
+        "fl_name": "fl_name",
+        "checkpoint_dir": "checkpoint_dir",
+        "checkpoint_keep": "checkpoint_keep",
+        "instance_name": "instance_name",
+    },
+}
+
+
+def build(record: type, ctx: FLContext) -> Any:
+    if record is SchedulerSettings:
+        return scheduler_settings(ctx, "sched")
+    if record is ServerSettings:
+        return server_settings(ctx, "s0")
+    if record is IterationConfig:
+        return iteration_config(ctx)
+    assert record is LeaderOptions
+    return leader_options(ctx)
+
+
+@pytest.mark.parametrize(
+    "record", [SchedulerSettings, ServerSettings, JobSettings, LeaderOptions, IterationConfig]
+)
+def test_settings_records_have_no_defaults_of_their_own(record: type) -> None:
+    with_default = [a.name for a in attrs.fields(record) if a.default is not attrs.NOTHING]
+    assert with_default == []
+    assert [a.name for a in attrs.fields(record) if a.validator is not None] == []
+
+
+@pytest.mark.parametrize("record", list(SOURCES))
+def test_every_field_is_taken_from_the_context(record: type) -> None:
+    ctx = FLContext.from_kwargs(**CHANGED)
+    built = build(record, ctx)
+    default = build(record, FLContext())
+    for name, source in SOURCES[record].items():
+        assert getattr(built, name) == getattr(ctx, source), name
+        # the non-default value reached the record: the default context gives something else
+        assert getattr(built, name) != getattr(default, name), name
+
+
+def test_the_sources_table_names_every_field() -> None:
+    not_from_context = {
+        SchedulerSettings: {"node_id"},
+        ServerSettings: {"node_id"},
+        IterationConfig: set(),
+        LeaderOptions: {"metrics_path", "participation_levels"},
+    }
+    for record, sources in SOURCES.items():
+        assert {a.name for a in attrs.fields(record)} == set(sources) | not_from_context[record], record
+
+
+def test_node_id_metrics_and_participation_levels() -> None:
+    ctx = FLContext.from_kwargs(**CHANGED)
+    assert scheduler_settings(ctx, "sched").node_id == "sched"
+    assert server_settings(ctx, "s0").node_id == "s0"
+    metrics = ClusterConfig(metrics=StorageConfig(storage_type=1, storage_file_path="/m/metrics.json"))
+    options = leader_options(ctx, metrics)
+    assert options.metrics_path == "/m/metrics.json"
+    assert options.participation_levels == (2, 9)
+    assert leader_options(ctx).metrics_path == ""
+    assert leader_options(FLContext()).participation_levels == (5, 15)
+
+
+def test_update_model_threshold_is_computed_once() -> None:
+    ctx = FLContext.from_kwargs(start_fl_job_threshold=100, update_model_ratio=0.07)
+    assert ctx.update_model_threshold == iteration_config(ctx).update_model_threshold == 7
+
+
+def test_fl_plan_carries_the_context() -> None:
+    ctx = FLContext.from_kwargs(**CHANGED)
+    plan = fl_plan(ctx)
+    assert (plan.fl_name, plan.iterations, plan.epochs, plan.mini_batch, plan.lr) == ("Job", 7, 3, 8, 0.5)
+    assert (plan.pw_t, plan.dp_eps, plan.dp_delta, plan.dp_norm_clip) == (4, 5.0, 0.5, 2.0)
+    assert (plan.sign_k, plan.sign_eps, plan.sign_thr_ratio, plan.sign_global_lr, plan.sign_dim_out) == (
+        0.2,
+        10.0,
+        0.7,
+        2.0,
+        5,
+    )
+    assert plan.encrypt_type == "NOT_ENCRYPT"
+
+
+def test_job_settings_from_the_context(tmp_path: Path) -> None:
+    ctx = FLContext.from_kwargs(**{**CHANGED, "checkpoint_dir": str(tmp_path)})
+    job = job_settings(ctx)
+    assert job.iteration == iteration_config(ctx)
+    assert job.plan == fl_plan(ctx)
+    assert job.leader == leader_options(ctx)
+    assert job.model_keep == 6
+    assert job.device == torch.device("cpu")
+    assert job.spec.names  # LeNet5 when the script hands no model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start-up refusals: features FLContext represents but flcluster does not implement yet
+# ---------------------------------------------------------------------------------------------------------
+
+UNIMPLEMENTED: list[tuple[dict[str, object], str, str]] = [
+    ({"enable_ssl": True}, "enable_ssl=True", "set enable_ssl=False"),
+    (
+        {"pki_verify": True, "root_first_ca_path": "a.pem", "root_second_ca_path": "b.pem"},
+        "pki_verify=True",
+        "set pki_verify=False",
+    ),
+    (
+        {"encrypt_type": "PW_ENCRYPT", "start_fl_job_threshold": 4, "reconstruct_secrets_threshold": 2},
+        "encrypt_type='PW_ENCRYPT'",
+        "set encrypt_type='NOT_ENCRYPT'",
+    ),
+    (
+        {"encrypt_type": "STABLE_PW_ENCRYPT"},
+        "encrypt_type='STABLE_PW_ENCRYPT'",
+        "set encrypt_type='NOT_ENCRYPT'",
+    ),
+    ({"encrypt_type": "DP_ENCRYPT"}, "encrypt_type='DP_ENCRYPT'", "set encrypt_type='NOT_ENCRYPT'"),
+    ({"encrypt_type": "SIGNDS"}, "encrypt_type='SIGNDS'", "set encrypt_type='NOT_ENCRYPT'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "named", "instead"), UNIMPLEMENTED)
+def test_unimplemented_features_are_refused_at_start_up(
+    kwargs: dict[str, object], named: str, instead: str
+) -> None:
+    # FLContext represents them (their cross-field rules still hold) ...
+    ctx = FLContext.from_kwargs(**kwargs)
+    # ... but no role starts with them.
+    for start in (
+        lambda: refuse_unimplemented(ctx),
+        lambda: scheduler_settings(ctx, "sched"),
+        lambda: server_settings(ctx, "s0"),
+        lambda: job_settings(ctx),
+    ):
+        with pytest.raises(ConfigError) as info:
+            start()
+        message = str(info.value)
+        assert message.startswith(f"{named} is refused: ")
+        assert "is not implemented yet" in message
+        assert instead in message
+
+
+def test_the_tls_refusal_says_the_links_would_not_be_encrypted() -> None:
+    with pytest.raises(ConfigError, match="plain text, not encrypted"):
+        refuse_unimplemented(FLContext(enable_ssl=True))
+
+
+def test_the_default_context_starts() -> None:
+    refuse_unimplemented(FLContext())
+    refuse_unimplemented(FLContext(enable_ssl=False, pki_verify=False, encrypt_type="NOT_ENCRYPT"))
+
+
+def test_run_role_refuses_with_one_line_and_status_1(caplog: pytest.LogCaptureFixture) -> None:
+    ctx = FLContext(ms_role="MS_SCHED", enable_ssl=True)
+    with caplog.at_level(logging.ERROR, logger="flcluster"):
+        assert run_role(ctx) == 1
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage().startswith("enable_ssl=True is refused: TLS is not implemented yet")
+
+
+def test_flcluster_server_refuses_before_launching_any_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flcluster.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["server", "--server_num=2", "--local_server_num=2", "--background", "--encrypt_type=SIGNDS"]
+    assert main(argv) == 1
+    assert (
+        "encrypt_type='SIGNDS' is refused: SignDS (SIGNDS) is not implemented yet" in capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []  # no server_<i> directory: nothing was launched
