@@ -135,4 +135,3 @@ async def open_memory_store(
         yield store
     finally:
         await store.aclose()
-

@@ -25,7 +25,7 @@ checks the same rules with :func:`check_partial_write`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -56,6 +56,10 @@ def _float32_bytes(_instance: object, attribute: attrs.Attribute[bytes], value: 
         raise ValueError(
             f"{attribute.name} holds {len(value)} bytes, which is not a whole number of float32 values"
         )
+
+
+def _str_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
 
 
 _str = attrs.validators.instance_of(str)
@@ -164,7 +168,7 @@ class PartialSumState:
 
     iteration: int = attrs.field(validator=_non_negative)
     data: bytes = attrs.field(validator=_bytes, repr=lambda b: f"<{len(b)} bytes>")
-    fl_ids: tuple[str, ...] = attrs.field(converter=tuple)
+    fl_ids: tuple[str, ...] = attrs.field(converter=_str_tuple)
     update_count: int = attrs.field(validator=_non_negative)
 
 
@@ -219,7 +223,9 @@ class Transition:
 
     def __attrs_post_init__(self) -> None:
         if self.keep_models is not None and (
-            isinstance(self.keep_models, bool) or not isinstance(self.keep_models, int) or self.keep_models < 1
+            isinstance(self.keep_models, bool)
+            or not isinstance(self.keep_models, int)
+            or self.keep_models < 1
         ):
             raise ValueError(f"keep_models={self.keep_models!r} is refused; expected None or an integer >= 1")
         if all(getattr(self, f.name) is None for f in attrs.fields(Transition)):
@@ -271,7 +277,11 @@ def check_roles(identity: NodeIdentity, transition: Transition) -> None:
     """
     match identity.role:
         case StoreRole.SCHEDULER:
-            if transition.server is not None or transition.model is not None or transition.partial is not None:
+            if (
+                transition.server is not None
+                or transition.model is not None
+                or transition.partial is not None
+            ):
                 raise TransitionRefused(
                     f"a Scheduler's store ({identity.node_id!r}) keeps only scheduler state; the transition "
                     f"{transition!r} writes server state, a model or a partial sum"
@@ -350,7 +360,7 @@ def apply_transition(contents: StoreContents, transition: Transition) -> StoreCo
             case PartialReset():
                 changes["partial"] = PartialSumState(write.iteration, write.data, (), write.update_count)
             case FoldedUpdate():
-                before = () if fresh or old is None else old.fl_ids
+                before: tuple[str, ...] = () if fresh or old is None else old.fl_ids
                 changes["partial"] = PartialSumState(
                     write.iteration, write.data, (*before, write.fl_id), write.update_count
                 )

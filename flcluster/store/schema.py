@@ -107,10 +107,16 @@ def _to_v2(db: sqlite_utils.Database) -> None:
         ids = json.loads(fl_ids)
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError(f"partial_sum.fl_ids {fl_ids[:80]!r} is not a JSON list of strings")
-        db["partial_sum_v2"].insert(
-            {"id": 1, "iteration": iteration, "data": data, "crc32": crc32(data), "update_count": update_count}
+        db.table("partial_sum_v2").insert(
+            {
+                "id": 1,
+                "iteration": iteration,
+                "data": data,
+                "crc32": crc32(data),
+                "update_count": update_count,
+            }
         )
-        db["partial_fl_ids"].insert_all(({"fl_id": i} for i in ids), batch_size=1000)
+        db.table("partial_fl_ids").insert_all(({"fl_id": i} for i in ids), batch_size=1000)
     db.execute("DROP TABLE partial_sum")
     db.execute("ALTER TABLE partial_sum_v2 RENAME TO partial_sum")
 

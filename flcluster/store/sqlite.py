@@ -167,7 +167,7 @@ def _connect(path: str, synchronous: Synchronous) -> sqlite_utils.Database:
 
 def _write_identity(db: sqlite_utils.Database, identity: NodeIdentity) -> None:
     with db.atomic():
-        db["identity"].insert(
+        db.table("identity").insert(
             {
                 "id": 1,
                 "role": identity.role.value,
@@ -216,7 +216,9 @@ def _read_contents(db: sqlite_utils.Database, where: str) -> StoreContents:
     identity = _read_identity(db, where)
     try:
         scheduler = None
-        if (row := _row(db, "SELECT cluster_state, server_num FROM scheduler_state WHERE id = 1")) is not None:
+        if (
+            row := _row(db, "SELECT cluster_state, server_num FROM scheduler_state WHERE id = 1")
+        ) is not None:
             members = [
                 Member(node_id=n, rank=r, host=h, port=p, device_port=d)
                 for r, n, h, p, d in db.execute(
@@ -233,7 +235,9 @@ def _read_contents(db: sqlite_utils.Database, where: str) -> StoreContents:
             "SELECT iteration, weights, crc32 FROM models ORDER BY iteration"
         ).fetchall():
             if crc32(weights) != crc:
-                raise ValueError(f"the model of iteration {iteration!r} does not match its CRC-32 {crc:#010x}")
+                raise ValueError(
+                    f"the model of iteration {iteration!r} does not match its CRC-32 {crc:#010x}"
+                )
             models.append(StoredModel(iteration, weights))
         partial = None
         sql = "SELECT iteration, data, crc32, update_count FROM partial_sum WHERE id = 1"
@@ -323,7 +327,9 @@ class _Writer:
         try:
             migrate(self.db)
         except ValueError as exc:
-            raise StoreCorrupt(where, f"its data cannot be carried over to the current schema: {exc}") from None
+            raise StoreCorrupt(
+                where, f"its data cannot be carried over to the current schema: {exc}"
+            ) from None
 
     def _cache(self, contents: StoreContents) -> None:
         partial = contents.partial
@@ -349,7 +355,9 @@ class _Writer:
                     try:
                         check_roles(self.identity, t)
                         starts = (
-                            check_partial_write(self.partial_iteration, self.partial_ids.__contains__, t.partial)
+                            check_partial_write(
+                                self.partial_iteration, self.partial_ids.__contains__, t.partial
+                            )
                             if t.partial is not None
                             else False
                         )
@@ -492,7 +500,7 @@ def _translate(exc: BaseException, where: str) -> BaseException:
 
 
 class SqliteStore:
-    """A :class:`~flcluster.store.api.RecoveryStore` in a SQLite file; open it with :func:`open_sqlite_store`."""
+    """The recovery store in a SQLite file (open it with :func:`open_sqlite_store`)."""
 
     def __init__(self, writer: _Writer, thread: threading.Thread) -> None:
         """Wrap a started writer thread (use :func:`open_sqlite_store`)."""

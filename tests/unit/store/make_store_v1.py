@@ -35,7 +35,9 @@ def write(path: Path = FIXTURE) -> None:
             for iteration, blob in MODELS.items():
                 db.execute("INSERT INTO models VALUES (?, ?)", [iteration, blob])
             iteration, data, count, fl_ids = PARTIAL
-            db.execute("INSERT INTO partial_sum VALUES (1, ?, ?, ?, ?)", [iteration, data, count, json.dumps(fl_ids)])
+            db.execute(
+                "INSERT INTO partial_sum VALUES (1, ?, ?, ?, ?)", [iteration, data, count, json.dumps(fl_ids)]
+            )
     finally:
         db.close()
 

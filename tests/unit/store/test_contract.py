@@ -261,7 +261,9 @@ async def test_everything_committed_is_there_after_a_reopen(opener: Opener) -> N
     ],
     ids=lambda c: next(iter(c)),
 )
-async def test_a_store_of_another_identity_is_refused_by_name(opener: Opener, change: dict[str, object]) -> None:
+async def test_a_store_of_another_identity_is_refused_by_name(
+    opener: Opener, change: dict[str, object]
+) -> None:
     needs_reopen(opener)
     async with opener.open() as store:
         await store.commit(fold(1, "f1", 1))
