@@ -101,7 +101,7 @@ def job_settings(
     from flcluster.aggregation import ModelSpec, ModelWeights, load_latest_checkpoint, resolve_device
     from flcluster.client.lenet import make_lenet
     from flcluster.core.iteration import IterationConfig
-    from flcluster.runtime.leader import LeaderOptions
+    from flcluster.runtime.options import LeaderOptions
     from flcluster.runtime.server import JobSettings
     from flcluster.wire.device import FLPlanParams
 
