@@ -224,6 +224,11 @@ class ServerNode:
         """Wait until this Server has logged ``Server started successfully.``."""
         await self._started.wait()
 
+    async def wait_role(self, key: RoleKey) -> None:
+        """Wait until the role last started is ``key`` (the leader running, or the follower synced)."""
+        while not (self.roles and self.roles[-1] == key):
+            await self._role_changed.wait()
+
     # -------------------------------------------------------------------------- scheduler link
 
     async def _connect(self, host: str, port: int, what: str) -> trio.SocketStream:
