@@ -36,6 +36,12 @@ The tree::
         ├── DeviceTransportError      ours    503  (device SDK) a request got no HTTP answer
         ├── DeviceHTTPError           ours    502  (device SDK) a server answered a status other than 200
         └── ModelUnavailable          ours    503  (device SDK) no model could be fetched
+    StoreError                        ours    500  the recovery store (spec/store.md)
+    ├── StoreOpenError                theirs  409  a store file refused at start-up (never reset)
+    │   ├── StoreCorrupt, StoreForeign, StoreTooNew, StoreLocked
+    ├── TransitionRefused (ValueError) ours   500  a transition breaks a store rule (a caller bug)
+    ├── StoreClosed                   ours    500  used after close
+    └── StoreWriteError               ours    503  a commit failed (disk full, I/O error)
 
 Catch :class:`FLClusterError` at a boundary (the command line, an HTTP app); catch a leaf where the code
 knows what to do about it.
@@ -47,6 +53,8 @@ import enum
 from typing import ClassVar
 
 __all__ = [
+    "FRESH_START",
+    "NEVER_RESET",
     "AggregationError",
     "CheckpointError",
     "ClusterError",
@@ -64,6 +72,15 @@ __all__ = [
     "ProtocolError",
     "RegistrationRefused",
     "SchemaError",
+    "StoreClosed",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreForeign",
+    "StoreLocked",
+    "StoreOpenError",
+    "StoreTooNew",
+    "StoreWriteError",
+    "TransitionRefused",
     "UpdateRejected",
     "ValueRefused",
 ]
@@ -245,3 +262,75 @@ class DeviceHTTPError(ClusterError):
 
 class ModelUnavailable(ClusterError):
     """(Device SDK) :meth:`~flcluster.client.device.Device.fetch_model` got no model; the reason says why."""
+
+
+# ------------------------------------------------------------------------------- recovery store
+
+NEVER_RESET = "a recovery store is never reset automatically"
+"""The sentence every refusal to open carries."""
+
+FRESH_START = (
+    "to start this node afresh, move the file (and its -wal file, if any) aside; to recover, restore it "
+    "from a backup"
+)
+"""The operator's way out of a damaged store, quoted in :class:`StoreCorrupt` messages."""
+
+
+class StoreError(FLClusterError):
+    """Base of the recovery store's errors (spec/store.md, "Errors")."""
+
+    fault = Fault.OURS
+    status_hint = 500
+
+
+class StoreOpenError(StoreError):
+    """A store file was refused at start-up; the message names the file, the problem and the way out.
+
+    The operator's file is at fault (damaged, of another job, of a newer flcluster, held by another
+    node); the store never deletes, truncates or rewrites a file it refuses.
+    """
+
+    fault = Fault.THEIRS
+    status_hint = 409
+
+    def __init__(self, location: str, problem: str, remedy: str = FRESH_START) -> None:
+        """Build the message from the file, what is wrong with it and what the operator can do.
+
+        Args:
+            location: the store file's path (or the memory volume's name).
+            problem: what is wrong, with the offending values (``!r``) and what was expected.
+            remedy: what the operator can do about it.
+        """
+        self.location = location
+        self.problem = problem
+        super().__init__(f"recovery store {location}: {problem}; {NEVER_RESET}: {remedy}")
+
+
+class StoreCorrupt(StoreOpenError):
+    """The file is not a readable recovery store (empty, cut short, damaged, not SQLite, bad contents)."""
+
+
+class StoreForeign(StoreOpenError):
+    """The file is a recovery store of another job, node or role, or a database of another program."""
+
+
+class StoreTooNew(StoreOpenError):
+    """The file was written by a newer flcluster, with a schema version this code does not know."""
+
+
+class StoreLocked(StoreOpenError):
+    """Another open store holds the file (two nodes given the same store file)."""
+
+
+class TransitionRefused(StoreError, ValueError):
+    """A transition breaks a store rule; nothing of it was committed (the message names the rule)."""
+
+
+class StoreClosed(StoreError):
+    """The store was used after :meth:`~flcluster.store.api.RecoveryStore.aclose`."""
+
+
+class StoreWriteError(StoreError):
+    """A commit failed in SQLite (disk full, I/O error); nothing of the transitions it held was committed."""
+
+    status_hint = 503

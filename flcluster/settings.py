@@ -5,7 +5,7 @@ Theory of operation
 
 FLContext is the one source of truth of a node's configuration. The runtime's settings records
 (:class:`~flcluster.runtime.scheduler.SchedulerSettings`, :class:`~flcluster.runtime.server.ServerSettings`,
-:class:`~flcluster.runtime.server.JobSettings`, :class:`~flcluster.runtime.leader.LeaderOptions` and the
+:class:`~flcluster.runtime.server.JobSettings`, :class:`~flcluster.runtime.options.LeaderOptions` and the
 core's :class:`~flcluster.core.iteration.IterationConfig`) have no defaults and no validators of their own:
 this module fills every field from the context, in one place each, so a value set with ``set_fl_context``, a
 flag or an ``MS_*`` variable always reaches the part of the node that uses it, and the only rules are the ones
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from flcluster.core.iteration import IterationConfig
-    from flcluster.runtime.leader import LeaderOptions
+    from flcluster.runtime.options import LeaderOptions
     from flcluster.runtime.scheduler import SchedulerSettings
     from flcluster.runtime.server import JobSettings, ServerSettings
     from flcluster.wire.records import FLPlanParams
@@ -121,7 +121,7 @@ def iteration_config(ctx: FLContext) -> IterationConfig:
 
 def leader_options(ctx: FLContext, cluster_config: ClusterConfig | None = None) -> LeaderOptions:
     """What the leader does besides counting, from a validated context and ``config.json``'s ``metrics``."""
-    from flcluster.runtime.leader import LeaderOptions
+    from flcluster.runtime.options import LeaderOptions
 
     metrics = cluster_config.metrics if cluster_config is not None else None
     return LeaderOptions(

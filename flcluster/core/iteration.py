@@ -99,6 +99,7 @@ __all__ = [
     "RoundCounts",
     "StartFLJobReceived",
     "UpdateModelReceived",
+    "Visits",
     "WindowClosed",
     "WindowKind",
     "reason_device_meta_missing",
@@ -270,6 +271,11 @@ def _non_negative_int(instance: object, attribute: attrs.Attribute[int], value: 
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
 
 
+def _number(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{attribute.name} must be a number, got {value!r}")
+
+
 _str = attrs.validators.instance_of(str)
 
 
@@ -315,6 +321,29 @@ class RoundCounts:
     update_model_threshold: int
 
 
+@final
+@attrs.frozen(kw_only=True)
+class Visits:
+    """What one iteration saw, for its metrics.json line (reference §3.9).
+
+    Counted by the machine as events arrive: every startFLJob and updateModel (``*_total``) and the
+    accepted ones (``*_accept``); the getModel counts come with :class:`AggregationDone` /
+    :class:`AggregationFailed`; ``loss_sum`` / ``accuracy_sum`` add up what accepted updates reported;
+    ``participation`` buckets accepted updates by the minutes since their device's startFLJob, against
+    the machine's two ``participation_levels`` (under the first, under the second, the rest).
+    """
+
+    start_fl_job_total: int = 0
+    start_fl_job_accept: int = 0
+    update_model_total: int = 0
+    update_model_accept: int = 0
+    get_model_total: int = 0
+    get_model_accept: int = 0
+    loss_sum: float = 0.0
+    accuracy_sum: float = 0.0
+    participation: tuple[int, int, int] = (0, 0, 0)
+
+
 # ----------------------------------------------------------------------------------------- events
 
 
@@ -338,6 +367,8 @@ class UpdateModelReceived:
     fl_id: str = attrs.field(validator=_str)
     iteration: int = attrs.field(validator=_int)
     now_ms: int = attrs.field(validator=_non_negative_int)
+    upload_loss: float = attrs.field(default=0.0, validator=_number)
+    upload_accuracy: float = attrs.field(default=0.0, validator=_number)
 
 
 @final
@@ -354,22 +385,34 @@ class WindowClosed:
 @final
 @attrs.frozen
 class AggregationDone:
-    """The driver combined every Server's partial sums for ``iteration`` and published the model."""
+    """The driver combined every Server's partial sums for ``iteration`` and published the model.
+
+    ``get_model_total`` / ``get_model_accept`` are the getModel requests every Server saw during the
+    iteration (reported with the partial sums), for the iteration's :class:`Visits`.
+    """
 
     cause: str = attrs.field(validator=_cause)
     iteration: int = attrs.field(validator=_int)
     now_ms: int = attrs.field(validator=_non_negative_int)
+    get_model_total: int = attrs.field(default=0, validator=_non_negative_int)
+    get_model_accept: int = attrs.field(default=0, validator=_non_negative_int)
 
 
 @final
 @attrs.frozen
 class AggregationFailed:
-    """The driver could not aggregate ``iteration`` (a Server lost, sizes did not verify, ...)."""
+    """The driver could not aggregate ``iteration`` (a Server lost, sizes did not verify, ...).
+
+    The getModel counts are those of the partial sums collected before the fault (as
+    :class:`AggregationDone`).
+    """
 
     cause: str = attrs.field(validator=_cause)
     iteration: int = attrs.field(validator=_int)
     reason: str = attrs.field(validator=_str)
     now_ms: int = attrs.field(validator=_non_negative_int)
+    get_model_total: int = attrs.field(default=0, validator=_non_negative_int)
+    get_model_accept: int = attrs.field(default=0, validator=_non_negative_int)
 
 
 @final
@@ -525,13 +568,17 @@ class DiscardPartials:
 @final
 @attrs.frozen
 class IterationCompleted:
-    """``iteration`` succeeded; its aggregate is the new model. Devices now see ``next_iteration``."""
+    """``iteration`` succeeded; its aggregate is the new model. Devices now see ``next_iteration``.
+
+    ``visits`` is what the iteration saw (its metrics.json line).
+    """
 
     cause: str
     iteration: int
     started_at_ms: int
     ended_at_ms: int
     next_iteration: int
+    visits: Visits
 
 
 @final
@@ -540,6 +587,7 @@ class IterationFailed:
     """``iteration`` is invalid: the previous model carries over as its model (reference §3.4).
 
     ``started_at_ms`` is None when no device had joined it. ``consecutive_failures`` counts this one.
+    ``visits`` is what the iteration saw (its metrics.json line).
     """
 
     cause: str
@@ -549,6 +597,7 @@ class IterationFailed:
     ended_at_ms: int
     next_iteration: int
     consecutive_failures: int
+    visits: Visits
 
 
 @final
@@ -586,7 +635,9 @@ class IterationSnapshot:
     """The whole state of an :class:`IterationMachine` as plain records, for the recovery store.
 
     ``windows`` is in :class:`WindowKind` order, ``devices`` and ``updated`` are sorted by ``fl_id``,
-    so equal machines have equal snapshots.
+    ``completed`` and ``failed`` (the iterations that ended each way) are ascending, so equal machines
+    have equal snapshots. ``visits`` is what the current iteration has seen so far, and
+    ``participation_levels`` the two minute thresholds its updates are bucketed by.
     """
 
     config: IterationConfig
@@ -598,6 +649,10 @@ class IterationSnapshot:
     devices: tuple[DeviceMeta, ...]
     updated: tuple[str, ...]
     consecutive_failures: int
+    completed: tuple[int, ...]
+    failed: tuple[int, ...]
+    visits: Visits
+    participation_levels: tuple[int, int]
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -611,20 +666,38 @@ class IterationMachine:
     """
 
     __slots__ = (
+        "_completed",
         "_config",
         "_consecutive_failures",
         "_devices",
+        "_failed",
         "_instance",
         "_iteration",
+        "_levels",
         "_phase",
         "_started_at_ms",
         "_updated",
+        "_visits",
         "_windows",
     )
 
-    def __init__(self, config: IterationConfig) -> None:
-        """Start a job at iteration 1 (the initial model is iteration 0), running and waiting."""
+    def __init__(self, config: IterationConfig, *, participation_levels: tuple[int, int] = (5, 15)) -> None:
+        """Start a job at iteration 1 (the initial model is iteration 0), running and waiting.
+
+        Args:
+            config: The thresholds and windows.
+            participation_levels: ``participation_time_level``: two minute thresholds ``0 < a < b``
+                bucketing the time from a device's startFLJob to its accepted updateModel (metrics).
+
+        Raises:
+            ValueError: ``participation_levels`` is not two ints ``0 < a < b``.
+        """
+        _check_levels(participation_levels)
         self._config = config
+        self._levels = participation_levels
+        self._completed: list[int] = []
+        self._failed: list[int] = []
+        self._visits = Visits()
         self._iteration = 1
         self._instance = InstanceState.RUNNING
         self._phase = Phase.WAITING
@@ -671,6 +744,25 @@ class IterationMachine:
             update_model_threshold=self._config.update_model_threshold,
         )
 
+    @property
+    def completed(self) -> tuple[int, ...]:
+        """The iterations that completed, ascending."""
+        return tuple(self._completed)
+
+    @property
+    def failed(self) -> tuple[int, ...]:
+        """The iterations that failed, ascending."""
+        return tuple(self._failed)
+
+    @property
+    def visits(self) -> Visits:
+        """What the current iteration has seen so far (for its metrics.json line)."""
+        return self._visits
+
+    def has_ended(self, iteration: int) -> bool:
+        """True once ``iteration`` has completed or failed."""
+        return iteration < self._iteration
+
     def device_meta(self, fl_id: str) -> DeviceMeta | None:
         """What ``fl_id`` declared at its startFLJob in the current iteration, or None."""
         return self._devices.get(fl_id)
@@ -706,6 +798,10 @@ class IterationMachine:
             devices=tuple(self._devices[f] for f in sorted(self._devices)),
             updated=tuple(sorted(self._updated)),
             consecutive_failures=self._consecutive_failures,
+            completed=tuple(self._completed),
+            failed=tuple(self._failed),
+            visits=self._visits,
+            participation_levels=self._levels,
         )
 
     @classmethod
@@ -717,7 +813,7 @@ class IterationMachine:
                 the message names the rule and the values.
         """
         _check_snapshot(snapshot)
-        machine = cls(snapshot.config)
+        machine = cls(snapshot.config, participation_levels=snapshot.participation_levels)
         machine._iteration = snapshot.iteration
         machine._instance = snapshot.instance_state
         machine._phase = snapshot.phase
@@ -726,6 +822,9 @@ class IterationMachine:
         machine._devices = {d.fl_id: d for d in snapshot.devices}
         machine._updated = set(snapshot.updated)
         machine._consecutive_failures = snapshot.consecutive_failures
+        machine._completed = list(snapshot.completed)
+        machine._failed = list(snapshot.failed)
+        machine._visits = snapshot.visits
         return machine
 
     def __eq__(self, other: object) -> bool:
@@ -760,8 +859,10 @@ class IterationMachine:
         match event:
             case StartFLJobReceived():
                 reply = self._start_fl_job(event, out)
+                self._count_start_fl_job(reply)
             case UpdateModelReceived():
                 reply = self._update_model(event, out)
+                self._count_update_model(event, reply)
             case WindowClosed():
                 self._window_closed(event, out)
                 reply = None
@@ -783,6 +884,46 @@ class IterationMachine:
         if self._instance is not before:
             out.append(InstanceStateChanged(event.cause, before, self._instance))
         return Outcome(reply, tuple(out))
+
+    # spec "Iteration" § Visits: what each iteration saw, for its metrics.json line (reference §3.9).
+    def _count_start_fl_job(self, reply: Reply) -> None:
+        v = self._visits
+        accepted = isinstance(reply, Accepted)
+        self._visits = attrs.evolve(
+            v,
+            start_fl_job_total=v.start_fl_job_total + 1,
+            start_fl_job_accept=v.start_fl_job_accept + accepted,
+        )
+
+    def _count_update_model(self, ev: UpdateModelReceived, reply: Reply) -> None:
+        v = self._visits
+        if not isinstance(reply, Accepted):
+            self._visits = attrs.evolve(v, update_model_total=v.update_model_total + 1)
+            return
+        # The device's startFLJob of this iteration is held until the iteration ends (an accepted
+        # update never ends it: aggregation does, later).
+        meta = self._devices[ev.fl_id]
+        minutes = (ev.now_ms - meta.accepted_at_ms) / 60_000
+        level1, level2 = self._levels
+        bucket = 0 if minutes < level1 else 1 if minutes < level2 else 2
+        participation = tuple(n + (i == bucket) for i, n in enumerate(v.participation))
+        assert len(participation) == 3
+        self._visits = attrs.evolve(
+            v,
+            update_model_total=v.update_model_total + 1,
+            update_model_accept=v.update_model_accept + 1,
+            loss_sum=v.loss_sum + ev.upload_loss,
+            accuracy_sum=v.accuracy_sum + ev.upload_accuracy,
+            participation=(participation[0], participation[1], participation[2]),
+        )
+
+    def _count_get_model(self, ev: AggregationDone | AggregationFailed) -> None:
+        v = self._visits
+        self._visits = attrs.evolve(
+            v,
+            get_model_total=v.get_model_total + ev.get_model_total,
+            get_model_accept=v.get_model_accept + ev.get_model_accept,
+        )
 
     # spec "Iteration" § startFLJob: the checks run in the original's order (reference §2.4).
     def _start_fl_job(self, ev: StartFLJobReceived, out: list[Instruction]) -> Reply:
@@ -872,11 +1013,18 @@ class IterationMachine:
         started = self._started_at_ms
         assert started is not None  # an aggregating iteration has started (checked by _check_snapshot)
         self._consecutive_failures = 0
-        out.append(IterationCompleted(ev.cause, self._iteration, started, ev.now_ms, self._iteration + 1))
+        self._count_get_model(ev)
+        self._completed.append(self._iteration)
+        out.append(
+            IterationCompleted(
+                ev.cause, self._iteration, started, ev.now_ms, self._iteration + 1, self._visits
+            )
+        )
         self._advance()
 
     def _aggregation_failed(self, ev: AggregationFailed, out: list[Instruction]) -> None:
         self._require_aggregating(ev.iteration, "AggregationFailed")
+        self._count_get_model(ev)
         self._fail(ev.reason, ev, out)
 
     def _disable(self, ev: DisableRequested, out: list[Instruction]) -> Reply:
@@ -954,6 +1102,7 @@ class IterationMachine:
         # and the iteration number still advances (and counts toward fl_iteration_num).
         self._disarm_all(ev, out)
         self._consecutive_failures += 1
+        self._failed.append(self._iteration)
         out.append(DiscardPartials(ev.cause, self._iteration))
         out.append(
             IterationFailed(
@@ -964,6 +1113,7 @@ class IterationMachine:
                 ev.now_ms,
                 self._iteration + 1,
                 self._consecutive_failures,
+                self._visits,
             )
         )
         self._advance()
@@ -976,8 +1126,20 @@ class IterationMachine:
         self._windows.clear()
         self._devices.clear()
         self._updated.clear()
+        self._visits = Visits()
         if ended >= self._config.fl_iteration_num:
             self._instance = InstanceState.FINISHED
+
+
+def _check_levels(levels: tuple[int, int]) -> None:
+    ok = (
+        isinstance(levels, tuple)
+        and len(levels) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in levels)
+        and 0 < levels[0] < levels[1]
+    )
+    if not ok:
+        raise ValueError(f"participation_levels must be two ints 0 < a < b (minutes), got {levels!r}")
 
 
 def _check_snapshot(s: IterationSnapshot) -> None:
@@ -994,6 +1156,45 @@ def _check_snapshot(s: IterationSnapshot) -> None:
         f"iteration must be an int >= 1, got {s.iteration!r}",
     )
     rule(s.consecutive_failures >= 0, f"consecutive_failures must be >= 0, got {s.consecutive_failures!r}")
+    ended = sorted((*s.completed, *s.failed))
+    rule(
+        isinstance(s.iteration, int) and ended == list(range(1, s.iteration)),
+        f"completed {s.completed!r} and failed {s.failed!r} must together hold each iteration before "
+        f"{s.iteration!r} exactly once",
+    )
+    rule(
+        list(s.completed) == sorted(s.completed) and list(s.failed) == sorted(s.failed),
+        f"completed {s.completed!r} and failed {s.failed!r} must be ascending",
+    )
+    trailing = 0
+    for n in range(s.iteration - 1, 0, -1):
+        if n not in s.failed:
+            break
+        trailing += 1
+    rule(
+        s.consecutive_failures == trailing,
+        f"consecutive_failures {s.consecutive_failures!r} must count the failed iterations just before "
+        f"{s.iteration!r} ({trailing})",
+    )
+    v = s.visits
+    rule(
+        0 <= v.start_fl_job_accept <= v.start_fl_job_total
+        and 0 <= v.update_model_accept <= v.update_model_total
+        and 0 <= v.get_model_accept <= v.get_model_total,
+        f"visits accept no more requests than they count, and none is negative: {v!r}",
+    )
+    rule(
+        len(s.devices) == v.start_fl_job_accept and len(s.updated) == v.update_model_accept,
+        f"visits {v!r} must count the {len(s.devices)} devices and {len(s.updated)} updates held",
+    )
+    rule(
+        len(v.participation) == 3 and sum(v.participation) == v.update_model_accept,
+        f"visits participation {v.participation!r} must bucket the {v.update_model_accept} accepted updates",
+    )
+    try:
+        _check_levels(s.participation_levels)
+    except ValueError as exc:
+        problems.append(str(exc))
     fl_ids = [d.fl_id for d in s.devices]
     rule(len(set(fl_ids)) == len(fl_ids), f"devices repeat an fl_id: {fl_ids!r}")
     rule(len(set(s.updated)) == len(s.updated), f"updated repeats an fl_id: {s.updated!r}")

@@ -26,6 +26,8 @@ locally from the last models (:class:`~flcluster.aggregation.store.ModelStore`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import attrs
@@ -52,6 +54,7 @@ from flcluster.core.iteration import (
 from flcluster.errors import SchemaError
 from flcluster.http.device import DeviceAnswer, DeviceHandler
 from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
+from flcluster.wire.messages import CountOp
 from flcluster.wire.records import FLPlanParams
 from flcluster.wire.server_codec import (
     decode_get_model,
@@ -72,7 +75,7 @@ class CountRequest:
     """The counting part of one device request, as the leader sees it.
 
     Attributes:
-        op: ``startFLJob`` or ``updateModel``.
+        op: The round being counted (startFLJob or updateModel).
         fl_id: The device.
         data_size: Declared at startFLJob (0 for updateModel).
         iteration: The iteration an update is for (ignored for startFLJob, as the original).
@@ -80,7 +83,7 @@ class CountRequest:
         upload_accuracy: The device's accuracy reported with its update (for metrics.json).
     """
 
-    op: str
+    op: CountOp
     fl_id: str
     data_size: int = 0
     iteration: int = 0
@@ -94,6 +97,42 @@ class LeaderChannel(Protocol):
     async def call(self, request: CountRequest) -> LeaderReply:
         """Run the counting part of one device request at the leader and return its answer."""
         ...
+
+
+class LeaderLine:
+    """This Server's way to the leader's counters, provided by whichever role is running now.
+
+    The Server's role scope (spec/cluster-protocol.md, "Role scope") attaches its channel for as long
+    as it runs: the leader's own driver on rank 0, the follower's session over its peer link
+    otherwise. While none is attached (before the first role is up, between a role's end and its
+    restart, while a follower's link is down) every counting call answers the safemode text, so
+    devices retry later and nothing is counted.
+    """
+
+    def __init__(self) -> None:
+        self._channel: LeaderChannel | None = None
+
+    @property
+    def attached(self) -> bool:
+        """True while a role's channel is attached."""
+        return self._channel is not None
+
+    @contextmanager
+    def attach(self, channel: LeaderChannel) -> Iterator[None]:
+        """Route counting calls to ``channel`` for the duration of the ``with`` block."""
+        self._channel = channel
+        try:
+            yield
+        finally:
+            if self._channel is channel:
+                self._channel = None
+
+    async def call(self, request: CountRequest) -> LeaderReply:
+        """Count at the leader through the attached channel; the safemode text when none is."""
+        channel = self._channel
+        if channel is None:
+            return PlainText(SAFEMODE_TEXT)
+        return await channel.call(request)
 
 
 @attrs.frozen
@@ -123,14 +162,16 @@ class RoundService:
         initial: ModelWeights,
         plan: FLPlanParams,
         device: torch.device,
+        line: LeaderLine,
         keep: int = 3,
     ) -> None:
+        """Hold ``initial`` as the model of iteration 0; count through ``line`` (see :class:`LeaderLine`)."""
         self.spec = spec
         self.plan = plan
         self.store = ModelStore(keep)
         self.store.reset(initial)
         self.view = IterationView()
-        self.leader: LeaderChannel | None = None
+        self.line = line
         self._device = device
         self._accumulators: dict[int, FedAvgAccumulator] = {}
         self._dropped_below = 0
@@ -156,7 +197,9 @@ class RoundService:
             req = decode_start_fl_job(body)
         except SchemaError as exc:
             return self._start_fl_job_error(ResponseCode.RequestError, str(exc))
-        reply = await self._call(CountRequest("startFLJob", req.fl_id, req.data_size, req.iteration))
+        reply = await self.line.call(
+            CountRequest(CountOp.START_FL_JOB, req.fl_id, req.data_size, req.iteration)
+        )
         match reply:
             case PlainText(text=text):
                 return text
@@ -202,8 +245,10 @@ class RoundService:
         iteration = req.iteration
         self._pending[iteration] = self._pending.get(iteration, 0) + 1
         try:
-            reply = await self._call(
-                CountRequest("updateModel", req.fl_id, 0, iteration, req.upload_loss, req.upload_accuracy)
+            reply = await self.line.call(
+                CountRequest(
+                    CountOp.UPDATE_MODEL, req.fl_id, 0, iteration, req.upload_loss, req.upload_accuracy
+                )
             )
             if isinstance(reply, Accepted):
                 # Fold before acknowledging: a SUCCEED means "this update is in the sum".
@@ -304,11 +349,6 @@ class RoundService:
 
     # ----------------------------------------------------------------------------------- helpers
 
-    async def _call(self, request: CountRequest) -> LeaderReply:
-        if self.leader is None:
-            return PlainText(SAFEMODE_TEXT)
-        return await self.leader.call(request)
-
     def _fold(self, iteration: int, checked: CheckedUpdate, data_size: int) -> None:
         if iteration < self._dropped_below:
             # Cannot happen while the leader counts and collects in order; refuse loudly if it does.
@@ -364,6 +404,7 @@ __all__ = [
     "DeviceAnswer",
     "IterationView",
     "LeaderChannel",
+    "LeaderLine",
     "LeaderReply",
     "RoundService",
 ]

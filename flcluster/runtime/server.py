@@ -3,20 +3,31 @@
 Nursery tree (one ``trio.run`` per process)::
 
     server ────┬ peer listener (TCP, ephemeral port; followers' links to the leader land here)
-               │   └ one task per follower (leader only): reader + ordered writer
+               │   └ one task per follower (leader role only; cancelled when that role ends):
+               │       reader + ordered writer (flcluster.runtime.peer_leader)
                ├ scheduler link (register, heartbeats, membership; reconnects forever)
                │   ├ heartbeat sender (every heartbeat_interval)
                │   └ reader (membership, heartbeat replies, shutdown)
-               ├ leader (rank 0 only): round windows, aggregation (flcluster.runtime.leader)
-               ├ link to the leader (followers only; reconnects forever)
-               │   ├ FollowerSession reader (answers, status, partial-sum requests, models)
-               │   └ keep-alive pings
+               ├ role supervisor: restarts the role whenever the membership changes it
+               │   └ role scope (a cancel scope around its own nursery), one of:
+               │       ├ leader (rank 0): round windows, aggregation (flcluster.runtime.driver)
+               │       └ link to the leader (followers; reconnects forever)
+               │           ├ FollowerSession reader (answers, status, partial-sum requests, models)
+               │           └ keep-alive pings
+               │     plus a watcher that cancels the role scope when the role changes
                └ device HTTP (hypercorn.trio.serve, quart-trio app, fl_server_port) → RoundService
 
 Start-up order is the guide's: register with the Scheduler (retrying every ``connect_interval`` until it
 is up), wait for the membership that makes the cluster ``CLUSTER_READY``, start the leader (rank 0) or
 open the link to it and take its iteration status and model (followers), open the device port, and
 only then log exactly ``Server started successfully.``.
+
+**The role can change** (spec/cluster-protocol.md, "Role scope"). The role (leader or follower of a
+given leader) is a function of the membership: this Server's rank and the rank-0 member's identity
+and address. It runs in a child scope that the supervisor cancels and restarts whenever a new
+membership changes that :class:`RoleKey`; the device HTTP port stays up throughout and answers the
+safemode text while no role is attached to the :class:`~flcluster.runtime.rounds.LeaderLine`. A
+Server that leads again keeps its :class:`~flcluster.core.iteration.IterationMachine` and resumes it.
 
 The Server keeps serving when the Scheduler goes away (the Scheduler is not on the data path): the
 scheduler link just reconnects and registers again with ``recovering=True``, and the Scheduler gives
@@ -42,9 +53,11 @@ from flcluster.errors import ClusterError, FrameError, MessageError, Registratio
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
 from flcluster.runtime.addresses import advertised_address
-from flcluster.runtime.leader import EpochClock, FollowerSession, Leader, LeaderOptions, LocalLeaderChannel
+from flcluster.runtime.driver import EpochClock, Leader, LocalLeaderChannel
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
-from flcluster.runtime.rounds import RoundService
+from flcluster.runtime.options import LeaderOptions
+from flcluster.runtime.peer_follower import FollowerSession
+from flcluster.runtime.rounds import LeaderLine, RoundService
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
@@ -133,6 +146,23 @@ class JobSettings:
 
 
 @attrs.frozen
+class RoleKey:
+    """What decides a Server's role: its rank and who (and where) the leader is.
+
+    Attributes:
+        rank: This Server's rank (0: it leads).
+        leader_id: The rank-0 member's node id ("" while unknown).
+        leader_host: Where the leader's peer listener is.
+        leader_port: Its port.
+    """
+
+    rank: int
+    leader_id: str
+    leader_host: str
+    leader_port: int
+
+
+@attrs.frozen
 class ServerStarted:
     """Reported by :meth:`ServerNode.serve` once the Server is fully up."""
 
@@ -147,11 +177,22 @@ class ServerNode:
     def __init__(self, settings: ServerSettings, job: JobSettings) -> None:
         self.settings = settings
         self.job = job
+        self.line = LeaderLine()
         self.rounds = RoundService(
-            spec=job.spec, initial=job.initial, plan=job.plan, device=job.device, keep=job.model_keep
+            spec=job.spec,
+            initial=job.initial,
+            plan=job.plan,
+            device=job.device,
+            line=self.line,
+            keep=job.model_keep,
         )
+        #: The iteration machine, made the first time this Server leads and kept across role restarts.
+        self.machine: IterationMachine | None = None
+        #: The leader role's driver while this Server leads, else None.
         self.leader: Leader | None = None
-        self._leader_up = trio.Event()
+        #: The roles this Server has started, in order (for logs and tests).
+        self.roles: list[RoleKey] = []
+        self._role_changed = trio.Event()
         self.host = settings.advertise_host or advertised_address(settings.scheduler_host)
         self.rank: int | None = None
         self.cluster_state = ClusterState.CLUSTER_STARTING
@@ -173,21 +214,8 @@ class ServerNode:
             self.peer_port = listeners[0].socket.getsockname()[1]
             await nursery.start(self._run_scheduler_link)
             await self._ready.wait()
+            await nursery.start(self._supervise_role)
             assert self.rank is not None
-            if self.rank == 0:
-                self.leader = Leader(
-                    IterationMachine(self.job.iteration),
-                    self.rounds,
-                    EpochClock(),
-                    self_id=self.settings.node_id,
-                    members=lambda: [(m.rank, m.node_id) for m in self.members],
-                    options=self.job.leader,
-                )
-                await nursery.start(self.leader.run)
-                self.rounds.leader = LocalLeaderChannel(self.leader)
-                self._leader_up.set()
-            else:
-                await nursery.start(self._run_leader_link)
             app = create_device_app(
                 self.rounds, url_prefix=self.settings.url_prefix, max_body=self.settings.max_device_body
             )
@@ -201,6 +229,11 @@ class ServerNode:
     async def wait_started(self) -> None:
         """Wait until this Server has logged ``Server started successfully.``."""
         await self._started.wait()
+
+    async def wait_role(self, key: RoleKey) -> None:
+        """Wait until the role last started is ``key`` (the leader running, or the follower synced)."""
+        while not (self.roles and self.roles[-1] == key):
+            await self._role_changed.wait()
 
     # -------------------------------------------------------------------------- scheduler link
 
@@ -323,25 +356,91 @@ class ServerNode:
         """The rank-0 member, once the membership is known."""
         return next((m for m in self.members if m.rank == 0), None)
 
+    def role_key(self) -> RoleKey:
+        """The role the current membership gives this Server."""
+        assert self.rank is not None, "the rank is known once registered"
+        leader = self.leader_member()
+        if leader is None:
+            return RoleKey(self.rank, "", "", 0)
+        return RoleKey(self.rank, leader.node_id, leader.host, leader.port)
+
+    # ------------------------------------------------------------------------------- role scope
+
+    async def _supervise_role(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the role the membership gives; cancel and restart it whenever that changes.
+
+        Reports started once the first role is up (the leader running, or a follower synced), so the
+        device port opens on a Server that can count. Spec: cluster-protocol.md, "Role scope".
+        """
+        started = False
+        while True:
+            key = self.role_key()
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as role:
+                    role.start_soon(self._watch_role, key, scope)
+                    await role.start(self._run_role, key)
+                    self.roles.append(key)
+                    self._role_changed.set()
+                    self._role_changed = trio.Event()
+                    if not started:
+                        started = True
+                        task_status.started()
+            log.info("the membership changed this Server's role (was %s); restarting it", key)
+
+    async def _watch_role(self, key: RoleKey, scope: trio.CancelScope) -> None:
+        while self.role_key() == key:
+            await self._membership_changed.wait()
+        scope.cancel()
+
+    async def _run_role(
+        self, key: RoleKey, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        if key.rank == 0:
+            await self._lead(task_status=task_status)
+        else:
+            await self._run_leader_link(key, task_status=task_status)
+
+    async def _lead(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The leader role: drive the iteration machine and count for the whole cluster."""
+        if self.machine is None:
+            self.machine = IterationMachine(
+                self.job.iteration, participation_levels=self.job.leader.participation_levels
+            )
+        leader = Leader(
+            self.machine,
+            self.rounds,
+            EpochClock(),
+            self_id=self.settings.node_id,
+            members=lambda: [(m.rank, m.node_id) for m in self.members],
+            options=self.job.leader,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(leader.run)
+                self.leader = leader
+                with self.line.attach(LocalLeaderChannel(leader)):
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            if self.leader is leader:
+                self.leader = None
+
     # ------------------------------------------------------------------------------ peer links
 
     async def _run_leader_link(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, key: RoleKey, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Keep this follower's link to the leader; reconnect when it breaks.
+        """The follower role: keep this follower's link to the leader; reconnect when it breaks.
 
         Reports started once the leader has sent the iteration status and the current model, so the
         device port never opens on a Server that cannot count.
         """
         started = False
         while True:
-            leader = self.leader_member()
-            assert leader is not None
-            stream = await self._connect(leader.host, leader.port, "leader (rank 0)")
+            stream = await self._connect(key.leader_host, key.leader_port, "leader (rank 0)")
             link = FramedLink(stream, max_frame=self.settings.max_message_size)
             try:
-                assert self.rank is not None
-                await link.send(PeerHello(node_id=self.settings.node_id, rank=self.rank))
+                await link.send(PeerHello(node_id=self.settings.node_id, rank=key.rank))
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
                     reply, _ = await link.receive()
                 if not isinstance(reply, PeerHelloReply):
@@ -352,18 +451,17 @@ class ServerNode:
                 async def synced(session: FollowerSession = session) -> None:
                     nonlocal started
                     await session.wait_synced()
-                    self.rounds.leader = session
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await trio.sleep_forever()
+                    with self.line.attach(session):
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await trio.sleep_forever()
 
                 lost = await run_session(session.run, synced, partial(self._ping, link))
                 log.warning("lost the link to the leader (%s); reconnecting", lost or "closed")
             except (LinkClosed, FrameError, trio.TooSlowError) as exc:
                 log.warning("lost the link to the leader (%s); reconnecting", exc)
             finally:
-                self.rounds.leader = None
                 await link.aclose()
             await trio.sleep(self.settings.connect_interval)
 
@@ -386,12 +484,15 @@ class ServerNode:
                     return
                 # The follower may have its membership before this leader has (the Scheduler sends
                 # it to each Server in turn): wait for it, within the handshake deadline.
-                await self._leader_up.wait()
+                while self.leader is None:
+                    await self._role_changed.wait()
                 while not any(m.node_id == msg.node_id for m in self.members):
                     await self._membership_changed.wait()
-            assert self.leader is not None and self.rank is not None
+            leader = self.leader
+            if leader is None or self.rank is None:
+                return  # the leader role ended during the handshake: the follower retries
             await link.send(PeerHelloReply(node_id=self.settings.node_id, rank=self.rank))
-            await self.leader.serve_follower(link, msg.node_id, msg.rank)
+            await leader.serve_follower(link, msg.node_id, msg.rank)
         except (LinkClosed, FrameError, trio.TooSlowError):
             pass
         finally:

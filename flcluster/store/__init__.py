@@ -11,8 +11,7 @@ it acknowledges anything that depends on it.
 
 from __future__ import annotations
 
-from flcluster.store.api import RecoveryStore, store_file
-from flcluster.store.errors import (
+from flcluster.errors import (
     StoreClosed,
     StoreCorrupt,
     StoreError,
@@ -23,6 +22,7 @@ from flcluster.store.errors import (
     StoreWriteError,
     TransitionRefused,
 )
+from flcluster.store.api import RecoveryStore, store_file
 from flcluster.store.memory import MemoryStore, MemoryVolume, open_memory_store
 from flcluster.store.records import (
     FoldedUpdate,

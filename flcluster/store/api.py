@@ -18,7 +18,7 @@ bounded time, so that when it returns or raises the caller knows whether the tra
 Each node has its own store file, named by :func:`store_file` from the directory in the configuration,
 the role and the node id: several Servers on one host share one ``config.json`` and one directory but
 never a file (a second opener of a file is refused with
-:class:`~flcluster.store.errors.StoreLocked`).
+:class:`~flcluster.errors.StoreLocked`).
 """
 
 from __future__ import annotations

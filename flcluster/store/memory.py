@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from flcluster.store.errors import StoreClosed, StoreForeign, StoreLocked
+from flcluster.errors import StoreClosed, StoreForeign, StoreLocked
 from flcluster.store.records import (
     NodeIdentity,
     StoreContents,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from flcluster.store.errors import TransitionRefused
+from flcluster.errors import TransitionRefused
 
 
 class StoreRole(enum.StrEnum):
@@ -258,7 +258,7 @@ class StoreStatistics:
     Attributes:
         transitions: transitions committed.
         transactions: transactions committed (fewer than ``transitions`` when writes were grouped).
-        refused: transitions refused (:class:`~flcluster.store.errors.TransitionRefused`) or failed.
+        refused: transitions refused (:class:`~flcluster.errors.TransitionRefused`) or failed.
         largest_group: the most transitions one transaction committed.
     """
 
@@ -368,7 +368,7 @@ def apply_transition(contents: StoreContents, transition: Transition) -> StoreCo
 
 
 def identity_mismatch(stored: NodeIdentity, opener: NodeIdentity) -> tuple[str, str]:
-    """The problem and the remedy of a :class:`~flcluster.store.errors.StoreForeign` refusal.
+    """The problem and the remedy of a :class:`~flcluster.errors.StoreForeign` refusal.
 
     Names every field in which the store's identity and the opener's differ, with both values.
     """

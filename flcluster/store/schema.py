@@ -13,7 +13,7 @@ version, whole. Version 0 is an empty database: migration 0 creates the version 
   fl_ids of the running sum move to a table of their own (``partial_fl_ids``, one row per fold), since
   rewriting a JSON list that grows by one fl_id per update costs O(n) per update, O(n²) per iteration.
 
-A file of a version above :data:`SCHEMA_VERSION` is refused (:class:`~flcluster.store.errors.StoreTooNew`),
+A file of a version above :data:`SCHEMA_VERSION` is refused (:class:`~flcluster.errors.StoreTooNew`),
 never downgraded.
 """
 

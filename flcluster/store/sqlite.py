@@ -27,7 +27,7 @@ acknowledged is never silently lost", with no exception for the host going down,
 fsyncs the WAL (``FULL``). Group commit is what makes ``FULL`` affordable: one fsync covers a whole
 group (see tests/benchmarks/test_bench_store.py for the figures). ``locking_mode=EXCLUSIVE``: the file
 is held for as long as the store is open, so a second node given the same file is refused
-(:class:`~flcluster.store.errors.StoreLocked`) instead of writing over the first, and the WAL index
+(:class:`~flcluster.errors.StoreLocked`) instead of writing over the first, and the WAL index
 lives in heap memory (no ``-shm`` file).
 
 **Opening** (spec/store.md, "Opening"). A missing file is created whole: the schema and the identity
@@ -54,7 +54,7 @@ import attrs
 import sqlite_utils
 import trio
 
-from flcluster.store.errors import (
+from flcluster.errors import (
     StoreClosed,
     StoreCorrupt,
     StoreError,

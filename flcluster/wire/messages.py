@@ -6,18 +6,22 @@ field is present, of the declared type, and that there are no extra fields. A fr
 checks raises :class:`~flcluster.errors.MessageError` and changes nothing: the receiver answers with
 :class:`ErrorReply` (or drops the connection) and carries on.
 
-Field types are limited to ``str``, ``int``, ``bool``, ``float`` and tuples of a nested message record,
-which is all the cluster protocol needs and keeps the checker small.
+Field types are limited to ``str``, ``int``, ``bool``, ``float``, enums (sent as their value; a value
+that is not one of the enum's is refused) and tuples of a nested message record, which is all the
+cluster protocol needs and keeps the checker small. What a field can only take from a closed set
+(an operation, an answer's kind, a phase) is an enum, never a free string.
 """
 
 from __future__ import annotations
 
+import enum
 import types
 import typing
 from typing import Any, ClassVar, TypeVar
 
 import attrs
 
+from flcluster.core.iteration import InstanceState, Phase
 from flcluster.errors import MessageError
 from flcluster.wire.frames import Frame
 
@@ -35,6 +39,24 @@ def register(cls: type[M]) -> type[M]:
         raise RuntimeError(f"message type {name!r} registered twice")
     _REGISTRY[name] = cls
     return cls
+
+
+# ------------------------------------------------------------------------------------- enums
+
+
+class CountOp(enum.StrEnum):
+    """The device request a :class:`LeaderCall` counts (the round's name on the device API)."""
+
+    START_FL_JOB = "startFLJob"
+    UPDATE_MODEL = "updateModel"
+
+
+class AnswerKind(enum.StrEnum):
+    """What a :class:`LeaderAnswer` carries: an acceptance, a rejection, or a plain-text body."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    PLAIN = "plain"
 
 
 # ----------------------------------------------------------------------------------- records
@@ -201,11 +223,11 @@ class PeerPing:
 @register
 @attrs.frozen
 class LeaderCall:
-    """Follower → leader: the counting part of a device request (``op`` startFLJob or updateModel)."""
+    """Follower → leader: the counting part of a device request."""
 
     TYPE: ClassVar[str] = "leader_call"
     call_id: int
-    op: str
+    op: CountOp
     fl_id: str
     data_size: int
     iteration: int
@@ -223,7 +245,7 @@ class LeaderAnswer:
 
     TYPE: ClassVar[str] = "leader_answer"
     call_id: int
-    kind: str
+    kind: AnswerKind
     retcode: int
     reason: str
     iteration: int
@@ -239,8 +261,8 @@ class IterationStatus:
 
     TYPE: ClassVar[str] = "iteration_status"
     iteration: int
-    phase: str
-    instance_state: str
+    phase: Phase
+    instance_state: InstanceState
     next_req_time_ms: int
 
 
@@ -338,6 +360,8 @@ def to_header(msg: Any) -> dict[str, Any]:
 
 
 def _to_json(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     if attrs.has(type(value)):
@@ -387,6 +411,11 @@ def _check(hint: Any, value: Any, where: str) -> Any:
         return tuple(_check(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(hint, type) and attrs.has(hint):
         return _build(hint, value, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        known = [m.value for m in hint]
+        if isinstance(value, bool) or value not in known:
+            raise MessageError(f"{where}: expected one of {known}, got {value!r:.80}")
+        return hint(value)
     if hint is bool:
         if not isinstance(value, bool):
             raise MessageError(f"{where}: expected a bool, got {value!r:.80}")

@@ -696,7 +696,10 @@ def _repair(kwargs: dict[str, Any]) -> dict[str, Any]:
         fixed["upload_compress_type"] = "NO_COMPRESS"
     low, high = sorted([value("heartbeat_interval"), value("heartbeat_timeout")])
     if not low < high:
+        # Double the larger bound, or halve the smaller one where doubling would overflow to inf.
         high = low * 2
+        if math.isinf(high):
+            low, high = low / 2, low
     if (low, high) != (value("heartbeat_interval"), value("heartbeat_timeout")):
         fixed["heartbeat_interval"], fixed["heartbeat_timeout"] = low, high
     if value("server_mode") == "HYBRID_TRAINING" or (

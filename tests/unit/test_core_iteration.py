@@ -52,6 +52,7 @@ from flcluster.core.iteration import (
     RoundCounts,
     StartFLJobReceived,
     UpdateModelReceived,
+    Visits,
     WindowClosed,
     WindowKind,
     update_model_threshold,
@@ -107,11 +108,21 @@ def assert_refused_unchanged(m: IterationMachine, event: Event, match: str) -> N
     assert m.snapshot() == before
 
 
+def counted(before: it.IterationSnapshot, event: Event) -> it.IterationSnapshot:
+    """``before`` after a refused device request: only the visits' count of its round moved."""
+    v = before.visits
+    if isinstance(event, StartFLJobReceived):
+        v = attrs.evolve(v, start_fl_job_total=v.start_fl_job_total + 1)
+    elif isinstance(event, UpdateModelReceived):
+        v = attrs.evolve(v, update_model_total=v.update_model_total + 1)
+    return attrs.evolve(before, visits=v)
+
+
 def assert_rejected_unchanged(m: IterationMachine, event: Event) -> Rejected:
     before = m.snapshot()
     out = m.handle(event)
     assert out.instructions == ()
-    assert m.snapshot() == before
+    assert m.snapshot() == counted(before, event)
     return rejected(out)
 
 
@@ -123,6 +134,17 @@ def run_to_aggregating(m: IterationMachine, now: int = T0) -> None:
     for i in range(cfg.update_model_threshold):
         accepted(m.handle(update(f"d{i}", m.current_iteration, now)))
     assert m.phase is Phase.AGGREGATING
+
+
+#: The visits of :func:`run_to_aggregating` on the default config: 3 startFLJob and 2 updateModel, all
+#: accepted, every update within the first participation level.
+AGG_VISITS = Visits(
+    start_fl_job_total=3,
+    start_fl_job_accept=3,
+    update_model_total=2,
+    update_model_accept=2,
+    participation=(2, 0, 0),
+)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -395,7 +417,7 @@ def test_aggregation_done_completes_and_advances_the_iteration() -> None:
     m = make_machine()
     run_to_aggregating(m)
     out = m.handle(AggregationDone("agg", 1, T0 + 500))
-    assert out == Outcome(None, (IterationCompleted("agg", 1, T0, T0 + 500, 2),))
+    assert out == Outcome(None, (IterationCompleted("agg", 1, T0, T0 + 500, 2, AGG_VISITS),))
     assert m.current_iteration == 2
     assert m.phase is Phase.WAITING
     assert m.counts() == RoundCounts(2, 0, 3, 0, 2)
@@ -431,7 +453,7 @@ def test_aggregation_failed_fails_the_iteration() -> None:
     out = m.handle(AggregationFailed("agg", 1, "partial sums lost", T0 + 9))
     assert out.instructions == (
         DiscardPartials("agg", 1),
-        IterationFailed("agg", 1, "partial sums lost", T0, T0 + 9, 2, 1),
+        IterationFailed("agg", 1, "partial sums lost", T0, T0 + 9, 2, 1, AGG_VISITS),
     )
     assert m.current_iteration == 2
 
@@ -457,6 +479,13 @@ def test_start_window_closing_before_threshold_fails_the_iteration() -> None:
             T0 + SW,
             2,
             1,
+            Visits(
+                start_fl_job_total=1,
+                start_fl_job_accept=1,
+                update_model_total=1,
+                update_model_accept=1,
+                participation=(1, 0, 0),
+            ),
         ),
     )
     assert m.current_iteration == 2
@@ -593,7 +622,7 @@ def test_job_finishes_after_fl_iteration_num_iterations_failed_ones_included() -
     run_to_aggregating(m)
     out = m.handle(AggregationDone("agg", 2, T0 + SW + 5))
     assert out.instructions == (
-        IterationCompleted("agg", 2, T0, T0 + SW + 5, 3),
+        IterationCompleted("agg", 2, T0, T0 + SW + 5, 3, AGG_VISITS),
         InstanceStateChanged("agg", InstanceState.RUNNING, InstanceState.FINISHED),
     )
     assert m.state is InstanceState.FINISHED
@@ -601,7 +630,7 @@ def test_job_finishes_after_fl_iteration_num_iterations_failed_ones_included() -
     for event in (start("z"), update("z", 3)):
         before = m.snapshot()
         assert m.handle(event) == Outcome(PlainText("The server's training job is disabled or finished."))
-        assert m.snapshot() == before
+        assert m.snapshot() == counted(before, event)
     assert_refused_unchanged(m, EnableRequested("op", T0), "The instance is completed and cannot be enabled.")
     assert_refused_unchanged(
         m, DisableRequested("op", T0), "The instance is completed and cannot be disabled."
@@ -628,7 +657,16 @@ def test_disable_force_fails_a_running_iteration() -> None:
         DisarmWindow("op", START, 1),
         DisarmWindow("op", GLOBAL, 1),
         DiscardPartials("op", 1),
-        IterationFailed("op", 1, "Forcibly move to next iteration.", T0, T0 + 50, 2, 1),
+        IterationFailed(
+            "op",
+            1,
+            "Forcibly move to next iteration.",
+            T0,
+            T0 + 50,
+            2,
+            1,
+            Visits(start_fl_job_total=1, start_fl_job_accept=1),
+        ),
         InstanceStateChanged("op", InstanceState.RUNNING, InstanceState.DISABLED),
     )
     assert m.state is InstanceState.DISABLED
@@ -670,7 +708,7 @@ def test_disable_while_aggregating_lets_the_aggregation_finish() -> None:
     assert out.instructions == (InstanceStateChanged("op", InstanceState.RUNNING, InstanceState.DISABLED),)
     assert m.phase is Phase.AGGREGATING
     out = m.handle(AggregationDone("agg", 1, T0 + 2))
-    assert out.instructions == (IterationCompleted("agg", 1, T0, T0 + 2, 2),)
+    assert out.instructions == (IterationCompleted("agg", 1, T0, T0 + 2, 2, AGG_VISITS),)
     assert m.state is InstanceState.DISABLED
 
 
@@ -778,6 +816,81 @@ def test_from_snapshot_refuses_windows_that_do_not_fit_the_counters() -> None:
     assert "updateModel window is armed exactly once" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"completed": (1,)}, "must together hold each iteration before 1 exactly once"),
+        ({"visits": Visits()}, "must count the 1 devices and 0 updates held"),
+        ({"visits": Visits(start_fl_job_total=0, start_fl_job_accept=1)}, "accept no more requests"),
+        ({"participation_levels": (15, 5)}, "participation_levels must be two ints 0 < a < b"),
+    ],
+)
+def test_from_snapshot_refuses_inconsistent_bookkeeping(changes: dict[str, Any], message: str) -> None:
+    m = make_machine()
+    m.handle(start("a"))
+    with pytest.raises(ValueError, match=message):
+        IterationMachine.from_snapshot(_evolve_snapshot(m, **changes))
+
+
+def test_from_snapshot_refuses_ended_iterations_that_do_not_fit() -> None:
+    m = make_machine()
+    m.handle(start("a"))
+    m.handle(WindowClosed("t", START, 1, T0 + SW))  # iteration 1 fails
+    assert m.failed == (1,) and m.completed == ()
+    with pytest.raises(ValueError, match="consecutive_failures 0 must count the failed iterations"):
+        IterationMachine.from_snapshot(_evolve_snapshot(m, consecutive_failures=0))
+    with pytest.raises(ValueError, match="exactly once"):
+        IterationMachine.from_snapshot(_evolve_snapshot(m, completed=(1,)))
+
+
+def test_participation_levels_are_refused_unless_ascending_and_positive() -> None:
+    for levels in [(0, 5), (5, 5), (7, 3), (1, 2, 3)]:
+        with pytest.raises(ValueError, match="participation_levels"):
+            IterationMachine(make_config(), participation_levels=levels)  # type: ignore[arg-type]
+
+
+def test_visits_count_every_request_and_bucket_participation() -> None:
+    m = IterationMachine(
+        make_config(start_fl_job_threshold=4, update_model_ratio=0.75), participation_levels=(1, 3)
+    )
+    for f in "abcd":
+        accepted(m.handle(start(f)))
+    rejected(m.handle(start("a", now=T0 + 1)))  # a second startFLJob of "a": counted, refused
+    minute = 60_000
+    accepted(m.handle(UpdateModelReceived("u", "a", 1, T0 + minute - 1, 0.5, 0.25)))  # under level 1
+    rejected(m.handle(UpdateModelReceived("u", "a", 1, T0 + minute, 9.0, 9.0)))  # repeated: not summed
+    accepted(m.handle(UpdateModelReceived("u", "b", 1, T0 + minute, 1.5, 0.75)))  # under level 2
+    accepted(m.handle(UpdateModelReceived("u", "c", 1, T0 + 3 * minute, 1.0, 0.5)))  # the rest
+    assert m.in_safemode
+    assert m.visits == Visits(
+        start_fl_job_total=5,
+        start_fl_job_accept=4,
+        update_model_total=4,
+        update_model_accept=3,
+        loss_sum=3.0,
+        accuracy_sum=1.5,
+        participation=(1, 1, 1),
+    )
+    restored = IterationMachine.from_snapshot(m.snapshot())
+    assert restored.visits == m.visits
+    out = restored.handle(AggregationDone("agg", 1, T0 + 4 * minute, 7, 5))
+    done = out.instructions[0]
+    assert isinstance(done, IterationCompleted)
+    assert done.visits == attrs.evolve(m.visits, get_model_total=7, get_model_accept=5)
+    assert restored.visits == Visits()
+    assert restored.completed == (1,) and restored.has_ended(1) and not restored.has_ended(2)
+
+
+def test_aggregation_failed_carries_the_get_model_counts_collected() -> None:
+    m = make_machine()
+    run_to_aggregating(m)
+    out = m.handle(AggregationFailed("agg", 1, "lost", T0 + 9, 2, 1))
+    failed = out.instructions[-1]
+    assert isinstance(failed, IterationFailed)
+    assert failed.visits == attrs.evolve(AGG_VISITS, get_model_total=2, get_model_accept=1)
+    assert m.failed == (1,)
+
+
 # ------------------------------------------------------------------------------------------ records
 
 
@@ -872,6 +985,7 @@ class IterationRules(RuleBasedStateMachine):
                 min_retry_delay_ms=min_delay,
             )
         )
+        self.tally = Visits()
 
     # ----------------------------------------------------------------------------- the driver
 
@@ -884,10 +998,11 @@ class IterationRules(RuleBasedStateMachine):
             assert self.m.snapshot() == before, "an illegal event changed the machine"
             return None
         reply = out.reply
+        self.count(event, reply)
         if isinstance(reply, Accepted | Rejected):
             assert reply.next_req_time_ms > event.now_ms, (reply, event)
         if isinstance(reply, Rejected | PlainText) or (reply is None and not out.instructions):
-            assert self.m.snapshot() == before, "a refusal changed the machine"
+            assert self.m.snapshot() == counted(before, event), "a refusal changed the machine"
         if isinstance(reply, Accepted):
             assert reply.iteration == iteration
             assert iteration not in self.ended, "accepted a request for an iteration that had ended"
@@ -901,6 +1016,32 @@ class IterationRules(RuleBasedStateMachine):
         for instruction in out.instructions:
             self.carry_out(instruction, iteration)
         return out
+
+    def count(self, event: Event, reply: object) -> None:
+        """The driver's own tally of the current iteration's visits (the machine must agree)."""
+        t, ok = self.tally, isinstance(reply, Accepted)
+        match event:
+            case StartFLJobReceived():
+                t = attrs.evolve(
+                    t,
+                    start_fl_job_total=t.start_fl_job_total + 1,
+                    start_fl_job_accept=t.start_fl_job_accept + ok,
+                )
+            case UpdateModelReceived():
+                t = attrs.evolve(
+                    t,
+                    update_model_total=t.update_model_total + 1,
+                    update_model_accept=t.update_model_accept + ok,
+                    loss_sum=t.loss_sum + event.upload_loss * ok,
+                    accuracy_sum=t.accuracy_sum + event.upload_accuracy * ok,
+                )
+            case AggregationDone() | AggregationFailed():
+                t = attrs.evolve(
+                    t,
+                    get_model_total=t.get_model_total + event.get_model_total,
+                    get_model_accept=t.get_model_accept + event.get_model_accept,
+                )
+        self.tally = t
 
     def carry_out(self, instruction: object, iteration: int) -> None:
         match instruction:
@@ -931,6 +1072,10 @@ class IterationRules(RuleBasedStateMachine):
                     "timers left armed after the iteration ended"
                 )
                 self.ended[i] = "completed" if isinstance(instruction, IterationCompleted) else "failed"
+                v = instruction.visits
+                assert attrs.evolve(v, participation=(0, 0, 0)) == self.tally, "visits differ from the tally"
+                assert sum(v.participation) == v.update_model_accept
+                self.tally = Visits()
                 if isinstance(instruction, IterationCompleted):
                     assert self.pending_aggregation == i
                     assert len(self.acknowledged.get(i, {})) == self.m.config.update_model_threshold
@@ -960,7 +1105,10 @@ class IterationRules(RuleBasedStateMachine):
     @rule(data=st.data())
     def joined_device_uploads(self, data: st.DataObject) -> None:
         fl_id = data.draw(st.sampled_from(self.joined()))
-        self.feed(UpdateModelReceived("update", fl_id, self.m.current_iteration, self.now))
+        loss = data.draw(st.sampled_from([0.0, 0.5, 2.0]))
+        self.feed(
+            UpdateModelReceived("update", fl_id, self.m.current_iteration, self.now, loss, 1 - loss / 4)
+        )
 
     @precondition(lambda self: bool(self.acknowledged.get(self.m.current_iteration)))
     @rule(data=st.data())
@@ -995,12 +1143,14 @@ class IterationRules(RuleBasedStateMachine):
             assert self.m.current_iteration == iteration + 1
 
     @precondition(lambda self: self.pending_aggregation is not None)
-    @rule(ok=st.sampled_from([True, True, True, False]))
-    def aggregation_result(self, ok: bool) -> None:
+    @rule(ok=st.sampled_from([True, True, True, False]), gets=st.integers(0, 3))
+    def aggregation_result(self, ok: bool, gets: int) -> None:
         i = self.pending_aggregation
         assert i is not None
         event: Event = (
-            AggregationDone("agg", i, self.now) if ok else AggregationFailed("agg", i, "lost", self.now)
+            AggregationDone("agg", i, self.now, gets + 1, gets)
+            if ok
+            else AggregationFailed("agg", i, "lost", self.now, gets, gets // 2)
         )
         assert self.feed(event) is not None
         assert self.ended[i] == ("completed" if ok else "failed")
@@ -1092,6 +1242,14 @@ class IterationRules(RuleBasedStateMachine):
     @invariant()
     def next_req_time_is_in_the_future(self) -> None:
         assert self.m.next_req_time_ms(self.now) > self.now
+
+    @invariant()
+    def ended_iterations_and_visits_are_the_machines(self) -> None:
+        assert self.m.completed == tuple(i for i in sorted(self.ended) if self.ended[i] == "completed")
+        assert self.m.failed == tuple(i for i in sorted(self.ended) if self.ended[i] == "failed")
+        assert attrs.evolve(self.m.visits, participation=(0, 0, 0)) == self.tally
+        assert all(self.m.has_ended(i) for i in self.ended)
+        assert not self.m.has_ended(self.m.current_iteration)
 
     @invariant()
     def snapshot_round_trip_is_equal(self) -> None:

@@ -44,8 +44,8 @@ import numpy as np
 import pytest
 import trio
 
-from flcluster.core.iteration import IterationMachine, Phase
-from flcluster.runtime.leader import Leader
+from flcluster.core.iteration import IterationMachine, IterationSnapshot, Phase, Visits
+from flcluster.runtime.driver import Leader
 from flcluster.runtime.scheduler import SchedulerNode
 from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import (
@@ -111,6 +111,10 @@ class Cluster:
     def machine(self) -> IterationMachine:
         """The leader's iteration machine: the cluster's counters and declared data sizes."""
         return self.leader.machine
+
+    def state(self) -> IterationSnapshot:
+        """The leader's iteration state but its metrics visits (which count refused requests too)."""
+        return attrs.evolve(self.machine.snapshot(), visits=Visits())
 
 
 @asynccontextmanager
@@ -295,25 +299,25 @@ class Devices:
     ) -> tuple[int, str]:
         """Send a bad request: a protocol answer with one of ``retcodes``, a reason starting with one of
         ``reasons``, and the leader's state exactly as before."""
-        before = self.cluster.machine.snapshot()
+        before = self.cluster.state()
         retcode, reason = await self.ask(path, body, what)
         assert retcode in retcodes, (what, retcode, reason)
         assert reason.startswith(tuple(reasons)), (what, reason)
-        assert self.cluster.machine.snapshot() == before, what
+        assert self.cluster.state() == before, what
         self.checked += 1
         return retcode, reason
 
     async def malformed(self, path: str, body: bytes, what: str) -> None:
         """A body that is no well-formed request of ``path``: RequestError with the decoder's reason."""
         if path == GET:
-            before = self.cluster.machine.snapshot()
+            before = self.cluster.state()
             retcode, reason = await self.ask(path, body, what)
             # A getModel body can decode by chance (every field is optional); it changes nothing anyway.
             if retcode == ResponseCode.RequestError:
                 assert reason.startswith(INVALID[GET]), (what, reason)
             else:
                 assert retcode in (ResponseCode.SUCCEED, ResponseCode.SucNotReady), (what, retcode)
-            assert self.cluster.machine.snapshot() == before, what
+            assert self.cluster.state() == before, what
             self.checked += 1
             return
         await self.refused(path, body, [ResponseCode.RequestError], MALFORMED[path], what)
@@ -528,7 +532,7 @@ async def test_malformed_bodies_get_protocol_answers_and_change_nothing(
         for fl_id in devices[:6]:
             await fleet.start(fl_id, 1)
         assert await fleet.upload("device-0", 1, fleet.weights("device-0")) == ResponseCode.SUCCEED
-        before = cluster.machine.snapshot()
+        before = cluster.state()
         assert (len(before.devices), before.updated, before.phase) == (6, ("device-0",), Phase.RUNNING)
 
         # An empty body: the original's HTTP 500 JSON, whatever the method.
@@ -553,7 +557,7 @@ async def test_malformed_bodies_get_protocol_answers_and_change_nothing(
                     body = response.json()
                     assert set(body) == {"error_message", "code"} and body["code"] == "1", body
                     assert body["error_message"].startswith("413 Request Entity Too Large"), body
-                    assert cluster.machine.snapshot() == before, path
+                    assert cluster.state() == before, path
 
         # Random bytes (one body of exactly max_device_body bytes among them).
         for path in (START, UPDATE, GET):
@@ -594,7 +598,7 @@ async def test_malformed_bodies_get_protocol_answers_and_change_nothing(
         ).content
         update_answer = (await fleet.post(UPDATE, update_request.replace(b"device-1", b"device-0"))).content
         get_answer = (await fleet.post(GET, get_request)).content
-        assert cluster.machine.snapshot() == before
+        assert cluster.state() == before
         others = {
             START: [get_request, start_answer, update_answer, get_answer],
             UPDATE: [start_request, get_request, start_answer, update_answer, get_answer],
@@ -679,13 +683,13 @@ async def test_malformed_bodies_get_protocol_answers_and_change_nothing(
             )
         for i, body in enumerate(mutants(get_request, rng, 60)):
             await fleet.malformed(GET, body, f"mutated getModel #{i}")
-        assert cluster.machine.snapshot() == before
+        assert cluster.state() == before
 
         # The other half joins; the startFLJob round is closed, so a mutated startFLJob that still
         # decodes is refused by the count (and any other is malformed).
         for fl_id in devices[6:]:
             await fleet.start(fl_id, 1)
-        closed = cluster.machine.snapshot()
+        closed = cluster.state()
         for i, body in enumerate(mutants(start_request, rng, 150)):
             await fleet.refused(
                 START,
@@ -694,7 +698,7 @@ async def test_malformed_bodies_get_protocol_answers_and_change_nothing(
                 [*MALFORMED[START], "Current amount for startFLJob has reached the threshold."],
                 f"mutated startFLJob #{i}",
             )
-        assert cluster.machine.snapshot() == closed
+        assert cluster.state() == closed
 
         # Iteration 1 completes; its model is FedAvg of exactly the acknowledged updates.
         async with trio.open_nursery() as nursery:

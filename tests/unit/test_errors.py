@@ -38,6 +38,15 @@ EXPECTED = {
     "DeviceTransportError": (OURS, 503),
     "DeviceHTTPError": (OURS, 502),
     "ModelUnavailable": (OURS, 503),
+    "StoreError": (OURS, 500),
+    "StoreOpenError": (THEIRS, 409),
+    "StoreCorrupt": (THEIRS, 409),
+    "StoreForeign": (THEIRS, 409),
+    "StoreTooNew": (THEIRS, 409),
+    "StoreLocked": (THEIRS, 409),
+    "TransitionRefused": (OURS, 500),
+    "StoreClosed": (OURS, 500),
+    "StoreWriteError": (OURS, 503),
 }
 
 
@@ -52,7 +61,7 @@ def error_classes() -> dict[str, type[BaseException]]:
 def test_every_error_in_errors_py_has_the_expected_fault_and_status_hint() -> None:
     found = error_classes()
     assert set(found) == set(EXPECTED)
-    assert set(errors.__all__) == set(EXPECTED) | {"Fault"}
+    assert set(errors.__all__) == set(EXPECTED) | {"Fault", "NEVER_RESET", "FRESH_START"}
     for name, cls in found.items():
         assert issubclass(cls, FLClusterError), name
         assert (cls.fault, cls.status_hint) == EXPECTED[name], name

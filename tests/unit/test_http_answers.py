@@ -57,12 +57,14 @@ class Table:
 
 
 async def test_round_service_serves_the_standard_table_through_the_app() -> None:
-    from flcluster.runtime.rounds import RoundService
+    from flcluster.runtime.rounds import LeaderLine, RoundService
     from flcluster.wire.client_codec import decode_get_model_response, encode_get_model_request
     from tests.helpers import lenet_job
 
     job = lenet_job(threshold=1, iterations=1)
-    rounds: DeviceRounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device)
+    rounds: DeviceRounds = RoundService(
+        spec=job.spec, initial=job.initial, plan=job.plan, device=job.device, line=LeaderLine()
+    )
     assert list(rounds.routes()) == ["startFLJob", "updateModel", "getModel"]
     client = create_device_app(rounds, url_prefix="", max_body=1 << 20).test_client()
     response = await client.post(

@@ -16,8 +16,8 @@ import trio.testing
 
 from flcluster.config import ClusterConfig, FLContext, StorageConfig
 from flcluster.core.iteration import IterationMachine, Phase
-from flcluster.runtime.leader import EpochClock, Leader, LocalLeaderChannel
-from flcluster.runtime.rounds import RoundService
+from flcluster.runtime.driver import EpochClock, Leader, LocalLeaderChannel
+from flcluster.runtime.rounds import LeaderLine, RoundService
 from flcluster.settings import job_settings, leader_options
 from flcluster.wire.client_codec import (
     decode_get_model_response,
@@ -29,6 +29,15 @@ from flcluster.wire.client_codec import (
 )
 from flcluster.wire.codes import ResponseCode
 from tests.helpers import FL_NAME, lenet_context, lenet_job
+
+
+async def attached(
+    line: LeaderLine, leader: Leader, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Route the rounds' counting calls to ``leader`` until cancelled (as the Server's role scope does)."""
+    with line.attach(LocalLeaderChannel(leader)):
+        task_status.started()
+        await trio.sleep_forever()
 
 
 def start(fl_id: str, size: int) -> bytes:
@@ -47,7 +56,8 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     job = lenet_job(2, 5, start=10_000, update=20_000)
-    rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device)
+    line = LeaderLine()
+    rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device, line=line)
     clock = EpochClock()
     metrics = tmp_path / "metrics.json"
     ctx = lenet_context(2, 5, start=10_000, update=20_000).evolve(
@@ -64,10 +74,10 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
         members=lambda: [(0, "0")],
         options=options,
     )
-    rounds.leader = LocalLeaderChannel(leader)
     initial = {name: t.numpy().copy() for name, t in job.initial.items()}
     async with trio.open_nursery() as nursery:
         await nursery.start(leader.run)
+        await nursery.start(attached, line, leader)
 
         # Iteration 1: one device of the two needed joins; the startFLJob window (10 s) runs out.
         t0 = trio.current_time()
@@ -75,10 +85,10 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
         assert answer.retcode == ResponseCode.SUCCEED and answer.iteration == 1
         assert int(answer.next_req_time) > clock.now_ms()
         await trio.sleep_until(t0 + 10.0 - 0.001)
-        assert leader.machine.current_iteration == 1 and leader.failed == []
+        assert leader.machine.current_iteration == 1 and leader.failed == ()
         await trio.sleep_until(t0 + 10.0)
         await trio.testing.wait_all_tasks_blocked()
-        assert leader.failed == [1]
+        assert leader.failed == (1,)
         assert leader.machine.current_iteration == 2 and leader.machine.phase is Phase.WAITING
         # The model carries over: the failed iteration's model is the initial one.
         got = decode_get_model_response(
@@ -139,7 +149,8 @@ async def test_missed_threshold_fails_at_exactly_the_window_and_the_next_iterati
 
 async def test_update_window_expiring_fails_the_iteration(autojump_clock: trio.testing.MockClock) -> None:
     job = lenet_job(2, 5, start=10_000, update=20_000)
-    rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device)
+    line = LeaderLine()
+    rounds = RoundService(spec=job.spec, initial=job.initial, plan=job.plan, device=job.device, line=line)
     leader = Leader(
         IterationMachine(job.iteration),
         rounds,
@@ -148,17 +159,17 @@ async def test_update_window_expiring_fails_the_iteration(autojump_clock: trio.t
         members=lambda: [(0, "0")],
         options=job.leader,
     )
-    rounds.leader = LocalLeaderChannel(leader)
     async with trio.open_nursery() as nursery:
         await nursery.start(leader.run)
+        await nursery.start(attached, line, leader)
         for fl_id in ("a", "b"):
             await rounds.start_fl_job(start(fl_id, 5))
         t_closed = trio.current_time()  # the startFLJob round closed: the updateModel window is armed now
         maps = [(n, np.full(s, 5.0, np.float32)) for n, s in zip(job.spec.names, job.spec.sizes, strict=True)]
         await rounds.update_model(update("a", 1, maps))
         await trio.sleep_until(t_closed + 20.0 - 0.001)
-        assert leader.failed == []
+        assert leader.failed == ()
         await trio.sleep_until(t_closed + 20.0)
         await trio.testing.wait_all_tasks_blocked()
-        assert leader.failed == [1] and leader.machine.current_iteration == 2
+        assert leader.failed == (1,) and leader.machine.current_iteration == 2
         nursery.cancel_scope.cancel()

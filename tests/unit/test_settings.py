@@ -18,7 +18,7 @@ from flcluster.config import ClusterConfig, FLContext, StorageConfig, refuse_uni
 from flcluster.core.iteration import IterationConfig
 from flcluster.errors import ConfigError
 from flcluster.roles import run_role
-from flcluster.runtime.leader import LeaderOptions
+from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.scheduler import SchedulerSettings
 from flcluster.runtime.server import JobSettings, ServerSettings
 from flcluster.settings import (

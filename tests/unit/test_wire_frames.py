@@ -8,6 +8,7 @@ length must be refused after four bytes, and a well-framed message of the wrong 
 
 from __future__ import annotations
 
+import enum
 import itertools
 import json
 import typing
@@ -20,6 +21,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flcluster.core.iteration import InstanceState, Phase
 from flcluster.errors import FrameError, MessageError
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.wire import messages
@@ -34,8 +36,13 @@ from flcluster.wire.frames import (
 )
 from flcluster.wire.messages import (
     MAX_STRING,
+    AnswerKind,
+    CountOp,
     ErrorReply,
     HeartbeatMsg,
+    IterationStatus,
+    LeaderAnswer,
+    LeaderCall,
     Membership,
     Message,
     Register,
@@ -290,6 +297,8 @@ def records_of(cls: type[Any]) -> st.SearchStrategy[Any]:
         if typing.get_origin(hint) is tuple:
             (item, _ellipsis) = typing.get_args(hint)
             fields[field.name] = st.lists(records_of(item), max_size=4).map(tuple)
+        elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+            fields[field.name] = st.sampled_from(list(hint))
         else:
             fields[field.name] = SCALARS[hint]
     return st.builds(cls, **fields)
@@ -324,6 +333,8 @@ def values_of(cls: type[Any]) -> dict[str, Any]:
         if typing.get_origin(hint) is tuple:
             (item, _ellipsis) = typing.get_args(hint)
             values[field.name] = [values_of(item)]
+        elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+            values[field.name] = next(iter(hint)).value
         else:
             values[field.name] = {int: 1, str: "s", bool: True, float: 1.5}[hint]
     return values
@@ -367,6 +378,36 @@ WRONG_VALUES: dict[Any, list[Any]] = {
     float: [True, "1.5", None, [1.5]],
 }
 WRONG_LISTS = [{"rank": 1}, "x", None, 3]
+WRONG_ENUM_VALUES = ["no-such-value", "", 1, True, None, ["accepted"]]
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        (LeaderCall, "op", "getModel"),
+        (LeaderCall, "op", "STARTFLJOB"),
+        (LeaderAnswer, "kind", "accept"),
+        (IterationStatus, "phase", "paused"),
+        (IterationStatus, "instance_state", "disabled"),
+    ],
+)
+def test_an_enum_field_refuses_a_value_it_does_not_name(cls: type[Any], field: str, value: str) -> None:
+    header = sample(cls) | {field: value}
+    with pytest.raises(MessageError, match=f"^{cls.TYPE}\\.{field}: expected one of \\["):
+        from_frame(Frame(header))
+
+
+def test_enum_fields_travel_as_their_values_and_come_back_as_enums() -> None:
+    call = LeaderCall(7, CountOp.UPDATE_MODEL, "dev", 0, 3, 0.5, 0.25)
+    header = to_header(call)
+    assert header["op"] == "updateModel" and type(header["op"]) is str
+    decoded = from_frame(decode_one(encode_frame(header)))
+    assert decoded == call and isinstance(decoded, LeaderCall) and decoded.op is CountOp.UPDATE_MODEL
+    status = from_frame(Frame(sample(IterationStatus) | {"phase": "aggregating", "instance_state": "finish"}))
+    assert isinstance(status, IterationStatus)
+    assert status.phase is Phase.AGGREGATING and status.instance_state is InstanceState.FINISHED
+    answer = from_frame(Frame(sample(LeaderAnswer) | {"kind": "plain"}))
+    assert isinstance(answer, LeaderAnswer) and answer.kind is AnswerKind.PLAIN
 
 
 @pytest.mark.parametrize("cls", MESSAGE_TYPES, ids=lambda c: c.TYPE)
@@ -374,7 +415,13 @@ def test_a_mistyped_field_is_refused(cls: type[Any]) -> None:
     hints = typing.get_type_hints(cls)
     for field in attrs.fields(cls):
         hint = hints[field.name]
-        for value in WRONG_LISTS if typing.get_origin(hint) is tuple else WRONG_VALUES[hint]:
+        if typing.get_origin(hint) is tuple:
+            wrong = WRONG_LISTS
+        elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+            wrong = WRONG_ENUM_VALUES
+        else:
+            wrong = WRONG_VALUES[hint]
+        for value in wrong:
             header = sample(cls) | {field.name: value}
             with pytest.raises(MessageError, match=f"^{cls.TYPE}\\.{field.name}: expected"):
                 from_frame(Frame(header))

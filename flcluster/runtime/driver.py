@@ -1,0 +1,328 @@
+"""The leader's iteration driver: the trio side of the sans-IO iteration machine.
+
+Theory of operation
+-------------------
+Server rank 0 runs a :class:`Leader`: the trio driver of the sans-IO
+:class:`~flcluster.core.iteration.IterationMachine`. It is the only place where device requests are
+counted, so the counters are exact however requests are spread over Servers. Everything reaches the
+machine through :meth:`Leader.feed`, which applies one event and carries out its instructions in order
+(:meth:`Leader._carry_out` is a ``match`` over the :data:`~flcluster.core.iteration.Instruction`
+union that ends in ``assert_never``, so a new instruction cannot go unhandled):
+
+- ``ArmWindow`` / ``DisarmWindow``: a window is a task in the leader's nursery sleeping in its own
+  cancel scope until the deadline (on trio's clock, so tests run on ``autojump_clock``), then feeding
+  ``WindowClosed``; disarming cancels the scope.
+- ``AggregateIteration``: one task runs the :class:`~flcluster.runtime.aggregation.Aggregator` and
+  feeds ``AggregationDone`` or ``AggregationFailed`` with the getModel counts it collected.
+- ``DiscardPartials``: every Server drops the sums of the failed iteration and carries the model over.
+- ``IterationCompleted`` / ``IterationFailed``: the iteration's metrics.json line, from the
+  :class:`~flcluster.core.iteration.Visits` the instruction carries; :meth:`Leader.wait_ended` wakes.
+- ``InstanceStateChanged``: logged (the status push below tells the followers).
+
+After every event, a change of iteration, phase or instance state is pushed to every follower as
+``iteration_status`` (through the :class:`~flcluster.runtime.peer_leader.PeerHub`).
+
+Everything that recovery must keep (the counters, the windows, the completed and failed iterations
+and the current iteration's metrics visits) is in the machine and its snapshot; the driver holds only
+what a restart rebuilds: its timers, the aggregation task and the followers' links. On (re)start,
+:meth:`Leader.run` feeds ``Resumed``, which re-arms the machine's windows and restarts a pending
+aggregation.
+
+Nursery tree (inside the Server's role scope)::
+
+    leader ──┬ window tasks (one per armed window, each in its own cancel scope)
+             └ aggregation task (at most one at a time)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import assert_never
+
+import attrs
+import trio
+
+from flcluster.aggregation.metrics import ClientVisitedInfo, IterationMetrics, MetricsWriter
+from flcluster.core.iteration import (
+    Accepted,
+    AggregateIteration,
+    AggregationDone,
+    AggregationFailed,
+    ArmWindow,
+    DisarmWindow,
+    DiscardPartials,
+    Event,
+    InstanceStateChanged,
+    Instruction,
+    IterationCompleted,
+    IterationFailed,
+    IterationMachine,
+    PlainText,
+    Rejected,
+    Reply,
+    Resumed,
+    StartFLJobReceived,
+    UpdateModelReceived,
+    Visits,
+    WindowClosed,
+    WindowKind,
+)
+from flcluster.runtime.aggregation import Aggregator
+from flcluster.runtime.clock import EpochClock
+from flcluster.runtime.links import FramedLink
+from flcluster.runtime.options import LeaderOptions
+from flcluster.runtime.peer_leader import PeerHub
+from flcluster.runtime.peer_wire import view_of
+from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
+from flcluster.wire.messages import CountOp, DropPartials, IterationStatus
+
+log = logging.getLogger("flcluster.leader")
+
+
+def visited_info(visits: Visits) -> ClientVisitedInfo:
+    """metrics.json's ``clientVisitedInfo`` for an iteration's visits (reference §3.9)."""
+    v = visits
+    return ClientVisitedInfo(
+        start_fl_job_total=v.start_fl_job_total,
+        start_fl_job_accept=v.start_fl_job_accept,
+        start_fl_job_reject=v.start_fl_job_total - v.start_fl_job_accept,
+        update_model_total=v.update_model_total,
+        update_model_accept=v.update_model_accept,
+        update_model_reject=v.update_model_total - v.update_model_accept,
+        get_model_total=v.get_model_total,
+        get_model_accept=v.get_model_accept,
+        get_model_reject=v.get_model_total - v.get_model_accept,
+        participation_time_level1=v.participation[0],
+        participation_time_level2=v.participation[1],
+        participation_time_level3=v.participation[2],
+    )
+
+
+class Leader:
+    """The iteration driver on Server rank 0 (see the module docstring)."""
+
+    def __init__(
+        self,
+        machine: IterationMachine,
+        rounds: RoundService,
+        clock: EpochClock,
+        *,
+        self_id: str,
+        members: Callable[[], list[tuple[int, str]]],
+        options: LeaderOptions,
+    ) -> None:
+        """Drive ``machine`` for this Server's ``rounds``; ``members`` lists (rank, node id) now."""
+        self.machine = machine
+        self.rounds = rounds
+        self.clock = clock
+        self.options = options
+        self.peers = PeerHub(rounds)
+        self._aggregator = Aggregator(rounds, self.peers, self.options, self_id=self_id, members=members)
+        self._windows: dict[WindowKind, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._status: IterationStatus | None = None
+        self._causes = itertools.count()
+        self._ended = trio.Event()
+        self._metrics = MetricsWriter(self.options.metrics_path) if self.options.metrics_path else None
+        self._instance_name = self.options.instance_name or f"instance_{time.strftime('%Y%m%d_%H%M%S')}"
+
+    @property
+    def completed(self) -> tuple[int, ...]:
+        """The iterations that completed (the machine's record)."""
+        return self.machine.completed
+
+    @property
+    def failed(self) -> tuple[int, ...]:
+        """The iterations that failed (the machine's record)."""
+        return self.machine.failed
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the leader's nursery (windows, aggregation) until cancelled.
+
+        Feeds ``Resumed`` first, so a machine that already ran (a restarted role, a restored
+        snapshot) gets its windows and any pending aggregation back.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.feed(Resumed(self._cause("resumed"), self.clock.now_ms()))
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._windows.clear()
+            self.peers.close()
+
+    async def wait_ended(self, iteration: int) -> bool:
+        """Wait until ``iteration`` has ended; True when it completed, False when it failed."""
+        while not self.machine.has_ended(iteration):
+            await self._ended.wait()
+        return iteration in self.machine.completed
+
+    async def serve_follower(self, link: FramedLink, node_id: str, rank: int) -> None:
+        """Serve one follower's peer link (after its hello) until it closes or this leader stops."""
+        await self.peers.serve_follower(link, node_id, rank, self)
+
+    # ------------------------------------------------------------------------------ feeding
+
+    def _cause(self, what: str) -> str:
+        return f"{what}#{next(self._causes)}"
+
+    def feed(self, event: Event) -> Reply | None:
+        """Apply one event to the machine and carry out its instructions; return its reply."""
+        outcome = self.machine.handle(event)
+        for ins in outcome.instructions:
+            self._carry_out(ins)
+        self._push_status()
+        return outcome.reply
+
+    def call(self, request: CountRequest) -> LeaderReply:
+        """The counting part of one device request (from this Server or a follower)."""
+        now = self.clock.now_ms()
+        r = request
+        event: Event
+        match r.op:
+            case CountOp.START_FL_JOB:
+                event = StartFLJobReceived(self._cause(f"startFLJob:{r.fl_id}"), r.fl_id, r.data_size, now)
+            case CountOp.UPDATE_MODEL:
+                event = UpdateModelReceived(
+                    self._cause(f"updateModel:{r.fl_id}"),
+                    r.fl_id,
+                    r.iteration,
+                    now,
+                    r.upload_loss,
+                    r.upload_accuracy,
+                )
+            case _:
+                assert_never(r.op)
+        reply = self.feed(event)
+        match reply:
+            case Accepted() | Rejected() | PlainText():
+                return reply
+            case _:
+                raise AssertionError(f"a device request got {reply!r}; expected a device reply")
+
+    def _carry_out(self, ins: Instruction) -> None:
+        nursery = self._nursery
+        assert nursery is not None, "the leader must be running"
+        match ins:
+            case ArmWindow(kind=kind, iteration=iteration, deadline_ms=deadline):
+                old = self._windows.pop(kind, None)
+                if old is not None:
+                    old.cancel()
+                scope = trio.CancelScope()
+                self._windows[kind] = scope
+                nursery.start_soon(self._window, scope, kind, iteration, deadline)
+            case DisarmWindow(kind=kind):
+                armed = self._windows.pop(kind, None)
+                if armed is not None:
+                    armed.cancel()
+            case AggregateIteration():
+                nursery.start_soon(self._aggregate, ins)
+            case DiscardPartials(iteration=iteration):
+                self.rounds.drop_partials(iteration)
+                self.peers.broadcast(DropPartials(iteration=iteration))
+            case IterationCompleted(iteration=iteration, started_at_ms=start, ended_at_ms=end, visits=visits):
+                log.info("iteration %d completed", iteration)
+                self._iteration_ended(iteration, start, end, visits, succeeded=True)
+            case IterationFailed(
+                iteration=iteration, reason=reason, started_at_ms=start, ended_at_ms=end, visits=visits
+            ):
+                log.info("iteration %d failed: %s", iteration, reason)
+                self._iteration_ended(
+                    iteration, end if start is None else start, end, visits, succeeded=False
+                )
+            case InstanceStateChanged(old=old_state, new=new_state):
+                log.info("instance %s -> %s", old_state.value, new_state.value)
+            case _:
+                assert_never(ins)
+
+    def _iteration_ended(
+        self, iteration: int, start_ms: int, end_ms: int, visits: Visits, *, succeeded: bool
+    ) -> None:
+        """Write the iteration's metrics.json line (when configured) and wake :meth:`wait_ended`."""
+        if self._metrics is not None:
+            config = self.machine.config
+            line = IterationMetrics(
+                instance_name=self._instance_name,
+                start_time_ms=start_ms,
+                end_time_ms=end_ms,
+                fl_name=self.options.fl_name,
+                instance_status=self.machine.state.value,
+                fl_iteration_num=config.fl_iteration_num,
+                current_iteration=iteration,
+                metrics_auc=visits.accuracy_sum / max(visits.update_model_accept, 1),
+                metrics_loss=visits.loss_sum / config.update_model_threshold,
+                iteration_execution_time_ms=max(end_ms - start_ms, 0),
+                client_visited_info=visited_info(visits),
+                iteration_result=succeeded,
+            )
+            try:
+                self._metrics.write(line)
+            except OSError as exc:
+                log.error("cannot write %s: %s", self._metrics.path, exc)
+        self._ended.set()
+        self._ended = trio.Event()
+
+    async def _window(
+        self, scope: trio.CancelScope, kind: WindowKind, iteration: int, deadline_ms: int
+    ) -> None:
+        with scope:
+            await trio.sleep_until(self.clock.trio_time(deadline_ms))
+        if scope.cancelled_caught or self._windows.get(kind) is not scope:
+            return
+        del self._windows[kind]
+        self.feed(WindowClosed(self._cause(f"window:{kind.value}"), kind, iteration, self.clock.now_ms()))
+
+    async def _aggregate(self, ins: AggregateIteration) -> None:
+        result = await self._aggregator.aggregate(ins)
+        cause, now = self._cause("aggregation"), self.clock.now_ms()
+        if result.error is None:
+            self.feed(
+                AggregationDone(cause, ins.iteration, now, result.get_model_total, result.get_model_accept)
+            )
+        else:
+            self.feed(
+                AggregationFailed(
+                    cause, ins.iteration, result.error, now, result.get_model_total, result.get_model_accept
+                )
+            )
+
+    # ------------------------------------------------------------------------------ followers
+
+    def status(self) -> IterationStatus:
+        """The iteration status as followers are told it."""
+        m = self.machine
+        return IterationStatus(
+            iteration=m.current_iteration,
+            phase=m.phase,
+            instance_state=m.state,
+            next_req_time_ms=m.next_req_time_ms(self.clock.now_ms()),
+        )
+
+    def _push_status(self) -> None:
+        status = self.status()
+        previous = self._status
+        self._status = status
+        self.rounds.apply_view(view_of(status))
+        if previous is None or attrs.evolve(previous, next_req_time_ms=0) != attrs.evolve(
+            status, next_req_time_ms=0
+        ):
+            self.peers.broadcast(status)
+
+
+class LocalLeaderChannel:
+    """The leader's own Server reaches the counters by a direct call."""
+
+    def __init__(self, leader: Leader) -> None:
+        self._leader = leader
+
+    async def call(self, request: CountRequest) -> LeaderReply:
+        """Count at the leader, in this process."""
+        return self._leader.call(request)
+
+
+__all__ = ["EpochClock", "Leader", "LeaderOptions", "LocalLeaderChannel", "visited_info"]
