@@ -22,7 +22,7 @@ from flcluster.errors import (
     StoreWriteError,
     TransitionRefused,
 )
-from flcluster.store.api import RecoveryStore, store_file
+from flcluster.store.api import RecoveryStore, node_store_path, store_file
 from flcluster.store.memory import MemoryStore, MemoryVolume, open_memory_store
 from flcluster.store.records import (
     FoldedUpdate,
@@ -69,6 +69,7 @@ __all__ = [
     "StoredModel",
     "Transition",
     "TransitionRefused",
+    "node_store_path",
     "open_memory_store",
     "open_sqlite_store",
     "store_file",

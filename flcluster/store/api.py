@@ -92,3 +92,19 @@ def store_file(directory: str | Path, role: StoreRole | str, node_id: str) -> Pa
         raise ValueError("node_id='' is refused; a recovery store file belongs to a node with an id")
     role = StoreRole(role)
     return Path(directory) / f"{role.value}-{quote(node_id, safe='')}{STORE_SUFFIX}"
+
+
+def node_store_path(storage_file_path: str | Path, role: StoreRole | str, node_id: str) -> Path:
+    """The store file of one node for ``config.json``'s ``recovery.storage_file_path`` (spec/recovery.md §2).
+
+    Several nodes share one ``config.json``, so ``storage_file_path`` names a *base*: node ``X`` in
+    ``role`` keeps its store next to it, in ``<stem>.<role>-<X>.sqlite`` (``recovery.json`` gives
+    ``recovery.server-0.sqlite``). The configuration file itself is never the store, even where the
+    guide's example points ``storage_file_path`` at it: the derived name always differs from the base.
+
+    Raises:
+        ValueError: ``node_id`` is empty or ``role`` is not a :class:`StoreRole` value.
+    """
+    base = Path(storage_file_path)
+    name = store_file(".", role, node_id).name
+    return base.with_name(f"{base.stem}.{name}")
