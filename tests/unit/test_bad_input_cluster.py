@@ -27,7 +27,7 @@ from flcluster.runtime.scheduler import SchedulerAddresses, SchedulerNode
 from flcluster.runtime.server import ServerNode
 from flcluster.wire.frames import HEADER_LENGTH, LENGTH, FrameDecoder, encode_frame
 from flcluster.wire.messages import ErrorReply, HeartbeatMsg, Register, RegisterReply, from_frame, to_header
-from tests.helpers import free_ports, lenet_job, loopback_scheduler, loopback_server
+from tests.helpers import lenet_job, open_cluster
 
 MAX_MESSAGE = 1024 * 1024
 ANSWER_WITHIN = 5.0
@@ -56,30 +56,16 @@ class Cluster:
 
 @asynccontextmanager
 async def ready_cluster() -> AsyncIterator[Cluster]:
-    ports = free_ports(2)
-    scheduler = SchedulerNode(loopback_scheduler(2, max_message_size=MAX_MESSAGE))
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(scheduler.serve)
-        servers = [
-            ServerNode(
-                loopback_server(
-                    str(i), 2, scheduler_port=addresses.port, device_port=ports[i], fl_iteration_num=20
-                ),
-                lenet_job(threshold=2, iterations=20),
-            )
-            for i in range(2)
-        ]
-        with trio.fail_after(20):
-            for server in servers:
-                nursery.start_soon(server.serve)
-            for server in servers:
-                await server.wait_started()
+    cluster = open_cluster(
+        2, lambda: lenet_job(threshold=2, iterations=20), scheduler_context={"max_message_size": MAX_MESSAGE}
+    )
+    async with cluster as running:
+        scheduler = running.scheduler
         ranks = {m.node_id: m.rank for m in scheduler.members()}
         assert sorted(ranks.items()) in ([("0", 0), ("1", 1)], [("0", 1), ("1", 0)])
-        cluster = Cluster(scheduler, servers, addresses, ranks)
-        cluster.assert_healthy("start-up")
-        yield cluster
-        nursery.cancel_scope.cancel()
+        healthy = Cluster(scheduler, running.servers, running.addresses, ranks)
+        healthy.assert_healthy("start-up")
+        yield healthy
 
 
 async def exchange(port: int, data: bytes, *, then_close: bool = True) -> list[Any]:

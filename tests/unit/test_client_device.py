@@ -56,7 +56,7 @@ from flcluster.wire.server_codec import (
     encode_start_fl_job_response,
     encode_update_model_response,
 )
-from tests.helpers import free_ports
+from tests.helpers import refusing_port
 
 BASE_MS = 1_700_000_000_000
 MODEL = {"w": np.arange(4, dtype=np.float32), "b": np.array([0.5], dtype=np.float32)}
@@ -309,10 +309,10 @@ async def test_a_status_other_than_200_is_an_http_error(status: int) -> None:
 
 
 async def test_no_answer_is_a_transport_error() -> None:
-    (port,) = free_ports(1)
-    async with httpx.AsyncClient() as client:
-        with pytest.raises(DeviceTransportError, match="got no HTTP answer"):
-            await make_device(client, [f"http://127.0.0.1:{port}"]).start_fl_job(1)
+    with refusing_port() as port:
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(DeviceTransportError, match="got no HTTP answer"):
+                await make_device(client, [f"http://127.0.0.1:{port}"]).start_fl_job(1)
 
 
 async def test_url_prefix_is_put_before_the_round_name() -> None:
@@ -535,10 +535,10 @@ async def test_errors_and_finished_stop_the_devices_job(
 
 
 async def test_a_transport_error_fails_the_iteration_but_not_the_job() -> None:
-    (port,) = free_ports(1)
-    async with httpx.AsyncClient() as client:
-        device = make_device(client, [f"http://127.0.0.1:{port}"])
-        report = await device.run_iteration(RecordingTrainer(), data_size=4)
+    with refusing_port() as port:
+        async with httpx.AsyncClient() as client:
+            device = make_device(client, [f"http://127.0.0.1:{port}"])
+            report = await device.run_iteration(RecordingTrainer(), data_size=4)
     assert report.outcome is IterationOutcome.FAILED
     assert "got no HTTP answer" in report.reason
     assert device.stopped is None

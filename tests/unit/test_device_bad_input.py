@@ -46,7 +46,6 @@ import trio
 
 from flcluster.core.iteration import IterationMachine, IterationSnapshot, Phase, Visits
 from flcluster.runtime.driver import Leader
-from flcluster.runtime.scheduler import SchedulerNode
 from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import (
     decode_get_model_response,
@@ -59,7 +58,7 @@ from flcluster.wire.client_codec import (
 from flcluster.wire.codes import CompressType, ResponseCode
 from flcluster.wire.records import CompressFeatureMapView
 from flcluster.wire.server_codec import decode_start_fl_job
-from tests.helpers import FL_NAME, free_ports, lenet_job, loopback_scheduler, loopback_server
+from tests.helpers import FL_NAME, lenet_job, open_cluster
 
 SERVERS = 4
 DEVICES = 12
@@ -118,33 +117,12 @@ class Cluster:
 
 
 @asynccontextmanager
-async def open_cluster() -> AsyncIterator[Cluster]:
-    """``tests.helpers.cluster`` with ``max_device_body=MAX_BODY``, handing out the Servers too."""
-    ports = free_ports(SERVERS)
-    scheduler = SchedulerNode(loopback_scheduler(SERVERS))
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(scheduler.serve)
-        servers = [
-            ServerNode(
-                loopback_server(
-                    str(i),
-                    SERVERS,
-                    scheduler_port=addresses.port,
-                    device_port=ports[i],
-                    fl_iteration_num=ITERATIONS,
-                    max_device_body=MAX_BODY,
-                ),
-                lenet_job(DEVICES, ITERATIONS),
-            )
-            for i in range(SERVERS)
-        ]
-        with trio.fail_after(20):
-            for server in servers:
-                nursery.start_soon(server.serve)
-            for server in servers:
-                await server.wait_started()
-        yield Cluster([f"http://127.0.0.1:{p}" for p in ports], servers)
-        nursery.cancel_scope.cancel()
+async def open_fleet_cluster() -> AsyncIterator[Cluster]:
+    """The shared in-process cluster (``tests.helpers.open_cluster``) with ``max_device_body=MAX_BODY``."""
+    async with open_cluster(
+        SERVERS, lambda: lenet_job(DEVICES, ITERATIONS), max_device_body=MAX_BODY
+    ) as running:
+        yield Cluster(running.urls, running.servers)
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -525,7 +503,7 @@ async def test_malformed_bodies_get_protocol_answers_and_change_nothing(
 ) -> None:
     caplog.set_level(logging.WARNING)
     rng = random.Random(11)
-    async with open_cluster() as cluster, httpx.AsyncClient(timeout=30) as client:
+    async with open_fleet_cluster() as cluster, httpx.AsyncClient(timeout=30) as client:
         fleet = Devices(cluster, client, seed=11)
         devices = [f"device-{i}" for i in range(DEVICES)]
         # Iteration 1 is running: half the devices joined, one update is already in a Server's sums.
@@ -729,7 +707,7 @@ async def test_wrong_requests_are_refused_and_only_acknowledged_updates_count(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING)
-    async with open_cluster() as cluster, httpx.AsyncClient(timeout=30) as client:
+    async with open_fleet_cluster() as cluster, httpx.AsyncClient(timeout=30) as client:
         fleet = Devices(cluster, client, seed=23)
         devices = [f"device-{i}" for i in range(DEVICES)]
         for fl_id in devices[:10]:
@@ -931,7 +909,7 @@ async def test_the_next_request_after_a_413_on_the_same_connection_is_answered()
     (a race: about 3 tries in 4), and the device's next request on it gets no answer or a reset.
     """
     get_request = encode_get_model_request(fl_name=FL_NAME, iteration=1, timestamp="t")
-    async with open_cluster() as cluster:
+    async with open_fleet_cluster() as cluster:
         # A race in the server decides each try; every one of them must be answered.
         for attempt in range(10):
             url = cluster.urls[attempt % SERVERS]
@@ -945,7 +923,7 @@ async def test_the_next_request_after_a_413_on_the_same_connection_is_answered()
 
 async def test_an_absurd_download_compress_types_list_is_refused() -> None:
     absurd = bytes(250_000)  # 250 000 NO_COMPRESS entries; CompressType has 3 values
-    async with open_cluster() as cluster, httpx.AsyncClient(timeout=30) as client:
+    async with open_fleet_cluster() as cluster, httpx.AsyncClient(timeout=30) as client:
         fleet = Devices(cluster, client, seed=5)
         await fleet.refused(
             GET,

@@ -8,7 +8,6 @@ import httpx
 import numpy as np
 import trio
 
-from flcluster.runtime.scheduler import SchedulerNode
 from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import (
     decode_start_fl_job_response,
@@ -17,36 +16,15 @@ from flcluster.wire.client_codec import (
     encode_update_model_request,
 )
 from flcluster.wire.codes import ResponseCode
-from tests.helpers import FL_NAME, free_ports, lenet_job, loopback_scheduler, loopback_server
+from tests.helpers import FL_NAME, lenet_job, open_cluster
 
 
 async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
-    ports = free_ports(2)
     job = lenet_job(2, 5)
-    scheduler = SchedulerNode(loopback_scheduler(2))
-    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
-        addrs = await nursery.start(scheduler.serve)
-        servers = [
-            ServerNode(
-                loopback_server(
-                    str(i), 2, scheduler_port=addrs.port, device_port=ports[i], fl_iteration_num=5
-                ),
-                lenet_job(2, 5),
-            )
-            for i in range(2)
-        ]
-        scopes = [trio.CancelScope() for _ in servers]
-
-        async def run(server: ServerNode, scope: trio.CancelScope) -> None:
-            with scope:
-                await server.serve()
-
-        for server, scope in zip(servers, scopes, strict=True):
-            nursery.start_soon(run, server, scope)
-        for server in servers:
-            await server.wait_started()
+    async with open_cluster(2, lambda: lenet_job(2, 5)) as cluster, httpx.AsyncClient(timeout=30) as client:
+        servers = cluster.servers
         leader, follower = sorted(servers, key=lambda s: s.rank or 0)
-        url = {id(s): f"http://127.0.0.1:{s.settings.device_port}" for s in servers}
+        url = {id(s): cluster.url_of(s) for s in servers}
         for fl_id in ("a", "b"):
             body = encode_start_fl_job_request(
                 fl_name=FL_NAME, fl_id=fl_id, iteration=1, data_size=4, timestamp="t"
@@ -65,7 +43,7 @@ async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
             return decode_update_model_response(raw).retcode
 
         assert await upload(follower, "a") == ResponseCode.SUCCEED  # folded on the follower only
-        scopes[servers.index(follower)].cancel()  # the follower is gone with its partial sums
+        cluster.stop(servers.index(follower))  # the follower is gone with its partial sums
         assert leader.leader is not None
         with trio.fail_after(10):
             # Whether or not the leader has noticed the lost link yet, the aggregation must fail.
@@ -76,4 +54,3 @@ async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
         assert held is not None
         for name in job.spec.names:
             np.testing.assert_array_equal(held[name].numpy(), job.initial[name].numpy())  # carried over
-        nursery.cancel_scope.cancel()

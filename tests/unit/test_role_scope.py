@@ -12,11 +12,11 @@ import trio
 
 from flcluster.errors import FrameError
 from flcluster.runtime.links import FramedLink, LinkClosed
-from flcluster.runtime.server import RoleKey, ServerNode
+from flcluster.runtime.server import RoleKey, ServerNode, ServerStarted
 from flcluster.wire.client_codec import decode_start_fl_job_response, encode_start_fl_job_request
 from flcluster.wire.codes import ResponseCode
 from flcluster.wire.messages import MemberRecord, Membership, Register, RegisterReply
-from tests.helpers import FL_NAME, free_ports, lenet_job, loopback_server
+from tests.helpers import FL_NAME, lenet_job, loopback_server
 
 
 class StandInScheduler:
@@ -75,22 +75,24 @@ async def wait_for_role(server: ServerNode, key: RoleKey) -> None:
 
 async def test_a_server_whose_rank_changes_restarts_its_role() -> None:
     scheduler = StandInScheduler({"a": 0, "b": 1})
-    ports = free_ports(2)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, scheduler.handle, 0)
         scheduler_port = listeners[0].socket.getsockname()[1]
         a, b = (
             ServerNode(
-                loopback_server(
-                    node_id, 2, scheduler_port=scheduler_port, device_port=port, fl_iteration_num=5
-                ),
+                loopback_server(node_id, 2, scheduler_port=scheduler_port, fl_iteration_num=5),
                 lenet_job(threshold=2, iterations=5),
             )
-            for node_id, port in zip("ab", ports, strict=True)
+            for node_id in "ab"
         )
+        started: dict[str, ServerStarted] = {}
+
+        async def start(server: ServerNode) -> None:
+            started[server.settings.node_id] = await nursery.start(server.serve)
+
         with trio.fail_after(30):
-            nursery.start_soon(a.serve)
-            nursery.start_soon(b.serve)
+            nursery.start_soon(start, a)
+            nursery.start_soon(start, b)
             await scheduler.wait_registered(2)
             await scheduler.announce()
             await a.wait_started()
@@ -114,7 +116,9 @@ async def test_a_server_whose_rank_changes_restarts_its_role() -> None:
         # The old leader's machine stays as it was; counting is at the new leader now, and a's
         # device port answered throughout (the same socket, never closed).
         async with httpx.AsyncClient() as client:
-            response = await client.post(f"http://127.0.0.1:{ports[0]}/startFLJob", content=start_body("d2"))
+            response = await client.post(
+                f"{started['a'].device_urls[0]}/startFLJob", content=start_body("d2")
+            )
         answer = decode_start_fl_job_response(response.content)
         assert answer.retcode == ResponseCode.SUCCEED and answer.iteration == 1
         assert b.machine.counts().start_fl_job == 1

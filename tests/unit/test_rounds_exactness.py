@@ -23,7 +23,7 @@ from flcluster.wire.client_codec import (
     encode_update_model_request,
 )
 from flcluster.wire.codes import ResponseCode
-from tests.helpers import FL_NAME, cluster, lenet_job
+from tests.helpers import FL_NAME, lenet_job, open_cluster
 
 
 async def post(client: httpx.AsyncClient, url: str, body: bytes) -> bytes:
@@ -38,7 +38,8 @@ async def test_every_iteration_is_fedavg_of_the_acknowledged_updates() -> None:
     devices = [f"device-{i}" for i in range(12)]
     spec = lenet_job(12, 3).spec
     model = {name: t.numpy().copy() for name, t in lenet_job(12, 3).initial.items()}
-    async with cluster(4, lambda: lenet_job(12, 3)) as urls, httpx.AsyncClient(timeout=30) as client:
+    async with open_cluster(4, lambda: lenet_job(12, 3)) as running, httpx.AsyncClient(timeout=30) as client:
+        urls = running.urls
         for iteration in (1, 2, 3):
             sizes: dict[str, int] = {}
             for fl_id in devices:
