@@ -22,6 +22,7 @@ import httpx
 import pytest
 import trio
 
+from flcluster.config import FLContext
 from flcluster.core.cluster import ClusterState
 from flcluster.runtime.scheduler import SchedulerAddresses, SchedulerNode
 from flcluster.runtime.server import ServerNode
@@ -31,6 +32,10 @@ from tests.helpers import lenet_job, open_cluster
 
 MAX_MESSAGE = 1024 * 1024
 ANSWER_WITHIN = 5.0
+#: The Servers' heartbeat period (FLContext's default), in seconds of the (virtual) clock.
+HEARTBEAT_INTERVAL = FLContext().heartbeat_interval
+#: Real seconds of quiet after which the autojump clock moves on (loopback traffic settles well within).
+SETTLED = 0.05
 
 
 @attrs.frozen
@@ -180,7 +185,11 @@ REFUSED: dict[str, tuple[Register, list[str]]] = {
 }
 
 
-async def test_bad_registrations_are_refused_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_registrations_are_refused_with_a_reason(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Virtual time, jumping only once the loopback traffic has settled for a moment of real time.
+    autojump_clock.autojump_threshold = SETTLED
     caplog.set_level(logging.INFO, logger="flcluster")
     async with ready_cluster() as cluster:
         for name, (msg, expected) in REFUSED.items():
@@ -192,7 +201,7 @@ async def test_bad_registrations_are_refused_with_a_reason(caplog: pytest.LogCap
             for text in expected:
                 assert text in reply.reason, (name, text, reply.reason)
             cluster.assert_healthy(name)
-        await trio.sleep(0.2)
+        await trio.sleep(3 * HEARTBEAT_INTERVAL)  # several heartbeats later, on the virtual clock
         cluster.assert_healthy("after the refusals")
         # Refusing an impostor must not have cut the real Servers' links to the Scheduler.
         lost = [r.getMessage() for r in caplog.records if "lost the Scheduler link" in r.getMessage()]
@@ -210,11 +219,14 @@ async def test_a_shallow_nested_header_is_only_an_unknown_message() -> None:
         cluster.assert_healthy("shallow nesting")
 
 
-async def test_a_deeply_nested_header_is_refused_and_hurts_nobody() -> None:
+async def test_a_deeply_nested_header_is_refused_and_hurts_nobody(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    autojump_clock.autojump_threshold = SETTLED
     async with ready_cluster() as cluster:
         header = b'{"type":"x","v":' + b"[" * 20_000 + b"]" * 20_000 + b"}"
         answers = await exchange(cluster.addresses.port, raw_frame(header), then_close=False)
-        await trio.sleep(0.1)
+        await trio.sleep(3 * HEARTBEAT_INTERVAL)  # several heartbeats later, on the virtual clock
         cluster.assert_healthy("deep nesting")
         assert [type(a) for a in answers] == [ErrorReply]
 

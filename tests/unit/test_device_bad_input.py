@@ -226,21 +226,17 @@ class Devices:
             for name in self.spec.names
         }
         request = encode_get_model_request(fl_name=FL_NAME, iteration=iteration, timestamp="t")
-        models = []
         with trio.fail_after(15):
-            for url in self.cluster.urls:
-                # A follower installs the model when the leader's publication reaches it.
-                while True:
-                    answer = decode_get_model_response(
-                        (await self.client.post(f"{url}{GET}", content=request)).content
-                    )
-                    if answer.retcode == ResponseCode.SUCCEED:
-                        break
-                    assert answer.retcode == ResponseCode.SucNotReady, answer.reason
-                    await trio.sleep(0.02)
-                assert answer.iteration == iteration + 1
-                models.append({m.name: np.asarray(m.data) for m in answer.feature_maps})
+            # The iteration ends only once every follower has installed the model: no polling.
             assert await self.cluster.leader.wait_ended(iteration), f"iteration {iteration} failed"
+        models = []
+        for url in self.cluster.urls:
+            answer = decode_get_model_response(
+                (await self.client.post(f"{url}{GET}", content=request)).content
+            )
+            assert answer.retcode == ResponseCode.SUCCEED, answer.reason
+            assert answer.iteration == iteration + 1
+            models.append({m.name: np.asarray(m.data) for m in answer.feature_maps})
         assert (self.cluster.machine.current_iteration, self.cluster.machine.phase) == (
             iteration + 1,
             Phase.WAITING,
