@@ -16,7 +16,6 @@ Two kinds of bad input are told apart, because they call for different answers:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
@@ -42,7 +41,7 @@ class FramedLink:
         """The underlying stream."""
         return self._stream
 
-    async def send(self, msg: Any, payload: bytes = b"") -> None:
+    async def send(self, msg: Message, payload: bytes = b"") -> None:
         """Send one message record (and an optional raw payload).
 
         Raises:

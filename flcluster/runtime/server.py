@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 from functools import partial
-from typing import Any
 
 import attrs
 import torch
@@ -503,7 +502,7 @@ async def run_server(
     settings: ServerSettings,
     job: JobSettings,
     *,
-    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one Server until the cluster finishes it (the body of ``flcluster server``)."""
     node = ServerNode(settings, job)
