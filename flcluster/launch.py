@@ -26,6 +26,7 @@ from pathlib import Path
 
 import attrs
 
+from flcluster.config import build_fl_context, refuse_unimplemented
 from flcluster.runtime.addresses import advertised_address
 
 
@@ -127,6 +128,22 @@ def start_servers(
             )
         )
     return started
+
+
+def refuse_before_launch(
+    kwargs: Mapping[str, object], role: str, environ: Mapping[str, str] | None = None
+) -> None:
+    """Check the context the launched nodes would run with, before any process starts.
+
+    The launched processes would refuse a bad context (or an unimplemented feature such as
+    ``enable_ssl=True``) themselves, but only their logs would say so while the launcher printed
+    ``started``; this refuses it here, on the operator's terminal.
+
+    Raises:
+        ConfigError: a value is refused, or a feature flcluster does not implement yet is turned on.
+    """
+    ctx = build_fl_context({**kwargs, "ms_role": role}, os.environ if environ is None else environ)
+    refuse_unimplemented(ctx)
 
 
 def python_command(script: Path) -> list[str]:

@@ -9,10 +9,12 @@ Every FL context key is accepted as a ``--flag`` and passed on to ``test_mobile_
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from flcluster.config import add_context_arguments, context_kwargs_from_args
-from flcluster.launch import flags, python_command, start_process
+from flcluster.errors import ConfigError
+from flcluster.launch import flags, python_command, refuse_before_launch, start_process
 
 HERE = Path(__file__).resolve().parent
 
@@ -22,6 +24,10 @@ if __name__ == "__main__":
     args, _unknown = parser.parse_known_args()
     kwargs = context_kwargs_from_args(args)
     kwargs["ms_role"] = "MS_SCHED"
+    try:
+        refuse_before_launch(kwargs, "MS_SCHED")
+    except ConfigError as err:
+        sys.exit(f"run_mobile_sched.py: {err}")
     env = {**os.environ, "MS_NODE_ID": os.environ.get("MS_SCHED_NODE_ID", "20")}
     argv = [*python_command(HERE / "test_mobile_lenet.py"), *flags(kwargs)]
     _proc, launched = start_process(argv, workdir=Path.cwd() / "scheduler", log_name="scheduler.log", env=env)

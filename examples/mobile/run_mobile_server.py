@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from flcluster.config import add_context_arguments, context_kwargs_from_args
-from flcluster.launch import python_command, start_servers
+from flcluster.errors import ConfigError
+from flcluster.launch import python_command, refuse_before_launch, start_servers
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,6 +30,10 @@ if __name__ == "__main__":
         sys.exit(
             f"The local server number {local} must be between 1 and the total server number {server_num}."
         )
+    try:
+        refuse_before_launch(kwargs, "MS_SERVER")
+    except ConfigError as err:
+        sys.exit(f"run_mobile_server.py: {err}")
     for _proc, launched in start_servers(
         python_command(HERE / "test_mobile_lenet.py"), kwargs, local_server_num=local
     ):
