@@ -102,7 +102,8 @@ class DrillCluster:
         if options.recovery:
             config["recovery"] = {"storage_type": 1, "storage_file_path": "recovery.json"}
         self.config_path.write_text(json.dumps(config, indent=4) + "\n")
-        self.sched_port, self.manage_port = free_port_block(2, host="127.0.0.1")
+        self.sched_port = free_port_block(2, host="127.0.0.1")
+        self.manage_port = self.sched_port + 1
         self.fl_port = free_port_block(options.server_num, host="127.0.0.1", low=32000, high=40000)
         self.scheduler: Node | None = None
         self.servers: dict[str, Node] = {}
