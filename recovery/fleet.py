@@ -44,6 +44,7 @@ from flcluster.wire.client_codec import (
     encode_update_model_request,
 )
 from flcluster.wire.codes import ResponseCode, ServerText
+from flcluster.wire.records import GetModelResponse, StartFLJobResponse, UpdateModelResponse
 from recovery.devicelog import HTTP, TEXT, TRANSPORT, DeviceLog, LogEntry
 from recovery.updates import FloatArray, data_size, device_id, digest, update
 
@@ -139,13 +140,15 @@ class Fleet:
         text = _TEXTS.get(response.content)
         if text is not None:
             return url, _Answer(TEXT, text.value)
-        decode = {
-            "startFLJob": decode_start_fl_job_response,
-            "updateModel": decode_update_model_response,
-            "getModel": decode_get_model_response,
-        }[op]
+        decoded: StartFLJobResponse | UpdateModelResponse | GetModelResponse
         try:
-            decoded = decode(response.content)
+            match op:
+                case "startFLJob":
+                    decoded = decode_start_fl_job_response(response.content)
+                case "updateModel":
+                    decoded = decode_update_model_response(response.content)
+                case _:
+                    decoded = decode_get_model_response(response.content)
         except SchemaError as exc:
             return url, _Answer(HTTP, f"malformed {op} answer: {exc}")
         return url, _Answer(_retcode_name(decoded.retcode), decoded.reason, decoded)
