@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_check_models_passes_a_correct_chain_and_flags_each_fault() -> None:
     outcomes = {1: [True], 2: [False], 3: [True]}
 
     def failures(
-        served: dict[str, dict[int, dict[str, np.ndarray] | None]], out: dict[int, list[bool]]
+        served: Mapping[str, Mapping[int, Mapping[str, np.ndarray] | None]], out: dict[int, list[bool]]
     ) -> list[str]:
         found = check_models(
             fl_iteration_num=3, initial=_initial(), served=served, acks=acks, outcomes=out, seed=SEED
