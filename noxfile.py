@@ -40,6 +40,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def drills(session: nox.Session) -> None:
+    """Kill-and-restart drills (recovery/README.md); ``nox -s drills -- --short`` runs the short set."""
+    install_project(session)
+    session.run("python", "-m", "recovery.drills", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: each prints its figures next to a baseline measured in the same run."""
     install_project(session)
