@@ -158,7 +158,8 @@ async def test_a_silent_server_times_out_at_exactly_the_heartbeat_timeout(autoju
         # The live Server's next heartbeat is told the cluster is in NODE_TIMEOUT.
         await trio.sleep_until(went_silent + HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL)
         await wait_all_tasks_blocked()
-        assert [r.state for r in live.received if isinstance(r, HeartbeatReply)][-1] is ClusterState.NODE_TIMEOUT
+        states = [r.state for r in live.received if isinstance(r, HeartbeatReply)]
+        assert states[-1] is ClusterState.NODE_TIMEOUT
 
         await silent.heartbeat()
         await wait_all_tasks_blocked()
@@ -302,8 +303,9 @@ async def test_management_nodes_and_state_have_the_original_shape() -> None:
         "nodeIds": [{"nodeId": "20", "rankId": "0", "role": "SCHEDULER", "alive": "true"}],
     }
 
-    assert await scheduler.dispatch(register_event("a", 0)) == RegisterReply(accepted=True, rank=0, reason="")
-    assert await scheduler.dispatch(register_event("b", 10_000)) == RegisterReply(accepted=True, rank=1, reason="")
+    for rank, (node_id, now_ms) in enumerate([("a", 0), ("b", 10_000)]):
+        reply = await scheduler.dispatch(register_event(node_id, now_ms))
+        assert reply == RegisterReply(accepted=True, rank=rank, reason="")
     # a is silent since 0: the machine counts in milliseconds, converted once from the settings' seconds
     assert scheduler.machine.config.heartbeat_timeout_ms == 30_000
     assert await scheduler.dispatch(LivenessCheck(cause="test", now_ms=29_999)) is None

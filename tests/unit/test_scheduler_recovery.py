@@ -334,3 +334,40 @@ async def test_a_refused_server_stops_with_the_schedulers_reason() -> None:
 
 def test_the_identity_names_the_scheduler_role() -> None:
     assert IDENTITY.role is StoreRole.SCHEDULER and IDENTITY.fl_name == FL_NAME
+
+
+@pytest.mark.parametrize(
+    ("connected", "pid", "host", "now_ms", "accepted"),
+    [
+        (True, 5, "127.0.0.1", 1_000, False),  # live, linked, another pid: refused
+        (True, 1, "10.0.0.9", 1_000, False),  # same pid on another host is another process
+        (True, 1, "127.0.0.1", 1_000, True),  # the same process reconnecting
+        (False, 5, "127.0.0.1", 1_000, True),  # the holder's link is closed
+        (True, 5, "127.0.0.1", 30_000, True),  # the holder's heartbeat timed out (not yet reaped)
+    ],
+)
+def test_the_core_rule_one_identity_one_process(
+    connected: bool, pid: int, host: str, now_ms: int, accepted: bool
+) -> None:
+    from flcluster.core.cluster import ClusterConfig, ClusterMachine, NodeInfo, RegisterNode
+
+    def event(pid: int, host: str, now_ms: int, connected: bool) -> RegisterNode:
+        info = NodeInfo(node_id="0", role=Role.SERVER, host=host, port=7000, device_port=6668, pid=pid)
+        return RegisterNode(
+            cause="c",
+            info=info,
+            server_num=2,
+            fl_iteration_num=20,
+            recovering=False,
+            holder_connected=connected,
+            now_ms=now_ms,
+        )
+
+    machine = ClusterMachine(ClusterConfig(server_num=2, heartbeat_timeout_ms=30_000))
+    assert machine.handle(event(1, "127.0.0.1", 0, False)).reply.rank == 0  # type: ignore[union-attr]
+    before = machine.snapshot()
+    reply = machine.handle(event(pid, host, now_ms, connected)).reply
+    assert (type(reply).__name__ == "AcceptRegistration") is accepted
+    if not accepted:
+        assert machine.snapshot() == before
+        assert "Node id '0' is held by a live Server at 127.0.0.1:7000 (pid 1)" in reply.reason  # type: ignore[union-attr]

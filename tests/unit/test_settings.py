@@ -169,7 +169,8 @@ def test_the_scheduler_store_path_comes_from_config_json_recovery(tmp_path: Any)
     recovery = ClusterConfig(
         recovery=StorageConfig(storage_type=1, storage_file_path=str(tmp_path / "recovery.json"))
     )
-    assert scheduler_settings(ctx, "20", recovery).store_path == str(tmp_path / "recovery.scheduler-20.sqlite")
+    expected = str(tmp_path / "recovery.scheduler-20.sqlite")
+    assert scheduler_settings(ctx, "20", recovery).store_path == expected
     assert scheduler_settings(ctx, "20", ClusterConfig()).store_path == ""
     assert scheduler_settings(ctx, "20").store_path == ""
 

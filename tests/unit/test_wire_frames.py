@@ -385,9 +385,7 @@ WRONG_ENUM_VALUES = ["no-such-value", "", 1, 1.0, 99, True, False, None, ["accep
 
 def wrong_enum_values(hint: type[enum.Enum]) -> list[Any]:
     """The values of :data:`WRONG_ENUM_VALUES` that are not one of ``hint``'s (of the value's own type)."""
-    return [
-        v for v in WRONG_ENUM_VALUES if not any(type(v) is type(m.value) and v == m.value for m in hint)
-    ]
+    return [v for v in WRONG_ENUM_VALUES if not any(type(v) is type(m.value) and v == m.value for m in hint)]
 
 
 @pytest.mark.parametrize(
