@@ -76,7 +76,7 @@ def run_role(ctx: FLContext | None = None, *, model: nn.Module | None = None) ->
         node_id = resolve_node_id(ctx, cluster_config)
         match ctx.ms_role:
             case "MS_SCHED":
-                result = trio.run(run_scheduler, scheduler_settings(ctx, node_id))
+                result = trio.run(run_scheduler, scheduler_settings(ctx, node_id, cluster_config))
                 log.info("Scheduler finished: %s", result.reason)
             case "MS_SERVER":
                 import torch

@@ -47,21 +47,33 @@ __all__ = [
 log = logging.getLogger("flcluster")
 
 
-def scheduler_settings(ctx: FLContext, node_id: str) -> SchedulerSettings:
-    """The Scheduler's settings from a validated context.
+def scheduler_settings(
+    ctx: FLContext, node_id: str, cluster_config: ClusterConfig | None = None
+) -> SchedulerSettings:
+    """The Scheduler's settings from a validated context and ``config.json``.
 
     Args:
         ctx: the node's context.
         node_id: the Scheduler's node id (see :func:`~flcluster.config.resolve_node_id`).
+        cluster_config: ``config.json``; its ``recovery`` section names the Scheduler's store (one file
+            per node next to ``storage_file_path``, spec/recovery.md §2), ``None`` or no section: none.
 
     Raises:
         ConfigError: the context turns on a feature that is not implemented yet.
     """
     from flcluster.runtime.scheduler import SchedulerSettings
+    from flcluster.store import StoreRole, node_store_path
 
     refuse_unimplemented(ctx)
+    recovery = cluster_config.recovery if cluster_config is not None else None
+    store_path = (
+        str(node_store_path(recovery.storage_file_path, StoreRole.SCHEDULER, node_id))
+        if recovery is not None
+        else ""
+    )
     return SchedulerSettings(
         node_id=node_id,
+        fl_name=ctx.fl_name,
         server_num=ctx.server_num,
         bind_host=ctx.scheduler_ip,
         port=ctx.scheduler_port,
@@ -71,6 +83,7 @@ def scheduler_settings(ctx: FLContext, node_id: str) -> SchedulerSettings:
         cluster_available_timeout=ctx.cluster_available_timeout,
         finish_timeout=ctx.finish_timeout,
         max_message_size=ctx.max_message_size,
+        store_path=store_path,
     )
 
 

@@ -144,13 +144,20 @@ def _epoch_ms(instance: object, attribute: attrs.Attribute[int], value: int) -> 
 
 @attrs.frozen
 class RegisterNode:
-    """A node asks to join (or rejoin) the cluster."""
+    """A node asks to join (or rejoin) the cluster.
+
+    Attributes:
+        holder_connected: whether the link of the node id's current holder is still open (the driver
+            knows its links; the machine knows heartbeats): a live holder that is another process makes
+            this registration refused (spec/recovery.md §6).
+    """
 
     cause: str
     info: NodeInfo
     server_num: int
     fl_iteration_num: int
     recovering: bool
+    holder_connected: bool
     now_ms: int = attrs.field(validator=_epoch_ms)
 
 
@@ -590,6 +597,22 @@ class ClusterMachine:
                 f"Node {info.node_id!r} was started with fl_iteration_num={event.fl_iteration_num!r}, but "
                 f"the Servers already registered use fl_iteration_num={self._fl_iteration_num!r}; every "
                 "Server must be started with the same --fl_iteration_num."
+            )
+        holder = self._nodes.get(info.node_id)
+        if (
+            holder is not None
+            and event.holder_connected
+            and holder.alive
+            and event.now_ms < holder.last_heartbeat_ms + self._config.heartbeat_timeout_ms
+            and (holder.info.pid, holder.info.host) != (info.pid, info.host)
+        ):
+            # One identity, one process (spec/recovery.md §6): the same process reconnecting (same pid
+            # and host) takes its id back; another process waits until the holder's link is closed.
+            return (
+                f"Node id {info.node_id!r} is held by a live Server at {holder.info.host}:{holder.info.port} "
+                f"(pid {holder.info.pid}); this process (pid {info.pid} on {info.host}) cannot take it "
+                "while that one is connected and heartbeating: stop it first, or give this Server its "
+                "own MS_NODE_ID."
             )
         if info.node_id not in self._nodes and len(self._nodes) >= self._server_num:
             return (

@@ -23,6 +23,19 @@ trio sleeps in seconds and come back as events.
 
 A connection's first frame says what it is: ``register`` opens a Server link; ``finish_cluster`` is
 the operator's ``flcluster finish``. Anything else is answered with ``error`` and closed.
+
+**Recovery** (spec/recovery.md §3.1, §5, §6). With a store (``config.json``'s ``recovery``: the
+settings' ``store_path``; or one handed to :meth:`SchedulerNode.recover_from`), :meth:`SchedulerNode.serve`
+opens it before it listens (a bad store stops the Scheduler with the store's message), and a store
+that holds a membership rebuilds the machine from it
+(:func:`~flcluster.runtime.scheduler_recovery.restored_machine`: every member gets one
+``heartbeat_timeout`` from this start to re-register). From then on :meth:`SchedulerNode.dispatch`
+is *handle, commit, carry out*, under one lock so events are committed in the order they were handled:
+whenever the stored view (:func:`~flcluster.runtime.scheduler_recovery.stored_state`) changed, it is
+committed before any reply or instruction of that event leaves the Scheduler; a failed commit puts the
+machine back as it was before the event and raises, so nothing that depends on it is sent. The exit
+(``CLUSTER_EXIT``) is not committed: a store keeps the last running membership, so a Scheduler started
+again after a finish gives the Servers their old ranks.
 """
 
 from __future__ import annotations
@@ -62,11 +75,14 @@ from flcluster.core.cluster import (
     StartupDeadlinePassed,
     StateChanged,
 )
-from flcluster.errors import FrameError, IllegalEvent, MessageError
+from flcluster.crashpoints import crash_point
+from flcluster.errors import FrameError, IllegalEvent, MessageError, StoreError
 from flcluster.http.management import create_management_app
 from flcluster.http.serving import serve_app
 from flcluster.runtime.clock import EpochClock
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
+from flcluster.runtime.scheduler_recovery import restored_machine, scheduler_identity, stored_state
+from flcluster.store import RecoveryStore, SchedulerState, Transition, open_sqlite_store
 from flcluster.wire.messages import (
     ErrorReply,
     FinishCluster,
@@ -99,6 +115,7 @@ class SchedulerSettings:
 
     Attributes:
         node_id: The Scheduler's own node id (listed by ``/nodes``).
+        fl_name: The job's name (the recovery store is bound to it).
         server_num: Servers that make up the cluster.
         bind_host: Address of the cluster TCP listener.
         port: Cluster TCP port (``scheduler_port``); 0 picks a free one.
@@ -108,9 +125,12 @@ class SchedulerSettings:
         cluster_available_timeout: Seconds the cluster may take to form before the Scheduler exits.
         finish_timeout: Seconds a graceful finish waits for the Servers before giving up on them.
         max_message_size: Limit on cluster frames and management bodies, in bytes.
+        store_path: The recovery store file (``config.json``'s ``recovery``, one file per node, see
+            :func:`~flcluster.store.node_store_path`); ``""`` when recovery is off (nothing is written).
     """
 
     node_id: str
+    fl_name: str
     server_num: int
     bind_host: str
     port: int
@@ -120,6 +140,7 @@ class SchedulerSettings:
     cluster_available_timeout: float
     finish_timeout: float
     max_message_size: int
+    store_path: str
 
 
 @attrs.frozen
@@ -160,6 +181,9 @@ class SchedulerNode:
             )
         )
         self.clock = EpochClock()
+        self.store: RecoveryStore | None = None
+        self._committed: SchedulerState | None = None
+        self._dispatching = trio.Lock()
         self._links: dict[str, _ServerLink] = {}
         self._changed = trio.Event()
         self._exited = trio.Event()
@@ -184,6 +208,51 @@ class SchedulerNode:
         """Every registered Server, by rank."""
         return self.machine.members()
 
+    # --------------------------------------------------------------------------------- recovery
+
+    async def recover_from(self, store: RecoveryStore) -> None:
+        """Keep the cluster's state in ``store`` from now on; rebuild the machine from what it holds.
+
+        Called once, before :meth:`serve` (which calls it itself for ``settings.store_path``). The
+        caller owns the store (opens and closes it).
+
+        Raises:
+            StoreCorrupt: the store holds a scheduler state no Scheduler writes.
+            StoreError: the store cannot be read or written.
+        """
+        contents = await store.load()
+        self.store = store
+        self._committed = contents.scheduler
+        if contents.scheduler is not None:
+            self.machine = restored_machine(
+                self.machine.config, contents.scheduler, now_ms=self.clock.now_ms(), location=store.location
+            )
+            members = ", ".join(f"{m.rank}={m.node_id}@{m.host}:{m.port}" for m in contents.scheduler.members)
+            log.info(
+                "Scheduler %s recovered from its store: was %s, %d of server_num=%d Servers (%s); each has "
+                "%.0f s to register again; cluster state %s",
+                self.settings.node_id,
+                contents.scheduler.cluster_state,
+                len(contents.scheduler.members),
+                contents.scheduler.server_num,
+                members or "none",
+                self.settings.heartbeat_timeout,
+                self.machine.state.name,
+            )
+            await self._persist()
+
+    async def _persist(self) -> None:
+        """Commit the stored view if it changed (see the module docstring); nothing without a store."""
+        if self.store is None:
+            return
+        state = stored_state(self.machine.snapshot())
+        if state == self._committed or state.cluster_state == ClusterState.CLUSTER_EXIT.name:
+            return
+        await self.store.commit(Transition(scheduler=state))
+        self._committed = state
+        if self.machine.state is ClusterState.CLUSTER_STARTING:
+            crash_point("scheduler.forming")
+
     # ---------------------------------------------------------------------------------- running
 
     async def serve(
@@ -194,9 +263,33 @@ class SchedulerNode:
     ) -> ExitCluster:
         """Run the Scheduler until the cluster exits; report its addresses once listening.
 
+        With ``settings.store_path`` (and no store attached by :meth:`recover_from`), the recovery
+        store is opened first and kept open while the Scheduler runs.
+
         Returns:
             The exit instruction (reason and nodes that did not finish).
+
+        Raises:
+            StoreOpenError: the recovery store was refused (the message names the file and the way out).
         """
+        if self.store is None and self.settings.store_path:
+            identity = scheduler_identity(
+                self.settings.node_id, self.settings.fl_name, self.settings.server_num
+            )
+            async with open_sqlite_store(self.settings.store_path, identity) as store:
+                log.info(
+                    "Scheduler %s recovery store: %s (%s)",
+                    self.settings.node_id,
+                    store.location,
+                    "created" if store.created else "existing",
+                )
+                await self.recover_from(store)
+                return await self._serve(with_management, task_status)
+        return await self._serve(with_management, task_status)
+
+    async def _serve(
+        self, with_management: bool, task_status: trio.TaskStatus[SchedulerAddresses]
+    ) -> ExitCluster:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             listeners = await nursery.start(
@@ -221,22 +314,35 @@ class SchedulerNode:
         assert self._exit is not None
         return self._exit
 
-    def dispatch(self, event: Event) -> RegisterReply | None:
-        """Feed one event to the cluster machine and carry out its instructions, in order.
+    async def dispatch(self, event: Event) -> RegisterReply | None:
+        """Feed one event to the cluster machine, commit what changed, carry out its instructions.
+
+        With a store, the new stored view is committed before any instruction is carried out and
+        before the reply is returned (spec/recovery.md §3.1: acknowledged after the commit).
 
         Returns:
             The answer for the connection that caused the event (a registration's), else None.
 
         Raises:
             IllegalEvent: the event was illegal; nothing changed.
+            StoreError: the commit failed; the machine is as it was before the event and nothing
+                was sent.
         """
-        outcome = self.machine.handle(event)
-        reply = self._wire_reply(outcome.reply)
-        for ins in outcome.instructions:
-            self._carry_out(ins)
-        self._changed.set()
-        self._changed = trio.Event()
-        return reply
+        async with self._dispatching:
+            before = self.machine.snapshot() if self.store is not None else None
+            outcome = self.machine.handle(event)
+            try:
+                await self._persist()
+            except StoreError:
+                assert before is not None
+                self.machine = ClusterMachine.from_snapshot(self.machine.config, before)
+                raise
+            reply = self._wire_reply(outcome.reply)
+            for ins in outcome.instructions:
+                self._carry_out(ins)
+            self._changed.set()
+            self._changed = trio.Event()
+            return reply
 
     def _wire_reply(self, reply: Reply | None) -> RegisterReply | None:
         match reply:
@@ -253,9 +359,7 @@ class SchedulerNode:
     def _carry_out(self, ins: Instruction) -> None:
         match ins:
             case SendMembership(state=state, members=members):
-                msg = Membership(
-                    state=state.name, members=tuple(MemberRecord(**attrs.asdict(m)) for m in members)
-                )
+                msg = Membership(state=state, members=tuple(MemberRecord(**attrs.asdict(m)) for m in members))
                 for server_link in list(self._links.values()):
                     self._post(server_link, msg)
             case StateChanged(old=old, new=new, reason=reason):
@@ -297,15 +401,15 @@ class SchedulerNode:
             now_ms = self.clock.now_ms()
             deadline_ms = self.machine.next_liveness_deadline()
             if deadline_ms is not None and now_ms >= deadline_ms:
-                self.dispatch(LivenessCheck(cause=f"liveness@{now_ms}", now_ms=now_ms))
+                await self.dispatch(LivenessCheck(cause=f"liveness@{now_ms}", now_ms=now_ms))
 
     async def _startup_deadline(self) -> None:
         await trio.sleep(self.settings.cluster_available_timeout)
-        self.dispatch(StartupDeadlinePassed(cause="cluster_available_timeout"))
+        await self.dispatch(StartupDeadlinePassed(cause="cluster_available_timeout"))
 
     async def _shutdown_deadline(self) -> None:
         await trio.sleep(self.settings.finish_timeout)
-        self.dispatch(ShutdownDeadlinePassed(cause="finish_timeout"))
+        await self.dispatch(ShutdownDeadlinePassed(cause="finish_timeout"))
 
     # ---------------------------------------------------------------------------- connections
 
@@ -331,6 +435,9 @@ class SchedulerNode:
                     await link.send(ErrorReply(reason=str(exc)))
         except (LinkClosed, trio.TooSlowError):
             pass
+        except StoreError as exc:
+            # Nothing that depended on the failed commit was sent; the node retries on a new link.
+            log.error("dropping a connection: the recovery store failed: %s", exc)
         except Exception:
             # One connection's failure must never take the Scheduler down (a bug, not bad input:
             # bad input is answered above). Logged with its traceback; the link is dropped.
@@ -339,33 +446,36 @@ class SchedulerNode:
             await link.aclose()
 
     async def _serve_server_link(self, link: FramedLink, msg: Register) -> None:
-        try:
-            role = Role(msg.role)
-        except ValueError:
-            await link.send(RegisterReply(accepted=False, rank=-1, reason=f"unknown role {msg.role!r}"))
-            return
         info = NodeInfo(
             node_id=msg.node_id,
-            role=role,
+            role=msg.role,
             host=msg.host,
             port=msg.port,
             device_port=msg.device_port,
             pid=msg.pid,
         )
+        server_link = _ServerLink(msg.node_id, link)
+        previous = self._links.get(msg.node_id)
         event = RegisterNode(
             cause=f"register:{msg.node_id}",
             info=info,
             server_num=msg.server_num,
             fl_iteration_num=msg.fl_iteration_num,
             recovering=msg.recovering,
+            holder_connected=previous is not None,
             now_ms=self.clock.now_ms(),
         )
-        server_link = _ServerLink(msg.node_id, link)
-        previous = self._links.get(msg.node_id)
         # Register the link before dispatching, so a membership broadcast caused by this very
         # registration reaches the new node too (after its register reply, queued first).
         self._links[msg.node_id] = server_link
-        reply = self.dispatch(event)
+        try:
+            reply = await self.dispatch(event)
+        except BaseException:
+            if self._links.get(msg.node_id) is server_link:
+                del self._links[msg.node_id]
+                if previous is not None:
+                    self._links[msg.node_id] = previous
+            raise
         assert reply is not None, "a registration is always answered"
         if not reply.accepted:
             del self._links[msg.node_id]
@@ -375,7 +485,15 @@ class SchedulerNode:
             return
         if previous is not None:
             previous.send_channel.close()
-        log.info("Server %r registered from %s:%d with rank %d", msg.node_id, msg.host, msg.port, reply.rank)
+        log.info(
+            "Server %r registered%s from %s:%d (pid %d) with rank %d",
+            msg.node_id,
+            " again (recovering)" if msg.recovering else "",
+            msg.host,
+            msg.port,
+            msg.pid,
+            reply.rank,
+        )
         await link.send(reply)
         try:
             lost = await run_session(
@@ -405,12 +523,14 @@ class SchedulerNode:
             try:
                 match msg:
                     case HeartbeatMsg(node_id=node_id) if node_id == server_link.node_id:
-                        self.dispatch(
+                        await self.dispatch(
                             Heartbeat(cause=f"hb:{node_id}", node_id=node_id, now_ms=self.clock.now_ms())
                         )
-                        server_link.post(HeartbeatReply(state=self.machine.state.name))
+                        if self.machine.state is ClusterState.CLUSTER_READY:
+                            crash_point("scheduler.iterating")
+                        server_link.post(HeartbeatReply(state=self.machine.state))
                     case Finished(node_id=node_id) if node_id == server_link.node_id:
-                        self.dispatch(NodeFinished(cause=f"finished:{node_id}", node_id=node_id))
+                        await self.dispatch(NodeFinished(cause=f"finished:{node_id}", node_id=node_id))
                     case _:
                         server_link.post(
                             ErrorReply(
@@ -423,7 +543,7 @@ class SchedulerNode:
     async def _serve_finish(self, link: FramedLink) -> None:
         self._finish_requested = True
         try:
-            self.dispatch(BeginShutdown(cause="flcluster finish"))
+            await self.dispatch(BeginShutdown(cause="flcluster finish"))
         except IllegalEvent as exc:
             await link.send(ErrorReply(reason=str(exc)))
             return
@@ -431,7 +551,7 @@ class SchedulerNode:
         nodes = [
             NodeProcess(
                 node_id=m.node_id,
-                role="SERVER",
+                role=Role.SERVER,
                 host=info.host,
                 pid=info.pid,
                 finished=self.machine.is_finished(m.node_id),
@@ -441,7 +561,7 @@ class SchedulerNode:
         ]
         nodes.append(
             NodeProcess(
-                node_id=self.settings.node_id, role="SCHEDULER", host="", pid=os.getpid(), finished=True
+                node_id=self.settings.node_id, role=Role.SCHEDULER, host="", pid=os.getpid(), finished=True
             )
         )
         try:

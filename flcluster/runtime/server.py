@@ -46,7 +46,7 @@ import torch
 import trio
 
 from flcluster.aggregation import ModelSpec, ModelWeights
-from flcluster.core.cluster import ClusterState
+from flcluster.core.cluster import ClusterState, Role
 from flcluster.core.iteration import IterationConfig, IterationMachine
 from flcluster.errors import ClusterError, FrameError, MessageError, RegistrationRefused
 from flcluster.http.device import create_device_app
@@ -282,7 +282,7 @@ class ServerNode:
         await link.send(
             Register(
                 node_id=s.node_id,
-                role="SERVER",
+                role=Role.SERVER,
                 host=self.host,
                 port=self.peer_port,
                 device_port=s.device_port,
@@ -318,8 +318,8 @@ class ServerNode:
             match msg:
                 case Membership():
                     self._apply_membership(msg)
-                case HeartbeatReply(state=state) if state in ClusterState.__members__:
-                    self.cluster_state = ClusterState[state]
+                case HeartbeatReply(state=state):
+                    self.cluster_state = state
                 case Shutdown(reason=reason):
                     log.info("the Scheduler asked this Server to finish: %s", reason)
                     await link.send(Finished(node_id=self.settings.node_id))
@@ -331,17 +331,14 @@ class ServerNode:
                     log.warning("ignoring an unexpected %r from the Scheduler", msg.TYPE)
 
     def _apply_membership(self, msg: Membership) -> None:
-        if msg.state not in ClusterState.__members__:
-            log.warning("ignoring a membership with unknown state %r", msg.state)
-            return
-        self.cluster_state = ClusterState[msg.state]
+        self.cluster_state = msg.state
         self.members = msg.members
         for member in msg.members:
             if member.node_id == self.settings.node_id:
                 self.rank = member.rank
         log.info(
             "membership: %s, %s",
-            msg.state,
+            msg.state.name,
             ", ".join(
                 f"{m.rank}={m.node_id}@{m.host}:{m.port}{'' if m.alive else ' (down)'}" for m in msg.members
             ),

@@ -111,11 +111,16 @@ class SchedulerState:
         cluster_state: the cluster state's name (``"CLUSTER_READY"``, ...).
         server_num: how many Servers the cluster has now (scaling changes it).
         members: the registered Servers; ranks and node ids are each unique.
+        fl_iteration_num: the ``fl_iteration_num`` the registered Servers agreed on (``None`` before the
+            first registration; schema version 3).
     """
 
     cluster_state: str = attrs.field(validator=_str)
     server_num: int = attrs.field(validator=_non_negative)
     members: tuple[Member, ...] = attrs.field(default=(), converter=_by_rank)
+    fl_iteration_num: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_non_negative)
+    )
 
     def __attrs_post_init__(self) -> None:
         ranks = [m.rank for m in self.members]

@@ -12,6 +12,9 @@ version, whole. Version 0 is an empty database: migration 0 creates the version 
   every read, since ``PRAGMA integrity_check`` sees the b-trees but not the bytes of a blob; and the
   fl_ids of the running sum move to a table of their own (``partial_fl_ids``, one row per fold), since
   rewriting a JSON list that grows by one fl_id per update costs O(n) per update, O(n²) per iteration.
+- **Version 3**: ``scheduler_state.fl_iteration_num`` (nullable), the ``fl_iteration_num`` the Servers
+  agreed on, which a restarted Scheduler holds later registrations against (spec/recovery.md §3.1). A
+  version 2 Scheduler store gets ``NULL`` (read as "not known yet").
 
 A file of a version above :data:`SCHEMA_VERSION` is refused (:class:`~flcluster.errors.StoreTooNew`),
 never downgraded.
@@ -28,7 +31,7 @@ import sqlite_utils
 APPLICATION_ID = 0x464C6353
 """``PRAGMA application_id`` of a store file (the bytes ``FLcS``)."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this code writes."""
 
 Migration = Callable[[sqlite_utils.Database], None]
@@ -121,7 +124,11 @@ def _to_v2(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE partial_sum_v2 RENAME TO partial_sum")
 
 
-MIGRATIONS: Sequence[Migration] = (_to_v1, _to_v2)
+def _to_v3(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE scheduler_state ADD COLUMN fl_iteration_num INTEGER")
+
+
+MIGRATIONS: Sequence[Migration] = (_to_v1, _to_v2, _to_v3)
 """``MIGRATIONS[v]`` takes a store from schema version ``v`` to ``v + 1``."""
 
 assert len(MIGRATIONS) == SCHEMA_VERSION

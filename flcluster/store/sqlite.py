@@ -217,7 +217,9 @@ def _read_contents(db: sqlite_utils.Database, where: str) -> StoreContents:
     try:
         scheduler = None
         if (
-            row := _row(db, "SELECT cluster_state, server_num FROM scheduler_state WHERE id = 1")
+            row := _row(
+                db, "SELECT cluster_state, server_num, fl_iteration_num FROM scheduler_state WHERE id = 1"
+            )
         ) is not None:
             members = [
                 Member(node_id=n, rank=r, host=h, port=p, device_port=d)
@@ -225,7 +227,9 @@ def _read_contents(db: sqlite_utils.Database, where: str) -> StoreContents:
                     "SELECT rank, node_id, host, port, device_port FROM members ORDER BY rank"
                 ).fetchall()
             ]
-            scheduler = SchedulerState(cluster_state=row[0], server_num=row[1], members=tuple(members))
+            scheduler = SchedulerState(
+                cluster_state=row[0], server_num=row[1], members=tuple(members), fl_iteration_num=row[2]
+            )
         server = None
         sql = "SELECT rank, iteration, instance_state, machine FROM server_state WHERE id = 1"
         if (row := _row(db, sql)) is not None:
@@ -435,8 +439,9 @@ class _Writer:
     @staticmethod
     def _write_scheduler(db: sqlite_utils.Database, state: SchedulerState) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO scheduler_state (id, cluster_state, server_num) VALUES (1, ?, ?)",
-            [state.cluster_state, state.server_num],
+            "INSERT OR REPLACE INTO scheduler_state (id, cluster_state, server_num, fl_iteration_num) "
+            "VALUES (1, ?, ?, ?)",
+            [state.cluster_state, state.server_num, state.fl_iteration_num],
         )
         db.execute("DELETE FROM members")
         for m in state.members:

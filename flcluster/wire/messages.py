@@ -7,7 +7,8 @@ checks raises :class:`~flcluster.errors.MessageError` and changes nothing: the r
 :class:`ErrorReply` (or drops the connection) and carries on.
 
 Field types are limited to ``str``, ``int``, ``bool``, ``float``, enums (sent as their value; a value
-that is not one of the enum's is refused) and tuples of a nested message record, which is all the
+that is not one of the enum's, or not of its type, is refused: ``1.0`` is not ``ClusterState.CLUSTER_READY``)
+and tuples of a nested message record, which is all the
 cluster protocol needs and keeps the checker small. What a field can only take from a closed set
 (an operation, an answer's kind, a phase) is an enum, never a free string.
 """
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
+from flcluster.core.cluster import ClusterState, Role
 from flcluster.core.iteration import InstanceState, Phase
 from flcluster.errors import MessageError
 from flcluster.wire.frames import Frame
@@ -79,7 +81,7 @@ class NodeProcess:
     """A node's process, as reported to ``flcluster finish``."""
 
     node_id: str
-    role: str
+    role: Role
     host: str
     pid: int
     finished: bool
@@ -95,7 +97,7 @@ class Register:
 
     TYPE: ClassVar[str] = "register"
     node_id: str
-    role: str
+    role: Role
     host: str
     port: int
     device_port: int
@@ -128,10 +130,10 @@ class HeartbeatMsg:
 @register
 @attrs.frozen
 class HeartbeatReply:
-    """Scheduler → Server: the cluster state, by name."""
+    """Scheduler → Server: the cluster state (sent as the original's number, reference §3.7)."""
 
     TYPE: ClassVar[str] = "heartbeat_reply"
-    state: str
+    state: ClusterState
 
 
 @register
@@ -140,7 +142,7 @@ class Membership:
     """Scheduler → every Server: the cluster state and every member."""
 
     TYPE: ClassVar[str] = "membership"
-    state: str
+    state: ClusterState
     members: tuple[MemberRecord, ...]
 
 
@@ -413,7 +415,8 @@ def _check(hint: Any, value: Any, where: str) -> Any:
         return _build(hint, value, where)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         known = [m.value for m in hint]
-        if isinstance(value, bool) or value not in known:
+        # Of the values' own type: a bool or a float equal to an IntEnum's value is not that value.
+        if not any(type(value) is type(k) and value == k for k in known):
             raise MessageError(f"{where}: expected one of {known}, got {value!r:.80}")
         return hint(value)
     if hint is bool:

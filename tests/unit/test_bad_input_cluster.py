@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from flcluster.config import FLContext
-from flcluster.core.cluster import ClusterState
+from flcluster.core.cluster import ClusterState, Role
 from flcluster.runtime.scheduler import SchedulerAddresses, SchedulerNode
 from flcluster.runtime.server import ServerNode
 from flcluster.wire.frames import HEADER_LENGTH, LENGTH, FrameDecoder, encode_frame
@@ -109,7 +109,7 @@ def raw_frame(header: bytes) -> bytes:
 def register(node_id: str, **changes: Any) -> Register:
     values: dict[str, Any] = {
         "node_id": node_id,
-        "role": "SERVER",
+        "role": Role.SERVER,
         "host": "127.0.0.1",
         "port": 7777,
         "device_port": 7778,
@@ -180,9 +180,19 @@ REFUSED: dict[str, tuple[Register, list[str]]] = {
         register("1", fl_iteration_num=21),
         ["fl_iteration_num=21", "fl_iteration_num=20"],
     ),
-    "a Worker": (register("2", role="WORKER"), ["WORKER"]),
-    "an unknown role": (register("2", role="BOSS"), ["unknown role 'BOSS'"]),
+    "a Worker": (register("2", role=Role.WORKER), ["WORKER"]),
 }
+
+
+async def test_an_unknown_role_is_refused_by_the_codec_and_hurts_nobody() -> None:
+    """``register.role`` is an enum on the wire: an unknown role is a message error, answered ``error``."""
+    async with ready_cluster() as cluster:
+        header = to_header(register("2"))
+        header["role"] = "BOSS"
+        answers = await exchange(cluster.addresses.port, encode_frame(header), then_close=False)
+        assert [type(a) for a in answers] == [ErrorReply]
+        assert "register.role" in answers[0].reason and "'BOSS'" in answers[0].reason
+        cluster.assert_healthy("an unknown role")
 
 
 async def test_bad_registrations_are_refused_with_a_reason(

@@ -84,6 +84,7 @@ def register(
         server_num=server_num,
         fl_iteration_num=fl_iteration_num,
         recovering=recovering,
+        holder_connected=False,
         now_ms=now,
     )
 

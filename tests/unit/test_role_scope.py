@@ -10,6 +10,7 @@ from __future__ import annotations
 import httpx
 import trio
 
+from flcluster.core.cluster import ClusterState
 from flcluster.errors import FrameError
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.runtime.server import RoleKey, ServerNode, ServerStarted
@@ -60,7 +61,7 @@ class StandInScheduler:
             for node_id, r in sorted(self.registered.items())
         )
         for link in self.links.values():
-            await link.send(Membership(state="CLUSTER_READY", members=members))
+            await link.send(Membership(state=ClusterState.CLUSTER_READY, members=members))
 
 
 def start_body(fl_id: str) -> bytes:

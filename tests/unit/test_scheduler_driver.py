@@ -69,7 +69,7 @@ class FakeServer:
         await self.link.send(
             Register(
                 node_id=self.node_id,
-                role="SERVER",
+                role=Role.SERVER,
                 host="127.0.0.1",
                 port=7000 + int(self.node_id),
                 device_port=6668 + int(self.node_id),
@@ -120,7 +120,7 @@ async def form_cluster(nursery: trio.Nursery, scheduler: SchedulerNode) -> tuple
     assert scheduler.state is ClusterState.CLUSTER_READY
     for fake in (first, second):
         (membership,) = fake.memberships()
-        assert membership.state == "CLUSTER_READY"
+        assert membership.state is ClusterState.CLUSTER_READY
         assert [(m.rank, m.node_id, m.alive) for m in membership.members] == [(0, "0", True), (1, "1", True)]
     return first, second
 
@@ -152,13 +152,14 @@ async def test_a_silent_server_times_out_at_exactly_the_heartbeat_timeout(autoju
         assert alive_by_id(scheduler.members()) == {"0": True, "1": False}
         assert scheduler.state is ClusterState.NODE_TIMEOUT
         timeout_news = live.memberships()[-1]
-        assert timeout_news.state == "NODE_TIMEOUT"
+        assert timeout_news.state is ClusterState.NODE_TIMEOUT
         assert alive_by_id(timeout_news.members) == {"0": True, "1": False}
 
         # The live Server's next heartbeat is told the cluster is in NODE_TIMEOUT.
         await trio.sleep_until(went_silent + HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL)
         await wait_all_tasks_blocked()
-        assert [r.state for r in live.received if isinstance(r, HeartbeatReply)][-1] == "NODE_TIMEOUT"
+        states = [r.state for r in live.received if isinstance(r, HeartbeatReply)]
+        assert states[-1] is ClusterState.NODE_TIMEOUT
 
         await silent.heartbeat()
         await wait_all_tasks_blocked()
@@ -166,9 +167,9 @@ async def test_a_silent_server_times_out_at_exactly_the_heartbeat_timeout(autoju
         assert scheduler.state is ClusterState.CLUSTER_READY
         for fake in (live, silent):
             back = fake.memberships()[-1]
-            assert back.state == "CLUSTER_READY"
+            assert back.state is ClusterState.CLUSTER_READY
             assert alive_by_id(back.members) == {"0": True, "1": True}
-        assert silent.received[-1] == HeartbeatReply(state="CLUSTER_READY")
+        assert silent.received[-1] == HeartbeatReply(state=ClusterState.CLUSTER_READY)
         nursery.cancel_scope.cancel()
 
 
@@ -260,7 +261,7 @@ async def test_a_refused_registration_leaves_the_registered_node_linked(autojump
         # node 0's original link still carries the Scheduler's answers
         await first.heartbeat()
         await wait_all_tasks_blocked()
-        assert first.received[-1] == HeartbeatReply(state="CLUSTER_READY")
+        assert first.received[-1] == HeartbeatReply(state=ClusterState.CLUSTER_READY)
         nursery.cancel_scope.cancel()
 
 
@@ -278,6 +279,7 @@ def register_event(node_id: str, now_ms: int) -> RegisterNode:
         server_num=2,
         fl_iteration_num=20,
         recovering=False,
+        holder_connected=False,
         now_ms=now_ms,
     )
 
@@ -301,13 +303,14 @@ async def test_management_nodes_and_state_have_the_original_shape() -> None:
         "nodeIds": [{"nodeId": "20", "rankId": "0", "role": "SCHEDULER", "alive": "true"}],
     }
 
-    assert scheduler.dispatch(register_event("a", 0)) == RegisterReply(accepted=True, rank=0, reason="")
-    assert scheduler.dispatch(register_event("b", 10_000)) == RegisterReply(accepted=True, rank=1, reason="")
+    for rank, (node_id, now_ms) in enumerate([("a", 0), ("b", 10_000)]):
+        reply = await scheduler.dispatch(register_event(node_id, now_ms))
+        assert reply == RegisterReply(accepted=True, rank=rank, reason="")
     # a is silent since 0: the machine counts in milliseconds, converted once from the settings' seconds
     assert scheduler.machine.config.heartbeat_timeout_ms == 30_000
-    assert scheduler.dispatch(LivenessCheck(cause="test", now_ms=29_999)) is None
+    assert await scheduler.dispatch(LivenessCheck(cause="test", now_ms=29_999)) is None
     assert alive_by_id(scheduler.members()) == {"a": True, "b": True}
-    scheduler.dispatch(LivenessCheck(cause="test", now_ms=30_000))
+    await scheduler.dispatch(LivenessCheck(cause="test", now_ms=30_000))
 
     response = await client.get("/nodes")
     assert response.status_code == 200
@@ -347,7 +350,7 @@ async def test_a_node_id_that_cannot_be_sent_back_does_not_kill_the_scheduler(au
         await nursery.start(partial(scheduler.serve, with_management=False))
         client_end, server_end = trio.testing.memory_stream_pair()
         nursery.start_soon(scheduler.handle_stream, server_end)
-        header = to_header(Register("X", "SERVER", "127.0.0.1", 7000, 6668, 1, 2, 20, False))
+        header = to_header(Register("X", Role.SERVER, "127.0.0.1", 7000, 6668, 1, 2, 20, False))
         raw = json.dumps(header).replace('"X"', '"\\ud800"').encode()
         await client_end.send_all(LENGTH.pack(2 + len(raw)) + HEADER_LENGTH.pack(len(raw)) + raw)
         odd = FakeServer("odd", FramedLink(client_end))
@@ -360,5 +363,5 @@ async def test_a_node_id_that_cannot_be_sent_back_does_not_kill_the_scheduler(au
         await normal.heartbeat()
         await wait_all_tasks_blocked()
         assert scheduler.state is not ClusterState.CLUSTER_EXIT
-        assert normal.received[-1] == HeartbeatReply(state=scheduler.state.name)
+        assert normal.received[-1] == HeartbeatReply(state=scheduler.state)
         nursery.cancel_scope.cancel()

@@ -78,6 +78,7 @@ CHANGED: dict[str, object] = {
 # Each record field and the FLContext field it comes from.
 SOURCES: dict[type, dict[str, str]] = {
     SchedulerSettings: {
+        "fl_name": "fl_name",
         "server_num": "server_num",
         "bind_host": "scheduler_ip",
         "port": "scheduler_port",
@@ -153,13 +154,25 @@ def test_every_field_is_taken_from_the_context(record: type) -> None:
 
 def test_the_sources_table_names_every_field() -> None:
     not_from_context = {
-        SchedulerSettings: {"node_id"},
+        SchedulerSettings: {"node_id", "store_path"},
         ServerSettings: {"node_id"},
         IterationConfig: set(),
         LeaderOptions: {"metrics_path", "participation_levels"},
     }
     for record, sources in SOURCES.items():
         assert {a.name for a in attrs.fields(record)} == set(sources) | not_from_context[record], record
+
+
+def test_the_scheduler_store_path_comes_from_config_json_recovery(tmp_path: Any) -> None:
+    """spec/recovery.md §2: one file per node next to ``storage_file_path``; no section, no store."""
+    ctx = FLContext.from_kwargs(**CHANGED)
+    recovery = ClusterConfig(
+        recovery=StorageConfig(storage_type=1, storage_file_path=str(tmp_path / "recovery.json"))
+    )
+    expected = str(tmp_path / "recovery.scheduler-20.sqlite")
+    assert scheduler_settings(ctx, "20", recovery).store_path == expected
+    assert scheduler_settings(ctx, "20", ClusterConfig()).store_path == ""
+    assert scheduler_settings(ctx, "20").store_path == ""
 
 
 def test_node_id_metrics_and_participation_levels() -> None:

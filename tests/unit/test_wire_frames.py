@@ -21,6 +21,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flcluster.core.cluster import ClusterState, Role
 from flcluster.core.iteration import InstanceState, Phase
 from flcluster.errors import FrameError, MessageError
 from flcluster.runtime.links import FramedLink, LinkClosed
@@ -40,6 +41,7 @@ from flcluster.wire.messages import (
     CountOp,
     ErrorReply,
     HeartbeatMsg,
+    HeartbeatReply,
     IterationStatus,
     LeaderAnswer,
     LeaderCall,
@@ -378,7 +380,12 @@ WRONG_VALUES: dict[Any, list[Any]] = {
     float: [True, "1.5", None, [1.5]],
 }
 WRONG_LISTS = [{"rank": 1}, "x", None, 3]
-WRONG_ENUM_VALUES = ["no-such-value", "", 1, True, None, ["accepted"]]
+WRONG_ENUM_VALUES = ["no-such-value", "", 1, 1.0, 99, True, False, None, ["accepted"], "CLUSTER_READY"]
+
+
+def wrong_enum_values(hint: type[enum.Enum]) -> list[Any]:
+    """The values of :data:`WRONG_ENUM_VALUES` that are not one of ``hint``'s (of the value's own type)."""
+    return [v for v in WRONG_ENUM_VALUES if not any(type(v) is type(m.value) and v == m.value for m in hint)]
 
 
 @pytest.mark.parametrize(
@@ -389,9 +396,15 @@ WRONG_ENUM_VALUES = ["no-such-value", "", 1, True, None, ["accepted"]]
         (LeaderAnswer, "kind", "accept"),
         (IterationStatus, "phase", "paused"),
         (IterationStatus, "instance_state", "disabled"),
+        (Register, "role", "server"),
+        (Register, "role", "BOSS"),
+        (HeartbeatReply, "state", "CLUSTER_READY"),
+        (HeartbeatReply, "state", 11),
+        (HeartbeatReply, "state", 1.0),
+        (Membership, "state", -1),
     ],
 )
-def test_an_enum_field_refuses_a_value_it_does_not_name(cls: type[Any], field: str, value: str) -> None:
+def test_an_enum_field_refuses_a_value_it_does_not_name(cls: type[Any], field: str, value: object) -> None:
     header = sample(cls) | {field: value}
     with pytest.raises(MessageError, match=f"^{cls.TYPE}\\.{field}: expected one of \\["):
         from_frame(Frame(header))
@@ -410,6 +423,19 @@ def test_enum_fields_travel_as_their_values_and_come_back_as_enums() -> None:
     assert isinstance(answer, LeaderAnswer) and answer.kind is AnswerKind.PLAIN
 
 
+def test_roles_and_cluster_states_travel_as_enums() -> None:
+    """Role by its name, the cluster state by the original's number (reference §3.7)."""
+    reply = HeartbeatReply(state=ClusterState.NODE_TIMEOUT)
+    header = to_header(reply)
+    assert header["state"] == 3 and type(header["state"]) is int
+    assert from_frame(decode_one(encode_frame(header))) == reply
+    membership = from_frame(Frame(sample(Membership) | {"state": 1}))
+    assert isinstance(membership, Membership) and membership.state is ClusterState.CLUSTER_READY
+    register = from_frame(Frame(sample(Register) | {"role": "SERVER"}))
+    assert isinstance(register, Register) and register.role is Role.SERVER
+    assert to_header(register)["role"] == "SERVER"
+
+
 @pytest.mark.parametrize("cls", MESSAGE_TYPES, ids=lambda c: c.TYPE)
 def test_a_mistyped_field_is_refused(cls: type[Any]) -> None:
     hints = typing.get_type_hints(cls)
@@ -418,7 +444,7 @@ def test_a_mistyped_field_is_refused(cls: type[Any]) -> None:
         if typing.get_origin(hint) is tuple:
             wrong = WRONG_LISTS
         elif isinstance(hint, type) and issubclass(hint, enum.Enum):
-            wrong = WRONG_ENUM_VALUES
+            wrong = wrong_enum_values(hint)
         else:
             wrong = WRONG_VALUES[hint]
         for value in wrong:
