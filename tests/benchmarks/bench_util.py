@@ -254,6 +254,7 @@ def open_cluster(
     iterations: int = 2,
     window_ms: int = HOUR_MS,
     env: dict[str, str] | None = None,
+    recovery: bool = False,
 ) -> Iterator[Cluster]:
     """Start a Scheduler and ``server_num`` Servers for LeNet on loopback; SIGKILL them all afterwards.
 
@@ -270,11 +271,14 @@ def open_cluster(
         iterations: ``fl_iteration_num``.
         window_ms: both round windows; the global window is twice as long.
         env: variables to set for the Servers (on top of this process's environment).
+        recovery: give every node a ``config.json`` with the ``recovery`` section, so each keeps its
+            SQLite recovery store in ``workdir`` (spec/recovery.md).
     """
     failed: list[str] = []
     for attempt in range(1, START_ATTEMPTS + 1):
         where = workdir if attempt == 1 else workdir / f"attempt{attempt}"
-        with _launched(where, server_num, threshold, iterations, window_ms, env or {}) as (urls, pids):
+        launch = _launched(where, server_num, threshold, iterations, window_ms, env or {}, recovery)
+        with launch as (urls, pids):
             try:
                 for i, pid in enumerate(pids):
                     wait_started(where / f"server_{i}" / "server.log", pid)
@@ -290,13 +294,23 @@ def open_cluster(
 
 @contextlib.contextmanager
 def _launched(
-    workdir: Path, server_num: int, threshold: int, iterations: int, window_ms: int, env: dict[str, str]
+    workdir: Path,
+    server_num: int,
+    threshold: int,
+    iterations: int,
+    window_ms: int,
+    env: dict[str, str],
+    recovery: bool,
 ) -> Iterator[tuple[list[str], list[int]]]:
     """Launch the Scheduler and the Servers (the guide's commands); yield the device URLs and pids."""
     workdir.mkdir(parents=True, exist_ok=True)
     sched_port, manage_port = free_ports(2)
     fl_port = free_port_block(server_num, host="127.0.0.1")
     common = ["--scheduler_ip=127.0.0.1", f"--scheduler_port={sched_port}", f"--server_num={server_num}"]
+    if recovery:
+        config = workdir / "config.json"
+        config.write_text(json.dumps({"recovery": {"storage_type": 1, "storage_file_path": "recovery.json"}}))
+        common.append(f"--config_file_path={config}")
     sched_argv = [
         *(sys.executable, "-u", "-m", "flcluster", "scheduler"),
         *common,

@@ -8,8 +8,9 @@ Set-up, all on loopback, each in its own process:
   and folded into the running FedAvg sums, and nothing else happens;
 - baseline: a bare Hypercorn + Quart-Trio endpoint (``bench_util.BARE_SERVER``: nothing of flcluster, no
   torch; the Servers' Hypercorn settings) that only reads the same body and answers 200;
-- diagnostic: a second flcluster Server started with ``OMP_NUM_THREADS=1`` (torch's intra-op threads;
-  no code change), to show what torch's thread pool costs the fold on this host;
+- durability: a second flcluster Server with disaster recovery on (``config.json``'s ``recovery``: every
+  node keeps its SQLite recovery store, and no update is answered SUCCEED before the partial sum that
+  holds it is committed, group-committed; spec/recovery.md), to show what durability costs;
 - the load generator (``bench_util loadgen``): raw HTTP/1.1 keep-alive connections, pre-encoded bodies.
 
 Each run sends ``UPDATES`` updateModel bodies (66,404 float32, the same bytes for every target apart from
@@ -93,23 +94,17 @@ def test_bench_update_model_ingest(tmp_path: Path) -> None:
         open_bare(tmp_path / "bare") as bare,
         open_cluster(tmp_path / "flcluster", server_num=1, threshold=THRESHOLD) as cluster,
         open_cluster(
-            tmp_path / "flcluster-omp1", server_num=1, threshold=THRESHOLD, env={"OMP_NUM_THREADS": "1"}
-        ) as single,
+            tmp_path / "flcluster-recovery", server_num=1, threshold=THRESHOLD, recovery=True
+        ) as durable,
     ):
         targets = [
             Target("bare", bare.urls[0], bare.pids[0], HTTP_200, False),
             Target("flcluster", cluster.urls[0], cluster.server_pids[0], SUCCEED, True),
-            Target(
-                "flcluster, OMP_NUM_THREADS=1 (diagnostic)",
-                single.urls[0],
-                single.server_pids[0],
-                SUCCEED,
-                True,
-            ),
+            Target("flcluster, recovery on", durable.urls[0], durable.server_pids[0], SUCCEED, True),
         ]
         for target in targets:
             target.send(gen, WARMUP)
-        failed_starts = cluster.failed_starts + single.failed_starts
+        failed_starts = cluster.failed_starts + durable.failed_starts
         lines = [
             "",
             f"ingest | host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the runs",
@@ -145,6 +140,13 @@ def test_bench_update_model_ingest(tmp_path: Path) -> None:
             f" by target CPU per update (bare / {label.split(' (')[0]}):"
             f" {costs[baseline.label] / costs[label]:.2f}"
         )
+    plain, durable_target = targets[1], targets[2]
+    paired = [d.rate / p.rate for d, p in zip(durable_target.runs, plain.runs, strict=True)]
+    lines.append(
+        f"ingest | cost of durability, recovery on / off, updates/s: {statistics.median(paired):.2f}"
+        f" (median of the runs' ratios {', '.join(f'{r:.2f}' for r in paired)}; target >= 0.8);"
+        f" by target CPU per update (off / on): {costs[plain.label] / costs[durable_target.label]:.2f}"
+    )
     lines.append(f"ingest | host load average after the runs: {os.getloadavg()[0]:.2f}")
     lines += [f"ingest | NOTE: a cluster start-up lost a Server and was redone: {f}" for f in failed_starts]
     print("\n".join(lines))
