@@ -82,6 +82,7 @@ __all__ = [
     "DiscardPartials",
     "EnableRequested",
     "Event",
+    "Holding",
     "InstanceState",
     "InstanceStateChanged",
     "Instruction",
@@ -97,14 +98,13 @@ __all__ = [
     "Rejected",
     "Reply",
     "Reservation",
-    "Holding",
-    "ServerResynced",
-    "UpdatesConfirmed",
     "ResponseCode",
     "Resumed",
     "RoundCounts",
+    "ServerResynced",
     "StartFLJobReceived",
     "UpdateModelReceived",
+    "UpdatesConfirmed",
     "Visits",
     "WindowClosed",
     "WindowKind",
@@ -760,6 +760,7 @@ class IterationMachine:
     """
 
     __slots__ = (
+        "_agg_deadline",
         "_completed",
         "_config",
         "_consecutive_failures",
@@ -768,7 +769,6 @@ class IterationMachine:
         "_instance",
         "_iteration",
         "_levels",
-        "_agg_deadline",
         "_phase",
         "_reserved",
         "_started_at_ms",
@@ -1146,10 +1146,7 @@ class IterationMachine:
             del self._reserved[fl_id]
             self._updated[fl_id] = server
             self._count_counted(r)
-        if (
-            self._phase is Phase.RUNNING
-            and len(self._updated) >= self._config.update_model_threshold
-        ):
+        if self._phase is Phase.RUNNING and len(self._updated) >= self._config.update_model_threshold:
             self._begin_aggregation(ev, out)
 
     def _resynced(self, ev: ServerResynced, out: list[Instruction]) -> None:
@@ -1261,7 +1258,8 @@ class IterationMachine:
     def _begin_aggregation(self, ev: Event, out: list[Instruction]) -> None:
         # Threshold reached (reference §3.3 step 2): stop every timer, enter safemode, aggregate. The
         # aggregation may wait for a Server that is down until the windows would have closed.
-        deadlines = [self._windows[k] for k in (WindowKind.UPDATE_MODEL, WindowKind.GLOBAL) if k in self._windows]
+        bounded = (WindowKind.UPDATE_MODEL, WindowKind.GLOBAL)
+        deadlines = [self._windows[k] for k in bounded if k in self._windows]
         self._agg_deadline = min(deadlines) if deadlines else None
         self._disarm_all(ev, out)
         self._phase = Phase.AGGREGATING

@@ -771,7 +771,11 @@ def test_resumed_while_aggregating_asks_for_the_aggregation_again() -> None:
     out = m.handle(Resumed("boot", T0))
     assert out == Outcome(
         None,
-        (AggregateIteration("boot", 1, (DeviceMeta("d0", 10, T0), DeviceMeta("d1", 11, T0)), 21, T0 + 20_000),),
+        (
+            AggregateIteration(
+                "boot", 1, (DeviceMeta("d0", 10, T0), DeviceMeta("d1", 11, T0)), 21, T0 + 20_000
+            ),
+        ),
     )
 
 
