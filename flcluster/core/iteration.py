@@ -296,6 +296,10 @@ def _number(instance: object, attribute: attrs.Attribute[float], value: float) -
 _str = attrs.validators.instance_of(str)
 
 
+def _str_tuple(values: typing.Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
 def _cause(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{attribute.name} must be a non-empty str, got {value!r}")
@@ -431,7 +435,7 @@ class UpdatesConfirmed:
     cause: str = attrs.field(validator=_cause)
     server: str = attrs.field(validator=_str)
     iteration: int = attrs.field(validator=_int)
-    fl_ids: tuple[str, ...] = attrs.field(converter=tuple)
+    fl_ids: tuple[str, ...] = attrs.field(converter=_str_tuple)
     now_ms: int = attrs.field(validator=_non_negative_int)
 
 
@@ -449,7 +453,7 @@ class ServerResynced:
     cause: str = attrs.field(validator=_cause)
     server: str = attrs.field(validator=_str)
     iteration: int = attrs.field(validator=_int)
-    fl_ids: tuple[str, ...] = attrs.field(converter=tuple)
+    fl_ids: tuple[str, ...] = attrs.field(converter=_str_tuple)
     now_ms: int = attrs.field(validator=_non_negative_int)
 
 
@@ -1459,7 +1463,8 @@ def _json_value(value: object) -> object:
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
     if attrs.has(type(value)):
-        return {f.name: _json_value(getattr(value, f.name)) for f in attrs.fields(type(value))}
+        fields = attrs.fields(type(value))  # type: ignore[arg-type]
+        return {f.name: _json_value(getattr(value, f.name)) for f in fields}
     return value
 
 
@@ -1471,7 +1476,7 @@ def snapshot_to_json(snapshot: IterationSnapshot) -> str:
 def _record(cls: type[_R], data: object) -> _R:
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__} must be a JSON object, got {data!r:.80}")
-    names = {f.name for f in attrs.fields(cls)}
+    names = {f.name for f in attrs.fields(cls)}  # type: ignore[arg-type]
     if set(data) - names:
         raise ValueError(f"{cls.__name__} has unknown fields {sorted(set(data) - names)!r}")
     return cls(**data)

@@ -58,7 +58,7 @@ def test_a_reservation_blocks_a_repeat_and_does_not_count() -> None:
     assert isinstance(again, Rejected) and again.reason == reason_repeated_update("a")
     assert isinstance(m.handle(UpdateModelReceived("u", "b", 1, T0, server="S1")).reply, Accepted)
     assert m.counts().update_model == 0  # threshold 2 not reached by reservations
-    assert m.phase is Phase.RUNNING
+    assert m.phase == Phase.RUNNING
     out = m.handle(UpdatesConfirmed("c", "S1", 1, ("a", "b"), T0 + 5))
     assert m.counts().update_model == 2 and m.phase is Phase.AGGREGATING
     agg = [i for i in out.instructions if isinstance(i, AggregateIteration)]
