@@ -1,5 +1,6 @@
-"""A follower lost before aggregation: its acknowledged update is unreachable, so the iteration fails
-cleanly (the model carries over) instead of publishing FedAvg over fewer updates than were acknowledged.
+"""A follower lost before aggregation: its acknowledged update is unreachable, so the aggregation waits
+for it while the iteration's windows are open and then fails the iteration cleanly (the model carries
+over) instead of publishing FedAvg over fewer updates than were acknowledged (spec/recovery.md §5.2, §8).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.helpers import FL_NAME, free_ports, lenet_job, loopback_scheduler, lo
 
 async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
     ports = free_ports(2)
-    job = lenet_job(2, 5)
+    job = lenet_job(2, 5, update=3000)
     scheduler = SchedulerNode(loopback_scheduler(2))
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
         addrs = await nursery.start(scheduler.serve)
@@ -31,7 +32,7 @@ async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
                 loopback_server(
                     str(i), 2, scheduler_port=addrs.port, device_port=ports[i], fl_iteration_num=5
                 ),
-                lenet_job(2, 5),
+                lenet_job(2, 5, update=3000),
             )
             for i in range(2)
         ]
@@ -67,8 +68,9 @@ async def test_an_update_held_by_a_lost_follower_fails_the_iteration() -> None:
         assert await upload(follower, "a") == ResponseCode.SUCCEED  # folded on the follower only
         scopes[servers.index(follower)].cancel()  # the follower is gone with its partial sums
         assert leader.leader is not None
-        with trio.fail_after(10):
-            # Whether or not the leader has noticed the lost link yet, the aggregation must fail.
+        with trio.fail_after(20):
+            # Whether or not the leader has noticed the lost link yet, the aggregation must fail once
+            # the updateModel window (3 s) closes.
             assert await upload(leader, "b") == ResponseCode.SUCCEED  # reaches the threshold
             assert not await leader.leader.wait_ended(1)  # failed, not published over one update
         assert leader.leader.machine.current_iteration == 2
