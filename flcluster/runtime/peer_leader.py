@@ -32,8 +32,7 @@ from typing import Protocol
 
 import trio
 
-from flcluster.aggregation import AggregationError
-from flcluster.errors import FrameError, MessageError
+from flcluster.errors import FollowerLeft, FrameError, MessageError
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.peer_wire import answer_of, request_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
@@ -62,10 +61,6 @@ OUTBOX = 4096
 
 Push = IterationStatus | DropPartials | ErrorReply | LeaderAnswer
 """What the leader queues for a follower (sent in order by its writer)."""
-
-
-class FollowerLeft(AggregationError):
-    """The follower an aggregation waits for has no link (or lost it); it may come back."""
 
 
 class LeaderDesk(Protocol):

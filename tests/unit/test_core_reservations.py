@@ -60,7 +60,7 @@ def test_a_reservation_blocks_a_repeat_and_does_not_count() -> None:
     assert m.counts().update_model == 0  # threshold 2 not reached by reservations
     assert m.phase == Phase.RUNNING
     out = m.handle(UpdatesConfirmed("c", "S1", 1, ("a", "b"), T0 + 5))
-    assert m.counts().update_model == 2 and m.phase is Phase.AGGREGATING
+    assert m.counts().update_model == 2 and m.snapshot().phase is Phase.AGGREGATING
     agg = [i for i in out.instructions if isinstance(i, AggregateIteration)]
     assert [d.fl_id for d in agg[0].updates] == ["a", "b"]
     assert agg[0].deadline_ms == T0 + 20_000  # the updateModel window, armed at the first reservation
