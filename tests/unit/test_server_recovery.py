@@ -83,6 +83,8 @@ async def upload(client: httpx.AsyncClient, url: str, job: JobSettings, fl_id: s
         fl_name=FL_NAME, fl_id=fl_id, iteration=1, feature_maps=maps, timestamp="t"
     )
     raw = (await client.post(f"{url}/updateModel", content=body)).content
+    if raw.startswith(b"The cluster is in safemode"):
+        return -1
     return decode_update_model_response(raw).retcode
 
 
@@ -118,7 +120,12 @@ async def run_restart(tmp_path: Path, restarted: str) -> None:
             # The repeat of an acknowledged update is refused, never folded twice.
             assert await upload(client, c.url(victim), job, "a") != ResponseCode.SUCCEED
             # c completes the iteration: 3 confirmed updates, two of them from before the restart.
-            code = await upload(client, c.url(survivor), job, "c")
+            # The survivor may still be re-linking to a restarted leader (it answers safemode then).
+            for _attempt in range(200):
+                code = await upload(client, c.url(survivor), job, "c")
+                if code == ResponseCode.SUCCEED:
+                    break
+                await trio.sleep(0.05)
             assert code == ResponseCode.SUCCEED
             leader = c.nodes[leader_id].leader
             assert leader is not None
