@@ -63,6 +63,7 @@ __all__ = [
     "DeviceTransportError",
     "FLClusterError",
     "Fault",
+    "FollowerLeft",
     "FrameError",
     "IllegalEvent",
     "LinkClosed",
@@ -225,6 +226,10 @@ class AggregationError(ClusterError):
     """The aggregate cannot be formed (it is not finite, or the partial sums do not fit together)."""
 
     status_hint = 500
+
+
+class FollowerLeft(AggregationError):
+    """A follower whose partial sums an aggregation needs has no link to the leader (it may come back)."""
 
 
 class DeviceTransportError(ClusterError):

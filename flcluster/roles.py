@@ -90,7 +90,9 @@ def run_role(ctx: FLContext | None = None, *, model: nn.Module | None = None) ->
 
                 trio.run(
                     partial(
-                        run_server, server_settings(ctx, node_id), job_settings(ctx, model, cluster_config)
+                        run_server,
+                        server_settings(ctx, node_id, cluster_config),
+                        job_settings(ctx, model, cluster_config),
                     )
                 )
                 log.info("Server %r finished.", node_id)

@@ -87,19 +87,30 @@ def scheduler_settings(
     )
 
 
-def server_settings(ctx: FLContext, node_id: str) -> ServerSettings:
+def server_settings(
+    ctx: FLContext, node_id: str, cluster_config: ClusterConfig | None = None
+) -> ServerSettings:
     """A Server's settings from a validated context.
 
     Args:
         ctx: the node's context.
         node_id: the Server's node id (see :func:`~flcluster.config.resolve_node_id`).
+        cluster_config: ``config.json``; its ``recovery`` section gives the Server its store file
+            (:func:`~flcluster.store.node_store_path`, spec/recovery.md §2); ``None``: no recovery.
 
     Raises:
         ConfigError: the context turns on a feature that is not implemented yet.
     """
     from flcluster.runtime.server import ServerSettings
+    from flcluster.store import StoreRole, node_store_path
 
     refuse_unimplemented(ctx)
+    recovery = cluster_config.recovery if cluster_config is not None else None
+    store_path = (
+        str(node_store_path(recovery.storage_file_path, StoreRole.SERVER, node_id))
+        if recovery is not None
+        else ""
+    )
     return ServerSettings(
         node_id=node_id,
         server_num=ctx.server_num,
@@ -114,6 +125,7 @@ def server_settings(ctx: FLContext, node_id: str) -> ServerSettings:
         connect_interval=ctx.connect_interval,
         max_message_size=ctx.max_message_size,
         max_device_body=ctx.max_device_body,
+        store_path=store_path,
     )
 
 

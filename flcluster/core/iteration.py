@@ -43,7 +43,9 @@ every device request gets an answer.
 from __future__ import annotations
 
 import enum
+import json
 import math
+import typing
 from fractions import Fraction
 from typing import TypeAlias, assert_never, final
 
@@ -80,6 +82,7 @@ __all__ = [
     "DiscardPartials",
     "EnableRequested",
     "Event",
+    "Holding",
     "InstanceState",
     "InstanceStateChanged",
     "Instruction",
@@ -94,11 +97,14 @@ __all__ = [
     "PlainText",
     "Rejected",
     "Reply",
+    "Reservation",
     "ResponseCode",
     "Resumed",
     "RoundCounts",
+    "ServerResynced",
     "StartFLJobReceived",
     "UpdateModelReceived",
+    "UpdatesConfirmed",
     "Visits",
     "WindowClosed",
     "WindowKind",
@@ -107,7 +113,10 @@ __all__ = [
     "reason_global_timeout",
     "reason_repeated_update",
     "reason_round_timeout",
+    "reason_updates_lost",
     "reason_wrong_iteration",
+    "snapshot_from_json",
+    "snapshot_to_json",
     "update_model_threshold",
 ]
 
@@ -167,6 +176,14 @@ def reason_repeated_update(fl_id: str) -> str:
 def reason_round_timeout(kind: WindowKind) -> str:
     """Failure reason when a round window closes before its threshold (reference §3.2)."""
     return f"Round {kind.value} timeout! This iteration is invalid. Proceed to next iteration."
+
+
+def reason_updates_lost(server: str, fl_ids: list[str]) -> str:
+    """Failure reason when a Server comes back without updates counted for it (spec/recovery.md §8)."""
+    return (
+        f"Server {server!r} came back without the acknowledged updates of {fl_ids!r:.200}; this iteration "
+        "cannot be exact. Proceed to next iteration."
+    )
 
 
 def reason_global_timeout(iteration: int) -> str:
@@ -279,6 +296,10 @@ def _number(instance: object, attribute: attrs.Attribute[float], value: float) -
 _str = attrs.validators.instance_of(str)
 
 
+def _str_tuple(values: typing.Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
 def _cause(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{attribute.name} must be a non-empty str, got {value!r}")
@@ -298,6 +319,35 @@ class DeviceMeta:
     fl_id: str = attrs.field(validator=_str)
     data_size: int = attrs.field(validator=_int)
     accepted_at_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class Reservation:
+    """An accepted updateModel whose fold is not yet confirmed by the Server that folds it.
+
+    Attributes:
+        fl_id: The device.
+        server: The node id of the Server folding it.
+        at_ms: When the leader accepted it (epoch ms; the metrics' participation bucket).
+        upload_loss: The loss the device reported (counted into the visits at confirmation).
+        upload_accuracy: The accuracy the device reported.
+    """
+
+    fl_id: str = attrs.field(validator=_str)
+    server: str = attrs.field(validator=_str)
+    at_ms: int = attrs.field(validator=_non_negative_int)
+    upload_loss: float = attrs.field(default=0.0, validator=_number)
+    upload_accuracy: float = attrs.field(default=0.0, validator=_number)
+
+
+@final
+@attrs.frozen
+class Holding:
+    """A counted update and the Server whose sum holds it (``""``: confirmed at once, no Server named)."""
+
+    fl_id: str = attrs.field(validator=_str)
+    server: str = attrs.field(validator=_str)
 
 
 @final
@@ -369,6 +419,42 @@ class UpdateModelReceived:
     now_ms: int = attrs.field(validator=_non_negative_int)
     upload_loss: float = attrs.field(default=0.0, validator=_number)
     upload_accuracy: float = attrs.field(default=0.0, validator=_number)
+    server: str = attrs.field(default="", validator=_str)
+
+
+@final
+@attrs.frozen
+class UpdatesConfirmed:
+    """Server ``server`` committed the folds of ``fl_ids`` into its running sum of ``iteration``.
+
+    Each fl_id reserved for ``server`` in the current iteration moves from reserved to counted
+    (spec/recovery.md §4); anything else (another iteration, an id not reserved for ``server``) is
+    stale and ignored.
+    """
+
+    cause: str = attrs.field(validator=_cause)
+    server: str = attrs.field(validator=_str)
+    iteration: int = attrs.field(validator=_int)
+    fl_ids: tuple[str, ...] = attrs.field(converter=_str_tuple)
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
+class ServerResynced:
+    """Server ``server`` (re)opened its peer link; its committed sum of ``iteration`` holds ``fl_ids``.
+
+    For the current iteration: its reserved ids among ``fl_ids`` are counted, its other reservations
+    are released (their devices never got SUCCEED and retry), and if it no longer holds an update
+    already counted for it (a Server restarted without its store), the iteration fails: its model
+    could no longer be exact (spec/recovery.md §5.1, §8).
+    """
+
+    cause: str = attrs.field(validator=_cause)
+    server: str = attrs.field(validator=_str)
+    iteration: int = attrs.field(validator=_int)
+    fl_ids: tuple[str, ...] = attrs.field(converter=_str_tuple)
+    now_ms: int = attrs.field(validator=_non_negative_int)
 
 
 @final
@@ -450,6 +536,8 @@ class Resumed:
 Event = (
     StartFLJobReceived
     | UpdateModelReceived
+    | UpdatesConfirmed
+    | ServerResynced
     | WindowClosed
     | AggregationDone
     | AggregationFailed
@@ -545,15 +633,19 @@ class DisarmWindow:
 class AggregateIteration:
     """The updateModel threshold was reached: combine every Server's partial sums for ``iteration``.
 
-    ``updates`` lists exactly the acknowledged updates (sorted by ``fl_id``): the aggregate must be
-    FedAvg over these and no others, ``sum(w) / total_data_size``. Report :class:`AggregationDone` or
-    :class:`AggregationFailed`.
+    ``updates`` lists the counted (confirmed) updates (sorted by ``fl_id``). Each Server's sum must hold
+    at least the ids counted for it and at most those plus its reservations
+    (:meth:`IterationMachine.holdings`); the aggregate is FedAvg over exactly what the sums hold
+    (spec/recovery.md §4). ``deadline_ms`` (epoch ms) is when the iteration's windows would have closed:
+    an aggregation that waits for a Server that is down gives up then, and reports
+    :class:`AggregationFailed`. Report :class:`AggregationDone` or :class:`AggregationFailed`.
     """
 
     cause: str
     iteration: int
     updates: tuple[DeviceMeta, ...]
     total_data_size: int
+    deadline_ms: int | None = None
 
 
 @final
@@ -637,7 +729,10 @@ class IterationSnapshot:
     ``windows`` is in :class:`WindowKind` order, ``devices`` and ``updated`` are sorted by ``fl_id``,
     ``completed`` and ``failed`` (the iterations that ended each way) are ascending, so equal machines
     have equal snapshots. ``visits`` is what the current iteration has seen so far, and
-    ``participation_levels`` the two minute thresholds its updates are bucketed by.
+    ``participation_levels`` the two minute thresholds its updates are bucketed by. ``reserved`` (sorted
+    by ``fl_id``) are the accepted updates not yet confirmed, ``holders`` (sorted by ``fl_id``, one per
+    id of ``updated``) names the Server whose sum holds each counted update, and
+    ``aggregation_deadline_ms`` is the aggregation's deadline while aggregating.
     """
 
     config: IterationConfig
@@ -653,6 +748,9 @@ class IterationSnapshot:
     failed: tuple[int, ...]
     visits: Visits
     participation_levels: tuple[int, int]
+    reserved: tuple[Reservation, ...] = ()
+    holders: tuple[Holding, ...] = ()
+    aggregation_deadline_ms: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -666,6 +764,7 @@ class IterationMachine:
     """
 
     __slots__ = (
+        "_agg_deadline",
         "_completed",
         "_config",
         "_consecutive_failures",
@@ -675,6 +774,7 @@ class IterationMachine:
         "_iteration",
         "_levels",
         "_phase",
+        "_reserved",
         "_started_at_ms",
         "_updated",
         "_visits",
@@ -704,7 +804,10 @@ class IterationMachine:
         self._started_at_ms: int | None = None
         self._windows: dict[WindowKind, int] = {}
         self._devices: dict[str, DeviceMeta] = {}
-        self._updated: set[str] = set()
+        #: Counted updates: fl_id -> the Server whose sum holds it.
+        self._updated: dict[str, str] = {}
+        self._reserved: dict[str, Reservation] = {}
+        self._agg_deadline: int | None = None
         self._consecutive_failures = 0
 
     # ---------------------------------------------------------------------------------- queries
@@ -767,6 +870,16 @@ class IterationMachine:
         """What ``fl_id`` declared at its startFLJob in the current iteration, or None."""
         return self._devices.get(fl_id)
 
+    def holdings(self, server: str) -> tuple[frozenset[str], frozenset[str]]:
+        """The current iteration's updates of ``server``: (counted, reserved) fl_ids."""
+        counted = frozenset(f for f, s in self._updated.items() if s == server)
+        reserved = frozenset(f for f, r in self._reserved.items() if r.server == server)
+        return counted, reserved
+
+    def servers_holding(self) -> frozenset[str]:
+        """The Servers named by a counted or reserved update of the current iteration."""
+        return frozenset(self._updated.values()) | frozenset(r.server for r in self._reserved.values())
+
     def armed_windows(self) -> tuple[ArmedWindow, ...]:
         """The windows armed now, in :class:`WindowKind` order."""
         return tuple(ArmedWindow(k, self._windows[k]) for k in WindowKind if k in self._windows)
@@ -802,6 +915,9 @@ class IterationMachine:
             failed=tuple(self._failed),
             visits=self._visits,
             participation_levels=self._levels,
+            reserved=tuple(self._reserved[f] for f in sorted(self._reserved)),
+            holders=tuple(Holding(f, self._updated[f]) for f in sorted(self._updated)),
+            aggregation_deadline_ms=self._agg_deadline,
         )
 
     @classmethod
@@ -820,7 +936,10 @@ class IterationMachine:
         machine._started_at_ms = snapshot.started_at_ms
         machine._windows = {w.kind: w.deadline_ms for w in snapshot.windows}
         machine._devices = {d.fl_id: d for d in snapshot.devices}
-        machine._updated = set(snapshot.updated)
+        held = {h.fl_id: h.server for h in snapshot.holders}
+        machine._updated = {f: held.get(f, "") for f in snapshot.updated}
+        machine._reserved = {r.fl_id: r for r in snapshot.reserved}
+        machine._agg_deadline = snapshot.aggregation_deadline_ms
         machine._consecutive_failures = snapshot.consecutive_failures
         machine._completed = list(snapshot.completed)
         machine._failed = list(snapshot.failed)
@@ -862,7 +981,14 @@ class IterationMachine:
                 self._count_start_fl_job(reply)
             case UpdateModelReceived():
                 reply = self._update_model(event, out)
-                self._count_update_model(event, reply)
+                if not isinstance(reply, Accepted) or not event.server:
+                    self._count_update_model(event, reply)
+            case UpdatesConfirmed():
+                self._confirm(event.server, event.iteration, event.fl_ids, event, out)
+                reply = None
+            case ServerResynced():
+                self._resynced(event, out)
+                reply = None
             case WindowClosed():
                 self._window_closed(event, out)
                 reply = None
@@ -900,10 +1026,19 @@ class IterationMachine:
         if not isinstance(reply, Accepted):
             self._visits = attrs.evolve(v, update_model_total=v.update_model_total + 1)
             return
+        self._count_counted(Reservation(ev.fl_id, ev.server, ev.now_ms, ev.upload_loss, ev.upload_accuracy))
+
+    def _count_rejected_reservation(self) -> None:
+        v = self._visits
+        self._visits = attrs.evolve(v, update_model_total=v.update_model_total + 1)
+
+    def _count_counted(self, ev: Reservation) -> None:
+        """An update counts: its visit is accepted (at reservation time, with what it reported)."""
+        v = self._visits
         # The device's startFLJob of this iteration is held until the iteration ends (an accepted
         # update never ends it: aggregation does, later).
         meta = self._devices[ev.fl_id]
-        minutes = (ev.now_ms - meta.accepted_at_ms) / 60_000
+        minutes = (ev.at_ms - meta.accepted_at_ms) / 60_000
         level1, level2 = self._levels
         bucket = 0 if minutes < level1 else 1 if minutes < level2 else 2
         participation = tuple(n + (i == bucket) for i, n in enumerate(v.participation))
@@ -977,21 +1112,59 @@ class IterationMachine:
         meta = self._devices.get(ev.fl_id)
         if meta is None:
             return self._reject(reason_device_meta_missing(ev.fl_id), ev.now_ms)
-        if ev.fl_id in self._updated:
-            # F-old would add these weights a second time (reference §8.1); F-new and we refuse.
+        if ev.fl_id in self._updated or ev.fl_id in self._reserved:
+            # F-old would add these weights a second time (reference §8.1); F-new and we refuse. A
+            # reserved update (its fold in flight, spec/recovery.md §4) blocks a repeat just the same.
             return self._reject(reason_repeated_update(ev.fl_id), ev.now_ms)
 
-        # Accepted.
+        # Accepted: reserved for the Server that folds it; it counts once that Server confirms
+        # (UpdatesConfirmed). An update that names no Server is counted at once.
         now = ev.now_ms
-        self._updated.add(ev.fl_id)
-        if len(self._updated) >= self._config.update_model_threshold:
-            self._begin_aggregation(ev, out)
-        elif WindowKind.UPDATE_MODEL not in self._windows:
-            # The first accepted updateModel starts its window (reference §3.3 step 2).
-            self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
+        if ev.server:
+            self._reserved[ev.fl_id] = Reservation(
+                ev.fl_id, ev.server, now, ev.upload_loss, ev.upload_accuracy
+            )
+            if WindowKind.UPDATE_MODEL not in self._windows:
+                self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
+        else:
+            self._updated[ev.fl_id] = ""
+            if len(self._updated) >= self._config.update_model_threshold:
+                self._begin_aggregation(ev, out)
+            elif WindowKind.UPDATE_MODEL not in self._windows:
+                # The first accepted updateModel starts its window (reference §3.3 step 2).
+                self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
         return Accepted(
             self._iteration, meta.data_size, self.next_req_time_ms(now), REASON_UPDATE_MODEL_SUCCESS
         )
+
+    # spec/recovery.md §4: a reservation counts once its Server has committed the fold.
+    def _confirm(
+        self, server: str, iteration: int, fl_ids: tuple[str, ...], ev: Event, out: list[Instruction]
+    ) -> None:
+        if iteration != self._iteration or self._instance is InstanceState.FINISHED:
+            return  # stale: that iteration ended (its sums were dropped or aggregated)
+        for fl_id in fl_ids:
+            r = self._reserved.get(fl_id)
+            if r is None or r.server != server:
+                continue  # not reserved for this Server: stale, or already counted
+            del self._reserved[fl_id]
+            self._updated[fl_id] = server
+            self._count_counted(r)
+        if self._phase is Phase.RUNNING and len(self._updated) >= self._config.update_model_threshold:
+            self._begin_aggregation(ev, out)
+
+    def _resynced(self, ev: ServerResynced, out: list[Instruction]) -> None:
+        if ev.iteration == self._iteration:
+            self._confirm(ev.server, ev.iteration, ev.fl_ids, ev, out)
+        if ev.iteration > self._iteration:
+            return  # cannot hold a sum of an iteration that has not begun; its ids count for nothing
+        held = set(ev.fl_ids) if ev.iteration == self._iteration else set()
+        for fl_id in [f for f, r in self._reserved.items() if r.server == ev.server and f not in held]:
+            del self._reserved[fl_id]
+            self._count_rejected_reservation()
+        lost = sorted(f for f, s in self._updated.items() if s == ev.server and f not in held)
+        if lost and self._phase is not Phase.WAITING:
+            self._fail(reason_updates_lost(ev.server, lost), ev, out)
 
     def _window_closed(self, ev: WindowClosed, out: list[Instruction]) -> None:
         if ev.iteration > self._iteration:
@@ -1082,10 +1255,16 @@ class IterationMachine:
 
     def _aggregate_instruction(self, cause: str) -> AggregateIteration:
         updates = tuple(self._devices[f] for f in sorted(self._updated))
-        return AggregateIteration(cause, self._iteration, updates, sum(d.data_size for d in updates))
+        return AggregateIteration(
+            cause, self._iteration, updates, sum(d.data_size for d in updates), self._agg_deadline
+        )
 
     def _begin_aggregation(self, ev: Event, out: list[Instruction]) -> None:
-        # Threshold reached (reference §3.3 step 2): stop every timer, enter safemode, aggregate.
+        # Threshold reached (reference §3.3 step 2): stop every timer, enter safemode, aggregate. The
+        # aggregation may wait for a Server that is down until the windows would have closed.
+        bounded = (WindowKind.UPDATE_MODEL, WindowKind.GLOBAL)
+        deadlines = [self._windows[k] for k in bounded if k in self._windows]
+        self._agg_deadline = min(deadlines) if deadlines else None
         self._disarm_all(ev, out)
         self._phase = Phase.AGGREGATING
         out.append(self._aggregate_instruction(ev.cause))
@@ -1126,6 +1305,8 @@ class IterationMachine:
         self._windows.clear()
         self._devices.clear()
         self._updated.clear()
+        self._reserved.clear()
+        self._agg_deadline = None
         self._visits = Visits()
         if ended >= self._config.fl_iteration_num:
             self._instance = InstanceState.FINISHED
@@ -1196,6 +1377,20 @@ def _check_snapshot(s: IterationSnapshot) -> None:
     except ValueError as exc:
         problems.append(str(exc))
     fl_ids = [d.fl_id for d in s.devices]
+    reserved = [r.fl_id for r in s.reserved]
+    rule(len(set(reserved)) == len(reserved), f"reserved repeats an fl_id: {reserved!r}")
+    rule(
+        set(reserved) <= set(fl_ids) and not set(reserved) & set(s.updated),
+        f"reserved {reserved!r} must name devices of this iteration, none of them counted ({s.updated!r})",
+    )
+    rule(
+        [h.fl_id for h in s.holders] in ([], sorted(s.updated)),
+        f"holders {s.holders!r} must name the Server of each counted update {s.updated!r}",
+    )
+    rule(
+        (s.aggregation_deadline_ms is None) or s.phase is Phase.AGGREGATING,
+        f"only an aggregating iteration has an aggregation deadline, got {s.aggregation_deadline_ms!r}",
+    )
     rule(len(set(fl_ids)) == len(fl_ids), f"devices repeat an fl_id: {fl_ids!r}")
     rule(len(set(s.updated)) == len(s.updated), f"updated repeats an fl_id: {s.updated!r}")
     rule(set(s.updated) <= set(fl_ids), f"updated {s.updated!r} names devices not in devices {fl_ids!r}")
@@ -1204,7 +1399,7 @@ def _check_snapshot(s: IterationSnapshot) -> None:
     kinds = [w.kind for w in s.windows]
     rule(len(set(kinds)) == len(kinds), f"a window is armed twice: {kinds!r}")
     armed = set(kinds)
-    n_dev, n_upd = len(s.devices), len(s.updated)
+    n_dev, n_upd, n_res = len(s.devices), len(s.updated), len(s.reserved)
     finished = s.instance_state is InstanceState.FINISHED
     rule(
         finished == (s.iteration > cfg.fl_iteration_num),
@@ -1214,7 +1409,7 @@ def _check_snapshot(s: IterationSnapshot) -> None:
     match s.phase:
         case Phase.WAITING:
             rule(
-                n_dev == 0 and n_upd == 0 and not armed and s.started_at_ms is None,
+                n_dev == 0 and n_upd == 0 and n_res == 0 and not armed and s.started_at_ms is None,
                 "a waiting iteration has no devices, updates, windows or start time",
             )
         case Phase.RUNNING:
@@ -1237,15 +1432,16 @@ def _check_snapshot(s: IterationSnapshot) -> None:
                 "the startFLJob window is armed exactly while its round is open",
             )
             rule(
-                (WindowKind.UPDATE_MODEL in armed) == (n_upd > 0 or n_dev >= cfg.start_fl_job_threshold),
-                "the updateModel window is armed exactly once an update was accepted or startFLJob closed",
+                (WindowKind.UPDATE_MODEL in armed)
+                >= (n_upd > 0 or n_res > 0 or n_dev >= cfg.start_fl_job_threshold),
+                "the updateModel window is armed once an update was accepted or startFLJob closed",
             )
         case Phase.AGGREGATING:
             rule(not finished, "a finished instance has no aggregating iteration")
             rule(s.started_at_ms is not None, "an aggregating iteration has a start time")
             rule(
-                n_upd == cfg.update_model_threshold,
-                f"an aggregating iteration has {cfg.update_model_threshold} updates, got {n_upd}",
+                n_upd >= cfg.update_model_threshold,
+                f"an aggregating iteration has at least {cfg.update_model_threshold} updates, got {n_upd}",
             )
             rule(
                 n_dev <= cfg.start_fl_job_threshold,
@@ -1256,3 +1452,62 @@ def _check_snapshot(s: IterationSnapshot) -> None:
             assert_never(s.phase)
     if problems:
         raise ValueError("inconsistent IterationSnapshot: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------- snapshot as JSON
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if attrs.has(type(value)):
+        fields = attrs.fields(type(value))  # type: ignore[arg-type]
+        return {f.name: _json_value(getattr(value, f.name)) for f in fields}
+    return value
+
+
+def snapshot_to_json(snapshot: IterationSnapshot) -> str:
+    """The snapshot as JSON text (what the leader keeps in ``ServerState.machine``, spec/recovery.md §3.3)."""
+    return json.dumps(_json_value(snapshot), sort_keys=True, separators=(",", ":"))
+
+
+def _record(cls: type[_R], data: object) -> _R:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object, got {data!r:.80}")
+    names = {f.name for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    if set(data) - names:
+        raise ValueError(f"{cls.__name__} has unknown fields {sorted(set(data) - names)!r}")
+    return cls(**data)
+
+
+_R = typing.TypeVar("_R")
+
+
+def snapshot_from_json(text: str) -> IterationSnapshot:
+    """The snapshot :func:`snapshot_to_json` wrote (checked as :meth:`IterationMachine.from_snapshot` does).
+
+    Raises:
+        ValueError: the text is not such a snapshot (the message says what is wrong).
+    """
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"an IterationSnapshot must be a JSON object, got {text!r:.80}")
+        d = dict(data)
+        d["config"] = _record(IterationConfig, d.get("config"))
+        d["windows"] = tuple(_record(ArmedWindow, w) for w in d.get("windows", ()))
+        d["devices"] = tuple(_record(DeviceMeta, x) for x in d.get("devices", ()))
+        d["reserved"] = tuple(_record(Reservation, x) for x in d.get("reserved", ()))
+        d["holders"] = tuple(_record(Holding, x) for x in d.get("holders", ()))
+        visits = dict(d.get("visits", {}))
+        visits["participation"] = tuple(visits.get("participation", (0, 0, 0)))
+        d["visits"] = _record(Visits, visits)
+        for key in ("updated", "completed", "failed", "participation_levels"):
+            d[key] = tuple(d.get(key, ()))
+        snapshot = _record(IterationSnapshot, d)
+    except (TypeError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not an IterationSnapshot: {exc}") from None
+    _check_snapshot(snapshot)
+    return snapshot

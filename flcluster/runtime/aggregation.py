@@ -1,21 +1,22 @@
-"""The leader's aggregation of one iteration: collect, combine, publish, checkpoint.
+"""The leader's aggregation of one iteration: collect, check, combine.
 
 Theory of operation
 -------------------
 When the iteration machine asks for it (:class:`~flcluster.core.iteration.AggregateIteration`), the
 leader's driver runs one :meth:`Aggregator.aggregate` task, which:
 
-1. collects every Server's partial sums, its own first and then each follower's in rank order
-   (:meth:`~flcluster.runtime.peer_leader.PeerHub.collect`), with the getModel counts each Server
-   saw;
-2. checks that together they hold exactly the acknowledged updates (no more, no fewer);
-3. finalises FedAvg with torch in a worker thread (off the event loop);
-4. installs the model here and publishes it to every follower, waiting until each has installed it;
-5. writes the checkpoint, when configured, in a worker thread.
+1. collects the partial sums of every Server that holds a counted or reserved update of the iteration
+   (its own first, then followers in rank order), *waiting* for a follower that is down to come back
+   (the driver bounds the wait by the iteration's windows, ``AggregateIteration.deadline_ms``), and,
+   best effort, of every other linked follower (for their getModel counts);
+2. checks each sum against the machine (spec/recovery.md §4): the fl_ids it holds must include every
+   update counted for that Server and may add only that Server's reservations (acknowledged updates
+   whose confirmation was still on its way; they are confirmed now), so the aggregate is FedAvg over
+   exactly the acknowledged updates;
+3. finalises FedAvg with torch in a worker thread (off the event loop).
 
-It never feeds the machine itself: it returns an :class:`Aggregated` record, and the driver turns it
-into ``AggregationDone`` or ``AggregationFailed`` (carrying the getModel counts collected, even from
-an aggregation that failed half-way). Any fault fails the iteration and the old model carries over.
+It never feeds the machine itself: it returns an :class:`Aggregated` record with the new weights, and
+the driver commits, publishes and feeds ``AggregationDone`` (or ``AggregationFailed``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import trio
 from flcluster.aggregation import AggregationError, ModelWeights, PartialSum, combine, finalize
 from flcluster.aggregation.checkpoint import save_checkpoint
 from flcluster.core.iteration import AggregateIteration
+from flcluster.crashpoints import crash_point
 from flcluster.errors import FrameError
 from flcluster.runtime.links import LinkClosed
 from flcluster.runtime.options import LeaderOptions
-from flcluster.runtime.peer_leader import PeerHub
+from flcluster.runtime.peer_leader import FollowerLeft, PeerHub
 from flcluster.runtime.rounds import RoundService
-from flcluster.wire.model_bytes import weights_to_bytes
 
 log = logging.getLogger("flcluster.leader")
 
@@ -45,15 +46,17 @@ class Aggregated:
 
     Attributes:
         iteration: The iteration aggregated.
-        error: None when the model is installed and published everywhere; else why it failed.
+        error: None when the sums were combined; else why the aggregation failed.
         get_model_total: getModel requests the collected partial sums reported.
         get_model_accept: Of those, the ones answered with a model.
+        weights: The new model (None when it failed).
     """
 
     iteration: int
     error: str | None
     get_model_total: int
     get_model_accept: int
+    weights: ModelWeights | None = None
 
 
 @attrs.define
@@ -73,49 +76,86 @@ class Aggregator:
         *,
         self_id: str,
         members: Callable[[], list[tuple[int, str]]],
+        holdings: Callable[[str], tuple[frozenset[str], frozenset[str]]],
+        holders: Callable[[], frozenset[str]],
+        confirm: Callable[[str, int, tuple[str, ...]], None],
     ) -> None:
         self._rounds = rounds
         self._peers = peers
         self._options = options
         self._self_id = self_id
         self._members = members
+        self._holdings = holdings
+        self._holders = holders
+        self._confirm = confirm
 
     async def aggregate(self, ins: AggregateIteration) -> Aggregated:
-        """Aggregate ``ins.iteration`` over exactly ``ins.updates``; never raises for a fault."""
+        """Aggregate ``ins.iteration``; never raises for a fault (waits, unbounded, for Servers down)."""
         iteration = ins.iteration
         tally = _Tally()
         try:
             weights = await self._combine(ins, tally)
-            self._rounds.install_model(iteration, weights)
-            payload = weights_to_bytes(weights, self._rounds.spec)
-            await self._peers.publish(iteration, payload)
-            if self._options.checkpoint_dir:
-                await trio.to_thread.run_sync(self._save_checkpoint, iteration, weights)
         except (AggregationError, LinkClosed, FrameError, ValueError, OSError, trio.TooSlowError) as exc:
             log.warning("aggregation of iteration %d failed: %s", iteration, exc)
             return Aggregated(iteration, str(exc), tally.total, tally.accept)
-        return Aggregated(iteration, None, tally.total, tally.accept)
+        return Aggregated(iteration, None, tally.total, tally.accept, weights)
+
+    def _check(self, server: str, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        counted, reserved = self._holdings(server)
+        held = set(fl_ids)
+        if len(held) != len(fl_ids) or not counted <= held <= counted | reserved:
+            raise AggregationError(
+                f"the partial sum of Server {server!r} holds {sorted(held)!r:.300}, but the leader counted "
+                f"{sorted(counted)!r:.300} for it (and reserved {sorted(reserved)!r:.300}); a sum must hold "
+                "every update counted for its Server and nothing but its reservations besides"
+            )
+        extra = tuple(sorted(held - counted))
+        if extra:
+            self._confirm(server, iteration, extra)
+
+    async def _collect(
+        self, node_id: str, iteration: int, *, wait: bool
+    ) -> tuple[PartialSum, tuple[str, ...]] | None:
+        while True:
+            if wait:
+                await self._peers.wait_linked(node_id)
+            try:
+                msg, payload = await self._peers.collect(node_id, iteration)
+            except FollowerLeft:
+                if not wait:
+                    return None
+                log.info("aggregation of iteration %d waits for Server %r", iteration, node_id)
+                continue
+            return PartialSum.from_bytes(payload, self._rounds.spec), tuple(msg.fl_ids)
 
     async def _combine(self, ins: AggregateIteration, tally: _Tally) -> ModelWeights:
         iteration = ins.iteration
-        partials = [await self._rounds.collect_partial(iteration)]
+        own, own_ids = await self._rounds.collect_partial(iteration)
+        self._check(self._self_id, iteration, own_ids)
         tally.total, tally.accept = self._rounds.take_get_model_counts()
-        for _rank, node_id in sorted(self._members()):
-            if node_id == self._self_id:
+        partials, ids = [own], list(own_ids)
+        ranked = [node_id for _rank, node_id in sorted(self._members()) if node_id != self._self_id]
+        needed = self._holders() - {self._self_id}
+        for node_id in [*ranked, *sorted(needed - set(ranked))]:
+            got = await self._collect(node_id, iteration, wait=node_id in needed)
+            if got is None:
                 continue
-            msg, payload = await self._peers.collect(node_id, iteration)
-            tally.total += msg.get_model_total
-            tally.accept += msg.get_model_accept
-            partials.append(PartialSum.from_bytes(payload, self._rounds.spec))
+            partial, fl_ids = got
+            self._check(node_id, iteration, fl_ids)
+            partials.append(partial)
+            ids.extend(fl_ids)
+        crash_point("leader.collecting")
         total = combine(partials)
-        if total.update_count != len(ins.updates):
+        if total.update_count != len(ids) or len(set(ids)) != len(ids):
             raise AggregationError(
-                f"partial sums hold {total.update_count} updates, but {len(ins.updates)} were acknowledged"
+                f"partial sums hold {total.update_count} updates, but name {len(ids)} fl_ids "
+                f"({len(set(ids))} distinct); each acknowledged update is in exactly one sum"
             )
         _latest, previous = self._rounds.store.latest()
         return await trio.to_thread.run_sync(finalize, total, previous)
 
-    def _save_checkpoint(self, iteration: int, weights: ModelWeights) -> None:
+    def save_checkpoint(self, iteration: int, weights: ModelWeights) -> None:
+        """Write the checkpoint of ``iteration`` (blocking: run it in a worker thread)."""
         save_checkpoint(
             self._options.checkpoint_dir,
             self._options.fl_name,

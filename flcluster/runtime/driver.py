@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import assert_never
@@ -60,16 +61,21 @@ from flcluster.core.iteration import (
     IterationCompleted,
     IterationFailed,
     IterationMachine,
+    Phase,
     PlainText,
     Rejected,
     Reply,
     Resumed,
+    ServerResynced,
     StartFLJobReceived,
     UpdateModelReceived,
+    UpdatesConfirmed,
     Visits,
     WindowClosed,
     WindowKind,
+    snapshot_to_json,
 )
+from flcluster.crashpoints import crash_point
 from flcluster.runtime.aggregation import Aggregator
 from flcluster.runtime.clock import EpochClock
 from flcluster.runtime.links import FramedLink
@@ -77,7 +83,10 @@ from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_leader import PeerHub
 from flcluster.runtime.peer_wire import view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
-from flcluster.wire.messages import CountOp, DropPartials, IterationStatus
+from flcluster.store import RecoveryStore, ServerState, StoredModel, Transition
+from flcluster.wire.codes import SAFEMODE_TEXT
+from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, IterationStatus
+from flcluster.wire.model_bytes import weights_to_bytes
 
 log = logging.getLogger("flcluster.leader")
 
@@ -113,14 +122,37 @@ class Leader:
         self_id: str,
         members: Callable[[], list[tuple[int, str]]],
         options: LeaderOptions,
+        store: RecoveryStore | None = None,
     ) -> None:
-        """Drive ``machine`` for this Server's ``rounds``; ``members`` lists (rank, node id) now."""
+        """Drive ``machine`` for this Server's ``rounds``; ``members`` lists (rank, node id) now.
+
+        With ``store``, the machine's snapshot is committed (group commit) before any accepted count
+        is answered, and model N with the move to N+1 in one transaction before it is published
+        (spec/recovery.md §3.3).
+        """
         self.machine = machine
         self.rounds = rounds
         self.clock = clock
         self.options = options
+        self.store = store
+        self.self_id = self_id
         self.peers = PeerHub(rounds)
-        self._aggregator = Aggregator(rounds, self.peers, self.options, self_id=self_id, members=members)
+        self._aggregator = Aggregator(
+            rounds,
+            self.peers,
+            self.options,
+            self_id=self_id,
+            members=members,
+            holdings=lambda server: self.machine.holdings(server),
+            holders=lambda: self.machine.servers_holding(),
+            confirm=self.confirm,
+        )
+        self._changes = 0
+        self._durable = 0
+        self._dirty = trio.Event()
+        self._durable_event = trio.Event()
+        self._publishing = False
+        self._aggregation: tuple[int, trio.CancelScope] | None = None
         self._windows: dict[WindowKind, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._status: IterationStatus | None = None
@@ -148,6 +180,16 @@ class Leader:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.store is not None:
+                    nursery.start_soon(self._persist)
+                # This Server's own sum, as restored or as it stands (spec/recovery.md §5.3).
+                await self.rounds.settle()
+                iteration, fl_ids = self.rounds.held_updates()
+                self.feed(
+                    ServerResynced(
+                        self._cause("resync"), self.self_id, iteration, fl_ids, self.clock.now_ms()
+                    )
+                )
                 self.feed(Resumed(self._cause("resumed"), self.clock.now_ms()))
                 task_status.started()
                 await trio.sleep_forever()
@@ -162,9 +204,9 @@ class Leader:
             await self._ended.wait()
         return iteration in self.machine.completed
 
-    async def serve_follower(self, link: FramedLink, node_id: str, rank: int) -> None:
+    async def serve_follower(self, link: FramedLink, node_id: str, rank: int, held: HeldUpdates) -> None:
         """Serve one follower's peer link (after its hello) until it closes or this leader stops."""
-        await self.peers.serve_follower(link, node_id, rank, self)
+        await self.peers.serve_follower(link, node_id, rank, self, held)
 
     # ------------------------------------------------------------------------------ feeding
 
@@ -174,13 +216,69 @@ class Leader:
     def feed(self, event: Event) -> Reply | None:
         """Apply one event to the machine and carry out its instructions; return its reply."""
         outcome = self.machine.handle(event)
+        self._changed()
         for ins in outcome.instructions:
             self._carry_out(ins)
         self._push_status()
         return outcome.reply
 
-    def call(self, request: CountRequest) -> LeaderReply:
-        """The counting part of one device request (from this Server or a follower)."""
+    def _changed(self) -> None:
+        self._changes += 1
+        self._dirty.set()
+
+    async def _persist(self) -> None:
+        """Commit the machine's snapshot whenever it changed: everything changed while one commit is
+        in flight goes in the next (group commit one level up: one snapshot per transaction)."""
+        store = self.store
+        assert store is not None
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            changes = self._changes
+            crash_point("leader.counting")
+            await store.commit(Transition(server=self._server_state()))
+            self._durable = max(self._durable, changes)
+            self._durable_event.set()
+            self._durable_event = trio.Event()
+
+    def _server_state(self) -> ServerState:
+        m = self.machine
+        return ServerState(0, m.current_iteration, m.state.value, snapshot_to_json(m.snapshot()))
+
+    async def _wait_durable(self) -> None:
+        """Wait until the machine as it is now is committed (no wait without a store)."""
+        if self.store is None:
+            return
+        wanted = self._changes
+        while self._durable < wanted:
+            await self._durable_event.wait()
+
+    def confirm(self, server: str, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Server ``server`` committed the folds of ``fl_ids`` (spec/recovery.md §4)."""
+        self.feed(
+            UpdatesConfirmed(self._cause(f"confirm:{server}"), server, iteration, fl_ids, self.clock.now_ms())
+        )
+
+    def resync(self, server: str, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Server ``server`` (re)linked holding ``fl_ids`` of ``iteration`` (spec/recovery.md §5.1)."""
+        self.feed(
+            ServerResynced(self._cause(f"resync:{server}"), server, iteration, fl_ids, self.clock.now_ms())
+        )
+
+    async def call(self, request: CountRequest, server: str) -> LeaderReply:
+        """The counting part of one device request that landed on Server ``server``.
+
+        An accepted count is answered once the machine's state with it is committed.
+        """
+        if self._publishing:
+            # Between iterations: the model of the one that ended is on its way to the followers.
+            return PlainText(SAFEMODE_TEXT)
+        reply = self._count(request, server)
+        if isinstance(reply, Accepted):
+            await self._wait_durable()
+        return reply
+
+    def _count(self, request: CountRequest, server: str) -> LeaderReply:
         now = self.clock.now_ms()
         r = request
         event: Event
@@ -195,6 +293,7 @@ class Leader:
                     now,
                     r.upload_loss,
                     r.upload_accuracy,
+                    server,
                 )
             case _:
                 assert_never(r.op)
@@ -221,7 +320,11 @@ class Leader:
                 if armed is not None:
                     armed.cancel()
             case AggregateIteration():
-                nursery.start_soon(self._aggregate, ins)
+                scope = trio.CancelScope(
+                    deadline=math.inf if ins.deadline_ms is None else self.clock.trio_time(ins.deadline_ms)
+                )
+                self._aggregation = (ins.iteration, scope)
+                nursery.start_soon(self._aggregate, ins, scope)
             case DiscardPartials(iteration=iteration):
                 self.rounds.drop_partials(iteration)
                 self.peers.broadcast(DropPartials(iteration=iteration))
@@ -232,6 +335,8 @@ class Leader:
                 iteration=iteration, reason=reason, started_at_ms=start, ended_at_ms=end, visits=visits
             ):
                 log.info("iteration %d failed: %s", iteration, reason)
+                if self._aggregation is not None and self._aggregation[0] == iteration:
+                    self._aggregation[1].cancel()
                 self._iteration_ended(
                     iteration, end if start is None else start, end, visits, succeeded=False
                 )
@@ -277,19 +382,60 @@ class Leader:
         del self._windows[kind]
         self.feed(WindowClosed(self._cause(f"window:{kind.value}"), kind, iteration, self.clock.now_ms()))
 
-    async def _aggregate(self, ins: AggregateIteration) -> None:
-        result = await self._aggregator.aggregate(ins)
+    def _aggregating(self, iteration: int) -> bool:
+        m = self.machine
+        return m.phase is Phase.AGGREGATING and m.current_iteration == iteration
+
+    async def _aggregate(self, ins: AggregateIteration, scope: trio.CancelScope) -> None:
+        """Collect and combine (waiting for Servers that are down until ``ins.deadline_ms``), then
+        commit model N with the move to N+1, publish it, and only then let devices see N+1."""
+        iteration = ins.iteration
+        result = None
+        with scope:
+            result = await self._aggregator.aggregate(ins)
+        if not self._aggregating(iteration):
+            return  # the iteration failed meanwhile (a Server came back without its updates)
         cause, now = self._cause("aggregation"), self.clock.now_ms()
-        if result.error is None:
-            self.feed(
-                AggregationDone(cause, ins.iteration, now, result.get_model_total, result.get_model_accept)
+        if result is None or result.error is not None or result.weights is None:
+            reason = (
+                f"Aggregation of iteration {iteration} waited for Servers holding its updates until "
+                "its windows closed. This iteration is invalid. Proceed to next iteration."
+                if result is None
+                else str(result.error)
             )
-        else:
-            self.feed(
-                AggregationFailed(
-                    cause, ins.iteration, result.error, now, result.get_model_total, result.get_model_accept
+            total, accept = (0, 0) if result is None else (result.get_model_total, result.get_model_accept)
+            self.feed(AggregationFailed(cause, iteration, reason, now, total, accept))
+            return
+        weights = result.weights
+        outcome = self.machine.handle(
+            AggregationDone(cause, iteration, now, result.get_model_total, result.get_model_accept)
+        )
+        self._changes += 1
+        self._publishing = True
+        try:
+            payload = weights_to_bytes(weights, self.rounds.spec)
+            if self.store is not None:
+                # Model N and the move to N+1 in one transaction, before anyone sees either.
+                await self.store.commit(
+                    Transition(
+                        server=self._server_state(),
+                        model=StoredModel(iteration, payload),
+                        keep_models=self.rounds.store.keep,
+                    )
                 )
-            )
+            crash_point("leader.publishing")
+            self.rounds.install_model(iteration, weights)
+            await self.peers.publish(iteration, payload)
+            if self.options.checkpoint_dir:
+                try:
+                    await trio.to_thread.run_sync(self._aggregator.save_checkpoint, iteration, weights)
+                except OSError as exc:
+                    log.error("cannot write the checkpoint of iteration %d: %s", iteration, exc)
+        finally:
+            self._publishing = False
+        for instruction in outcome.instructions:
+            self._carry_out(instruction)
+        self._push_status()
 
     # ------------------------------------------------------------------------------ followers
 
@@ -322,7 +468,11 @@ class LocalLeaderChannel:
 
     async def call(self, request: CountRequest) -> LeaderReply:
         """Count at the leader, in this process."""
-        return self._leader.call(request)
+        return await self._leader.call(request, self._leader.self_id)
+
+    async def confirm(self, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Confirm this Server's committed folds at the leader, in this process."""
+        self._leader.confirm(self._leader.self_id, iteration, fl_ids)
 
 
 __all__ = ["EpochClock", "Leader", "LeaderOptions", "LocalLeaderChannel", "visited_info"]

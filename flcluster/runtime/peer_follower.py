@@ -6,7 +6,9 @@ A follower runs a :class:`FollowerSession` over its link to the leader. It forwa
 of device requests as pipelined ``leader_call`` frames (many in flight, matched by ``call_id``) and
 carries out what the leader pushes: the iteration status (applied to this Server's
 :class:`~flcluster.runtime.rounds.RoundService`), models to install (answered ``model_installed``),
-requests for this Server's partial sums of an iteration, and partial sums to drop. The session counts
+requests for this Server's partial sums of an iteration (with the fl_ids they hold), and partial sums
+to drop. After each committed fold it sends the leader an ``updates_committed`` confirmation
+(pipelined, unanswered; spec/recovery.md §4). The session counts
 as *synced* once the leader has sent both the status and the current model; only then does the
 Server's role attach it as the way to the leader.
 
@@ -20,6 +22,7 @@ Nursery tree (inside the follower role's link task)::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 
@@ -40,6 +43,7 @@ from flcluster.wire.messages import (
     PartialSums,
     PeerPing,
     PublishModel,
+    UpdatesCommitted,
 )
 from flcluster.wire.model_bytes import weights_from_bytes
 
@@ -72,6 +76,17 @@ class FollowerSession:
         finally:
             self._waiting.pop(call_id, None)
 
+    async def confirm(self, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Send the leader a confirmation of committed folds (pipelined; no answer).
+
+        A confirmation lost with the link is not lost for good: the next peer hello carries every
+        fl_id the committed sum holds (spec/recovery.md §5.1).
+        """
+        if self._closed:
+            return
+        with contextlib.suppress(LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._link.send(UpdatesCommitted(iteration=iteration, fl_ids=fl_ids))
+
     async def wait_synced(self) -> None:
         """Wait until the leader has sent the iteration status and the current model."""
         await self._synced.wait()
@@ -94,11 +109,14 @@ class FollowerSession:
                                 channel.send_nowait(reply_of(msg))
                         case IterationStatus():
                             self._rounds.apply_view(view_of(msg))
+                            self._rounds.drop_sums_before(msg.iteration)
                             got_status = True
                         case PublishModel(iteration=iteration):
                             self._rounds.install_model(
                                 iteration, weights_from_bytes(payload, self._rounds.spec)
                             )
+                            # Committed before model_installed (spec/recovery.md §3.2).
+                            await self._rounds.persist_model(iteration)
                             got_model = True
                             await self._link.send(ModelInstalled(iteration=iteration))
                         case CollectPartial(iteration=iteration):
@@ -119,9 +137,9 @@ class FollowerSession:
                 channel.close()
 
     async def _send_partial(self, iteration: int) -> None:
-        partial = await self._rounds.collect_partial(iteration)
+        partial, fl_ids = await self._rounds.collect_partial(iteration)
         total_get, accepted_get = self._rounds.take_get_model_counts()
-        msg = PartialSums(iteration, partial.update_count, total_get, accepted_get)
+        msg = PartialSums(iteration, partial.update_count, total_get, accepted_get, fl_ids)
         await self._link.send(msg, partial.to_bytes())
 
 

@@ -32,8 +32,7 @@ from typing import Protocol
 
 import trio
 
-from flcluster.aggregation import AggregationError
-from flcluster.errors import FrameError, MessageError
+from flcluster.errors import FollowerLeft, FrameError, MessageError
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.peer_wire import answer_of, request_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
@@ -41,6 +40,7 @@ from flcluster.wire.messages import (
     CollectPartial,
     DropPartials,
     ErrorReply,
+    HeldUpdates,
     IterationStatus,
     LeaderAnswer,
     LeaderCall,
@@ -48,6 +48,7 @@ from flcluster.wire.messages import (
     PartialSums,
     PeerPing,
     PublishModel,
+    UpdatesCommitted,
 )
 from flcluster.wire.model_bytes import weights_to_bytes
 
@@ -65,8 +66,16 @@ Push = IterationStatus | DropPartials | ErrorReply | LeaderAnswer
 class LeaderDesk(Protocol):
     """What the hub needs from the leader's driver."""
 
-    def call(self, request: CountRequest) -> LeaderReply:
-        """Run the counting part of one device request."""
+    async def call(self, request: CountRequest, server: str) -> LeaderReply:
+        """Run the counting part of one device request that landed on Server ``server``."""
+        ...
+
+    def confirm(self, server: str, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Server ``server`` committed these folds (spec/recovery.md §4)."""
+        ...
+
+    def resync(self, server: str, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Server ``server`` (re)linked; its committed sum of ``iteration`` holds ``fl_ids``."""
         ...
 
     def status(self) -> IterationStatus:
@@ -109,7 +118,13 @@ class PeerHub:
     def __init__(self, rounds: RoundService) -> None:
         self._rounds = rounds
         self._followers: dict[str, FollowerLink] = {}
+        self._linked: dict[str, trio.Event] = {}
         self._closed = False
+
+    async def wait_linked(self, node_id: str) -> None:
+        """Wait until follower ``node_id`` is linked (and re-synced)."""
+        while node_id not in self._followers:
+            await self._linked.setdefault(node_id, trio.Event()).wait()
 
     def linked(self) -> list[str]:
         """The node ids of the followers linked now."""
@@ -135,9 +150,7 @@ class PeerHub:
         """
         follower = self._followers.get(node_id)
         if follower is None:
-            raise AggregationError(
-                f"Server {node_id!r} has no link to the leader; its updates are unreachable"
-            )
+            raise FollowerLeft(f"Server {node_id!r} has no link to the leader; its updates are unreachable")
         send, receive = trio.open_memory_channel[tuple[PartialSums, bytes]](1)
         follower.partials[iteration] = send
         try:
@@ -145,64 +158,104 @@ class PeerHub:
                 await follower.link.send(CollectPartial(iteration=iteration))
                 return await receive.receive()
         except trio.EndOfChannel:
-            raise AggregationError(f"Server {node_id!r} left before sending its partial sums") from None
+            raise FollowerLeft(f"Server {node_id!r} left before sending its partial sums") from None
         finally:
             follower.partials.pop(iteration, None)
 
     async def publish(self, iteration: int, payload: bytes) -> None:
         """Send the model of ``iteration`` to every follower and wait until each has installed it.
 
-        Raises:
-            trio.TooSlowError: not every follower installed it within :data:`COLLECT_TIMEOUT`.
+        The model is committed here before this is called, so a follower that does not install it in
+        time (or whose link breaks) loses its link and takes the model when it re-syncs (the hello
+        answer carries the current model, spec/recovery.md §5 ``leader.publishing``): publication never
+        fails an iteration.
         """
         followers = list(self._followers.values())
         for follower in followers:
             follower.installs[iteration] = trio.Event()
-        try:
-            with trio.fail_after(COLLECT_TIMEOUT):
-                for follower in followers:
+
+        async def one(follower: FollowerLink) -> None:
+            with trio.move_on_after(COLLECT_TIMEOUT) as scope:
+                try:
                     await follower.link.send(PublishModel(iteration=iteration), payload)
-                for follower in followers:
                     await follower.installs[iteration].wait()
+                except (LinkClosed, FrameError):
+                    follower.scope.cancel()
+            if scope.cancelled_caught:
+                log.warning(
+                    "follower %r did not install model %d in time; dropping its link",
+                    follower.node_id,
+                    iteration,
+                )
+                follower.scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for follower in followers:
+                    nursery.start_soon(one, follower)
         finally:
             for follower in followers:
                 follower.installs.pop(iteration, None)
 
-    async def serve_follower(self, link: FramedLink, node_id: str, rank: int, desk: LeaderDesk) -> None:
+    async def serve_follower(
+        self, link: FramedLink, node_id: str, rank: int, desk: LeaderDesk, held: HeldUpdates
+    ) -> None:
         """Serve one follower's peer link (after its hello) until it closes or the role ends.
 
-        The follower is first brought in step: the iteration status and the current model.
+        The follower is first re-synced (``held``: what its committed sum holds, spec/recovery.md
+        §5.1) and brought in step: the iteration status and the current model.
         """
         if self._closed:
             return
+        old = self._followers.get(node_id)
+        if old is not None:
+            old.scope.cancel()
         follower = FollowerLink(node_id, rank, link)
-        self._followers[node_id] = follower
+        desk.resync(node_id, held.iteration, held.fl_ids)
+
+        async def answer(call: LeaderCall) -> None:
+            follower.post(answer_of(call.call_id, await desk.call(request_of(call), node_id)))
 
         async def read() -> None:
-            while True:
+            lost: LinkClosed | FrameError | None = None
+            async with trio.open_nursery() as calls:
                 try:
-                    msg, payload = await link.receive()
-                except MessageError as exc:
-                    follower.post(ErrorReply(reason=str(exc)))
-                    continue
-                match msg:
-                    case LeaderCall(call_id=call_id):
-                        follower.post(answer_of(call_id, desk.call(request_of(msg))))
-                    case PartialSums(iteration=it):
-                        channel = follower.partials.get(it)
-                        if channel is not None:
-                            channel.send_nowait((msg, payload))
-                    case ModelInstalled(iteration=it):
-                        event = follower.installs.get(it)
-                        if event is not None:
-                            event.set()
-                    case PeerPing():
-                        pass
-                    case _:
-                        follower.post(ErrorReply(reason=f"unexpected {msg.TYPE!r} on a peer link"))
+                    while True:
+                        try:
+                            msg, payload = await link.receive()
+                        except MessageError as exc:
+                            follower.post(ErrorReply(reason=str(exc)))
+                            continue
+                        dispatch(msg, payload, calls)
+                except (LinkClosed, FrameError) as exc:
+                    lost = exc
+                    calls.cancel_scope.cancel()
+            if lost is not None:
+                raise lost
+
+        def dispatch(msg: object, payload: bytes, calls: trio.Nursery) -> None:
+            match msg:
+                case LeaderCall():
+                    calls.start_soon(answer, msg)
+                case UpdatesCommitted(iteration=it, fl_ids=fl_ids):
+                    desk.confirm(node_id, it, fl_ids)
+                case PartialSums(iteration=it):
+                    channel = follower.partials.get(it)
+                    if channel is not None:
+                        channel.send_nowait((msg, payload))
+                case ModelInstalled(iteration=it):
+                    event = follower.installs.get(it)
+                    if event is not None:
+                        event.set()
+                case PeerPing():
+                    pass
+                case _:
+                    follower.post(ErrorReply(reason=f"unexpected {type(msg).__name__} on a peer link"))
 
         try:
             with follower.scope:
+                self._followers[node_id] = follower
+                self._linked.pop(node_id, trio.Event()).set()
                 iteration, weights = self._rounds.store.latest()
                 await link.send(desk.status())
                 await link.send(
@@ -222,4 +275,4 @@ class PeerHub:
                 del self._followers[node_id]
 
 
-__all__ = ["COLLECT_TIMEOUT", "OUTBOX", "FollowerLink", "LeaderDesk", "PeerHub", "Push"]
+__all__ = ["COLLECT_TIMEOUT", "OUTBOX", "FollowerLeft", "FollowerLink", "LeaderDesk", "PeerHub", "Push"]

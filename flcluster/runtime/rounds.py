@@ -14,8 +14,16 @@ steps, so that the cluster-wide rules stay in one place (the leader's
    on a follower. The leader answers accepted / rejected / plain text.
 3. **Local effect.** An accepted startFLJob gets the current global model; an accepted update is folded
    into this Server's running FedAvg sum for its iteration (memory does not grow with the number of
-   devices). The device's ``SUCCEED`` is sent only after the fold: that is the acknowledgement point of
-   the durability contract.
+   devices). The leader's acceptance is a *reservation* for this Server (spec/recovery.md §4): the
+   Server folds the update, commits its running sum with the store's group commit
+   (:class:`~flcluster.store.FoldedUpdate`, when a recovery store is configured), answers the device
+   ``SUCCEED`` only then, and sends the leader the confirmation (pipelined) that makes it count. The
+   commit is called right after the fold, with no checkpoint between, so the store's commit order is
+   the fold order (spec/store.md, rule 3).
+
+A Server keeps the sum of iteration N (in memory and in its store) until it installs model N or is told
+N failed, so a leader that restarts while collecting can collect again; :meth:`restore` puts a restarted
+Server back where its store says it was.
 
 The leader collects every Server's partial sums when the iteration reaches its threshold
 (:meth:`collect_partial` waits for folds still in flight, so every acknowledged update is in the sum it
@@ -51,10 +59,13 @@ from flcluster.core.iteration import (
     PlainText,
     Rejected,
 )
+from flcluster.crashpoints import crash_point
 from flcluster.errors import SchemaError
 from flcluster.http.device import DeviceAnswer, DeviceHandler
+from flcluster.store import FoldedUpdate, RecoveryStore, ServerState, StoreContents, StoredModel, Transition
 from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
 from flcluster.wire.messages import CountOp
+from flcluster.wire.model_bytes import weights_from_bytes, weights_to_bytes
 from flcluster.wire.records import FLPlanParams
 from flcluster.wire.server_codec import (
     decode_get_model,
@@ -98,6 +109,10 @@ class LeaderChannel(Protocol):
         """Run the counting part of one device request at the leader and return its answer."""
         ...
 
+    async def confirm(self, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Tell the leader these folds are committed (never raises; a lost one is re-sent at re-sync)."""
+        ...
+
 
 class LeaderLine:
     """This Server's way to the leader's counters, provided by whichever role is running now.
@@ -134,6 +149,13 @@ class LeaderLine:
             return PlainText(SAFEMODE_TEXT)
         return await channel.call(request)
 
+    async def confirm(self, iteration: int, fl_ids: tuple[str, ...]) -> None:
+        """Confirm committed folds through the attached channel (dropped while none is: the re-sync
+        of the next channel carries them, spec/recovery.md §5.1)."""
+        channel = self._channel
+        if channel is not None:
+            await channel.confirm(iteration, fl_ids)
+
 
 @attrs.frozen
 class IterationView:
@@ -164,9 +186,18 @@ class RoundService:
         device: torch.device,
         line: LeaderLine,
         keep: int = 3,
+        store: RecoveryStore | None = None,
+        rank: int = 0,
     ) -> None:
-        """Hold ``initial`` as the model of iteration 0; count through ``line`` (see :class:`LeaderLine`)."""
+        """Hold ``initial`` as the model of iteration 0; count through ``line`` (see :class:`LeaderLine`).
+
+        With ``store``, every fold and every installed model is committed there before it is
+        acknowledged (spec/recovery.md §3.2).
+        """
         self.spec = spec
+        self.recovery = store
+        self.rank = rank
+        self._held: dict[int, list[str]] = {}
         self.plan = plan
         self.store = ModelStore(keep)
         self.store.reset(initial)
@@ -251,8 +282,12 @@ class RoundService:
                 )
             )
             if isinstance(reply, Accepted):
-                # Fold before acknowledging: a SUCCEED means "this update is in the sum".
-                self._fold(reply.iteration, checked, reply.data_size)
+                # Reserved at the leader for this Server. Fold and commit before acknowledging: a
+                # SUCCEED means "this update is in the committed sum" (spec/recovery.md §4).
+                crash_point("server.counted_not_folded")
+                await self._fold(reply.iteration, req.fl_id, checked, reply.data_size)
+                crash_point("server.committed_not_acked")
+                await self.line.confirm(reply.iteration, (req.fl_id,))
         finally:
             self._pending[iteration] -= 1
             if not self._pending[iteration]:
@@ -314,13 +349,45 @@ class RoundService:
         """Take the iteration status the leader pushed."""
         self.view = view
 
-    async def collect_partial(self, iteration: int) -> PartialSum:
-        """This Server's partial sums of ``iteration``, once every fold in flight has settled."""
-        while self._pending.get(iteration, 0):
+    async def collect_partial(self, iteration: int) -> tuple[PartialSum, tuple[str, ...]]:
+        """This Server's partial sums of ``iteration`` and the fl_ids they hold, once every fold in
+        flight has settled. The sum is kept until model ``iteration`` is installed or dropped, so it
+        can be collected again (a leader that restarted while collecting)."""
+        await self.settle(iteration)
+        acc = self._accumulators.get(iteration)
+        ids = tuple(self._held.get(iteration, ()))
+        return (PartialSum.empty(self.spec) if acc is None else acc.partial()), ids
+
+    async def settle(self, iteration: int | None = None) -> None:
+        """Wait until no fold (of ``iteration``, or of any iteration) is in flight."""
+        while self._pending.get(iteration, 0) if iteration is not None else self._pending:
             await self._settled.wait()
-        acc = self._accumulators.pop(iteration, None)
-        self._dropped_below = max(self._dropped_below, iteration + 1)
-        return PartialSum.empty(self.spec) if acc is None else acc.partial()
+
+    def held_updates(self) -> tuple[int, tuple[str, ...]]:
+        """The newest iteration with a running sum here and the fl_ids it holds ((0, ()) when none)."""
+        if not self._held:
+            return 0, ()
+        newest = max(self._held)
+        return newest, tuple(self._held[newest])
+
+    def restore(self, contents: StoreContents) -> None:
+        """Take back what this Server's store holds (its models and its running sum) after a restart."""
+        if contents.models:
+            models = list(contents.models)
+            first = models[0]
+            self.store.restart_at(first.iteration, weights_from_bytes(first.weights, self.spec))
+            for m in models[1:]:
+                self.store.put(m.iteration, weights_from_bytes(m.weights, self.spec))
+        latest, _ = self.store.latest()
+        partial = contents.partial
+        if partial is not None and partial.iteration > latest and partial.fl_ids:
+            acc = FedAvgAccumulator(self.spec, self._device)
+            acc.restore(PartialSum.from_bytes(partial.data, self.spec))
+            self._accumulators[partial.iteration] = acc
+            self._held[partial.iteration] = list(partial.fl_ids)
+            self._dropped_below = partial.iteration
+        if contents.server is not None:
+            self.view = attrs.evolve(self.view, iteration=max(self.view.iteration, latest + 1))
 
     def take_get_model_counts(self) -> tuple[int, int]:
         """getModel requests (total, answered with a model) since the last call, for metrics.json."""
@@ -329,27 +396,60 @@ class RoundService:
         return counts
 
     def drop_partials(self, iteration: int) -> None:
-        """``iteration`` failed: forget its sums; its model is the previous one (carried over)."""
-        self._accumulators.pop(iteration, None)
-        self._dropped_below = max(self._dropped_below, iteration + 1)
-        _latest_iteration, latest = self.store.latest()
-        self.store.put(iteration, latest)
+        """``iteration`` failed: forget its sums; its model is the previous one (carried over).
+
+        The carried-over model reaches the store with the next :meth:`persist_model` (nothing
+        acknowledged depends on it: a stale sum of a failed iteration is dropped at re-sync).
+        """
+        self._forget_sums(iteration)
+        latest_iteration, latest = self.store.latest()
+        if iteration > latest_iteration:
+            self.store.put(iteration, latest)
 
     def install_model(self, iteration: int, weights: ModelWeights) -> None:
         """Store the model of ``iteration`` (it becomes the model devices get next).
 
         A model for an iteration not newer than the latest held is a resync with the leader (a
-        follower joining or rejoining): it replaces what this Server held.
+        follower joining or rejoining): it replaces what this Server held. The sums of ``iteration``
+        and older are dropped: they are in this model, or their iteration failed.
         """
         latest, _ = self.store.latest()
         if iteration > latest:
             self.store.put(iteration, weights)
         else:
             self.store.restart_at(iteration, weights)
+        self._forget_sums(iteration)
+
+    def drop_sums_before(self, iteration: int) -> None:
+        """The cluster is at ``iteration``: sums of older iterations are of ended iterations."""
+        if any(i < iteration for i in self._held) or any(i < iteration for i in self._accumulators):
+            self._forget_sums(iteration - 1)
+
+    async def persist_model(self, iteration: int, *, machine: str | None = None) -> None:
+        """Commit the model of ``iteration`` (and this Server's state) to the store, if there is one."""
+        if self.recovery is None:
+            return
+        weights = self.store.get(iteration)
+        if weights is None:
+            return
+        await self.recovery.commit(
+            Transition(
+                server=ServerState(self.rank, iteration + 1, self.view.instance_state.value, machine),
+                model=StoredModel(iteration, weights_to_bytes(weights, self.spec)),
+                keep_models=self.store.keep,
+            )
+        )
 
     # ----------------------------------------------------------------------------------- helpers
 
-    def _fold(self, iteration: int, checked: CheckedUpdate, data_size: int) -> None:
+    def _forget_sums(self, iteration: int) -> None:
+        for i in [i for i in self._accumulators if i <= iteration]:
+            del self._accumulators[i]
+        for i in [i for i in self._held if i <= iteration]:
+            del self._held[i]
+        self._dropped_below = max(self._dropped_below, iteration + 1)
+
+    async def _fold(self, iteration: int, fl_id: str, checked: CheckedUpdate, data_size: int) -> None:
         if iteration < self._dropped_below:
             # Cannot happen while the leader counts and collects in order; refuse loudly if it does.
             raise RuntimeError(f"update for iteration {iteration} arrived after its sums were collected")
@@ -357,6 +457,12 @@ class RoundService:
         if acc is None:
             acc = self._accumulators[iteration] = FedAvgAccumulator(self.spec, self._device)
         acc.add(checked, data_size)
+        held = self._held.setdefault(iteration, [])
+        held.append(fl_id)
+        if self.recovery is not None:
+            # Right after the fold, no checkpoint between: commit order is fold order (spec/store.md).
+            data = acc.partial().to_bytes()
+            await self.recovery.commit(Transition(partial=FoldedUpdate(iteration, fl_id, data, len(held))))
 
     def _accepted_start_fl_job(self, iteration: int, reason: str, next_ms: int) -> bytes:
         """The SUCCEED answer to startFLJob, with the current model.

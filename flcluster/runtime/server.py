@@ -37,6 +37,7 @@ Server answer ``finished`` and leave its root scope.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from functools import partial
@@ -47,7 +48,7 @@ import trio
 
 from flcluster.aggregation import ModelSpec, ModelWeights
 from flcluster.core.cluster import ClusterState, Role
-from flcluster.core.iteration import IterationConfig, IterationMachine
+from flcluster.core.iteration import IterationConfig, IterationMachine, snapshot_from_json
 from flcluster.errors import ClusterError, FrameError, MessageError, RegistrationRefused
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
@@ -57,11 +58,13 @@ from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_follower import FollowerSession
 from flcluster.runtime.rounds import LeaderLine, RoundService
+from flcluster.store import NodeIdentity, RecoveryStore, StoreRole, open_sqlite_store
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
     HeartbeatMsg,
     HeartbeatReply,
+    HeldUpdates,
     MemberRecord,
     Membership,
     PeerHello,
@@ -101,6 +104,7 @@ class ServerSettings:
         connect_interval: Seconds between attempts to reach the Scheduler or the leader.
         max_message_size: Limit on cluster frames, in bytes.
         max_device_body: Limit on device HTTP bodies, in bytes.
+        store_path: This Server's recovery store file (spec/recovery.md §2); empty: no recovery.
     """
 
     node_id: str
@@ -116,6 +120,7 @@ class ServerSettings:
     connect_interval: float
     max_message_size: int
     max_device_body: int
+    store_path: str
 
 
 @attrs.frozen
@@ -173,9 +178,21 @@ class ServerStarted:
 class ServerNode:
     """A running Server: its link to the Scheduler, its peer links and its device port."""
 
-    def __init__(self, settings: ServerSettings, job: JobSettings) -> None:
+    def __init__(
+        self, settings: ServerSettings, job: JobSettings, *, store: RecoveryStore | None = None
+    ) -> None:
+        """A Server for ``settings`` and ``job``.
+
+        Args:
+            settings: the process's settings (``store_path`` opens the recovery store at :meth:`serve`).
+            job: the federated job.
+            store: a recovery store already open (tests); it overrides ``settings.store_path`` and is
+                not closed by this Server.
+        """
         self.settings = settings
         self.job = job
+        self.recovery: RecoveryStore | None = store
+        self._given_store = store is not None
         self.line = LeaderLine()
         self.rounds = RoundService(
             spec=job.spec,
@@ -201,13 +218,43 @@ class ServerNode:
         self._started = trio.Event()
         self._membership_changed = trio.Event()
         self._shutdown = trio.Event()
+        self._recovered = False
 
     async def serve(self, *, task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the Server until the cluster finishes it (or the surrounding scope is cancelled).
 
         Raises:
             RegistrationRefused: the Scheduler refused this Server (the message says why).
+            StoreError: the recovery store cannot be opened (the message names the file and why).
         """
+        async with contextlib.AsyncExitStack() as stack:
+            if self.recovery is None and self.settings.store_path:
+                identity = NodeIdentity(
+                    StoreRole.SERVER, self.settings.node_id, self.job.leader.fl_name, self.settings.server_num
+                )
+                self.recovery = await stack.enter_async_context(
+                    open_sqlite_store(self.settings.store_path, identity)
+                )
+            if self.recovery is not None:
+                await self._restore(self.recovery)
+            await self._serve(task_status=task_status)
+
+    async def _restore(self, store: RecoveryStore) -> None:
+        """Take back the models, the running sum and (on a leader) the machine the store holds."""
+        contents = await store.load()
+        log.info(
+            "recovery store %s (%s)", store.location, "created" if store.created else "recovered from it"
+        )
+        self.rounds.recovery = store
+        self.rounds.restore(contents)
+        self._recovered = not store.created
+        if contents.server is not None:
+            self.rounds.rank = contents.server.rank
+            if contents.server.machine is not None:
+                self.machine = IterationMachine.from_snapshot(snapshot_from_json(contents.server.machine))
+                log.info("recovered the iteration machine: %r", self.machine)
+
+    async def _serve(self, *, task_status: trio.TaskStatus[ServerStarted]) -> None:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, self._handle_peer, 0, host=self.host))
             self.peer_port = listeners[0].socket.getsockname()[1]
@@ -258,7 +305,7 @@ class ServerNode:
             )
             link = FramedLink(stream, max_frame=self.settings.max_message_size)
             try:
-                reply = await self._register(link, recovering=registered)
+                reply = await self._register(link, recovering=registered or self._recovered)
                 if not registered:
                     registered = True
                     task_status.started()
@@ -301,6 +348,7 @@ class ServerNode:
         if not msg.accepted:
             raise RegistrationRefused(msg.reason)
         self.rank = msg.rank
+        self.rounds.rank = msg.rank
         return msg
 
     async def _send_heartbeats(self, link: FramedLink) -> None:
@@ -409,6 +457,7 @@ class ServerNode:
             self_id=self.settings.node_id,
             members=lambda: [(m.rank, m.node_id) for m in self.members],
             options=self.job.leader,
+            store=self.recovery,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -437,6 +486,11 @@ class ServerNode:
             link = FramedLink(stream, max_frame=self.settings.max_message_size)
             try:
                 await link.send(PeerHello(node_id=self.settings.node_id, rank=key.rank))
+                # The hello's second frame: what this Server's committed sum holds (recovery §5.1),
+                # once folds in flight have settled (none can start: no channel is attached).
+                await self.rounds.settle()
+                held_iteration, held_ids = self.rounds.held_updates()
+                await link.send(HeldUpdates(iteration=held_iteration, fl_ids=held_ids))
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
                     reply, _ = await link.receive()
                 if not isinstance(reply, PeerHelloReply):
@@ -478,6 +532,10 @@ class ServerNode:
                 if not isinstance(msg, PeerHello):
                     await link.send(ErrorReply(reason="a peer link must start with a peer hello"))
                     return
+                held, _ = await link.receive()
+                if not isinstance(held, HeldUpdates):
+                    await link.send(ErrorReply(reason="a peer hello is followed by held_updates"))
+                    return
                 # The follower may have its membership before this leader has (the Scheduler sends
                 # it to each Server in turn): wait for it, within the handshake deadline.
                 while self.leader is None:
@@ -488,7 +546,7 @@ class ServerNode:
             if leader is None or self.rank is None:
                 return  # the leader role ended during the handshake: the follower retries
             await link.send(PeerHelloReply(node_id=self.settings.node_id, rank=self.rank))
-            await leader.serve_follower(link, msg.node_id, msg.rank)
+            await leader.serve_follower(link, msg.node_id, msg.rank, held)
         except (LinkClosed, FrameError, trio.TooSlowError):
             pass
         finally:

@@ -280,13 +280,17 @@ class CollectPartial:
 @register
 @attrs.frozen
 class PartialSums:
-    """Follower → leader: the partial sums of ``iteration`` (payload: ``PartialSum.to_bytes()``)."""
+    """Follower → leader: the partial sums of ``iteration`` (payload: ``PartialSum.to_bytes()``).
+
+    ``fl_ids`` are the devices whose updates the sum holds (spec/recovery.md §4, checked at collection).
+    """
 
     TYPE: ClassVar[str] = "partial_sums"
     iteration: int
     update_count: int
     get_model_total: int
     get_model_accept: int
+    fl_ids: tuple[str, ...]
 
 
 @register
@@ -314,6 +318,33 @@ class ModelInstalled:
 
     TYPE: ClassVar[str] = "model_installed"
     iteration: int
+
+
+@register
+@attrs.frozen
+class HeldUpdates:
+    """Follower → leader: the second frame of a peer hello (spec/recovery.md §5.1).
+
+    The follower's committed sum is of ``iteration`` (0: it holds none) and holds ``fl_ids``; the leader
+    counts those and releases the follower's other reservations.
+    """
+
+    TYPE: ClassVar[str] = "held_updates"
+    iteration: int
+    fl_ids: tuple[str, ...]
+
+
+@register
+@attrs.frozen
+class UpdatesCommitted:
+    """Follower → leader (pipelined, no answer): the folds of ``fl_ids`` into ``iteration`` are committed.
+
+    The leader counts these reservations toward ``update_model_threshold`` (spec/recovery.md §4).
+    """
+
+    TYPE: ClassVar[str] = "updates_committed"
+    iteration: int
+    fl_ids: tuple[str, ...]
 
 
 @register
@@ -346,6 +377,8 @@ Message = (
     | DropPartials
     | PublishModel
     | ModelInstalled
+    | HeldUpdates
+    | UpdatesCommitted
     | ErrorReply
 )
 

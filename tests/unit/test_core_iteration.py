@@ -386,7 +386,7 @@ def test_reaching_update_threshold_starts_aggregation_in_safemode() -> None:
     assert out.instructions == (
         DisarmWindow("last", UPDATE, 1),
         DisarmWindow("last", GLOBAL, 1),
-        AggregateIteration("last", 1, (DeviceMeta("a", 7, T0), DeviceMeta("b", 5, T0)), 12),
+        AggregateIteration("last", 1, (DeviceMeta("a", 7, T0), DeviceMeta("b", 5, T0)), 12, T0 + 20_001),
     )
     assert m.phase is Phase.AGGREGATING
     assert m.in_safemode
@@ -409,7 +409,7 @@ def test_threshold_reached_while_start_round_open_disarms_start_window_too() -> 
     assert out.instructions == (
         DisarmWindow("u", START, 1),
         DisarmWindow("u", GLOBAL, 1),
-        AggregateIteration("u", 1, (DeviceMeta("a", 10, T0),), 10),
+        AggregateIteration("u", 1, (DeviceMeta("a", 10, T0),), 10, T0 + 100_000),
     )
 
 
@@ -770,7 +770,12 @@ def test_resumed_while_aggregating_asks_for_the_aggregation_again() -> None:
     run_to_aggregating(m)
     out = m.handle(Resumed("boot", T0))
     assert out == Outcome(
-        None, (AggregateIteration("boot", 1, (DeviceMeta("d0", 10, T0), DeviceMeta("d1", 11, T0)), 21),)
+        None,
+        (
+            AggregateIteration(
+                "boot", 1, (DeviceMeta("d0", 10, T0), DeviceMeta("d1", 11, T0)), 21, T0 + 20_000
+            ),
+        ),
     )
 
 
@@ -787,7 +792,7 @@ def _evolve_snapshot(m: IterationMachine, **changes: Any) -> it.IterationSnapsho
     [
         ({"iteration": 0}, "iteration must be an int >= 1"),
         ({"consecutive_failures": -1}, "consecutive_failures must be >= 0"),
-        ({"phase": Phase.AGGREGATING}, "an aggregating iteration has 2 updates"),
+        ({"phase": Phase.AGGREGATING}, "an aggregating iteration has at least 2 updates"),
         ({"phase": Phase.WAITING}, "a waiting iteration has no devices"),
         ({"instance_state": InstanceState.FINISHED}, "does not fit iteration 1"),
         ({"instance_state": InstanceState.DISABLED}, "only a running instance has a running iteration"),
@@ -813,7 +818,7 @@ def test_from_snapshot_refuses_windows_that_do_not_fit_the_counters() -> None:
     bad = _evolve_snapshot(m, windows=(ArmedWindow(START, 1), ArmedWindow(GLOBAL, 2)))
     with pytest.raises(ValueError, match="startFLJob window is armed exactly while") as info:
         IterationMachine.from_snapshot(bad)
-    assert "updateModel window is armed exactly once" in str(info.value)
+    assert "updateModel window is armed once" in str(info.value)
 
 
 @pytest.mark.parametrize(

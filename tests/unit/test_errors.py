@@ -35,6 +35,7 @@ EXPECTED = {
     "RegistrationRefused": (OURS, 503),
     "LinkClosed": (OURS, 503),
     "AggregationError": (OURS, 500),
+    "FollowerLeft": (OURS, 500),
     "DeviceTransportError": (OURS, 503),
     "DeviceHTTPError": (OURS, 502),
     "ModelUnavailable": (OURS, 503),

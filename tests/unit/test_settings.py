@@ -155,7 +155,7 @@ def test_every_field_is_taken_from_the_context(record: type) -> None:
 def test_the_sources_table_names_every_field() -> None:
     not_from_context = {
         SchedulerSettings: {"node_id", "store_path"},
-        ServerSettings: {"node_id"},
+        ServerSettings: {"node_id", "store_path"},
         IterationConfig: set(),
         LeaderOptions: {"metrics_path", "participation_levels"},
     }
@@ -185,6 +185,13 @@ def test_node_id_metrics_and_participation_levels() -> None:
     assert options.participation_levels == (2, 9)
     assert leader_options(ctx).metrics_path == ""
     assert leader_options(FLContext()).participation_levels == (5, 15)
+
+
+def test_the_recovery_section_gives_each_server_its_store_file() -> None:
+    ctx = FLContext.from_kwargs(**CHANGED)
+    assert server_settings(ctx, "s0").store_path == ""
+    recovery = ClusterConfig(recovery=StorageConfig(storage_type=1, storage_file_path="/r/recovery.json"))
+    assert server_settings(ctx, "s0", recovery).store_path == "/r/recovery.server-s0.sqlite"
 
 
 def test_update_model_threshold_is_computed_once() -> None:

@@ -298,7 +298,8 @@ def records_of(cls: type[Any]) -> st.SearchStrategy[Any]:
         hint = hints[field.name]
         if typing.get_origin(hint) is tuple:
             (item, _ellipsis) = typing.get_args(hint)
-            fields[field.name] = st.lists(records_of(item), max_size=4).map(tuple)
+            items = SCALARS[item] if item in SCALARS else records_of(item)
+            fields[field.name] = st.lists(items, max_size=4).map(tuple)
         elif isinstance(hint, type) and issubclass(hint, enum.Enum):
             fields[field.name] = st.sampled_from(list(hint))
         else:
@@ -334,7 +335,8 @@ def values_of(cls: type[Any]) -> dict[str, Any]:
         hint = hints[field.name]
         if typing.get_origin(hint) is tuple:
             (item, _ellipsis) = typing.get_args(hint)
-            values[field.name] = [values_of(item)]
+            scalar = {int: 1, str: "s", bool: True, float: 1.5}.get(item)
+            values[field.name] = [values_of(item) if scalar is None else scalar]
         elif isinstance(hint, type) and issubclass(hint, enum.Enum):
             values[field.name] = next(iter(hint)).value
         else:
