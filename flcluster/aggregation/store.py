@@ -57,6 +57,15 @@ class ModelStore:
             raise ValueError(f"iteration {iteration!r} is refused; expected an integer >= 0")
         self._models = {iteration: weights}
 
+    def replace_latest(self, weights: ModelWeights) -> None:
+        """Hold ``weights`` as the model of the latest stored iteration, keeping the older ones.
+
+        Raises:
+            LookupError: the store is empty.
+        """
+        iteration, _ = self.latest()
+        self._models[iteration] = weights
+
     def put(self, iteration: int, weights: ModelWeights) -> None:
         """Store the model of ``iteration``, evicting the oldest beyond ``keep``.
 

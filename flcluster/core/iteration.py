@@ -1112,10 +1112,15 @@ class IterationMachine:
         meta = self._devices.get(ev.fl_id)
         if meta is None:
             return self._reject(reason_device_meta_missing(ev.fl_id), ev.now_ms)
-        if ev.fl_id in self._updated or ev.fl_id in self._reserved:
-            # F-old would add these weights a second time (reference §8.1); F-new and we refuse. A
-            # reserved update (its fold in flight, spec/recovery.md §4) blocks a repeat just the same.
+        if ev.fl_id in self._updated:
+            # F-old would add these weights a second time (reference §8.1); F-new and we refuse.
             return self._reject(reason_repeated_update(ev.fl_id), ev.now_ms)
+        if ev.fl_id in self._reserved:
+            # Its first upload is still being folded, or its Server died before confirming it
+            # (spec/recovery.md §4, §5 server.counted_not_folded): not yet known whether it is in the
+            # sum. "Retry later" (the device sends the same request again); once the Server confirms
+            # it the retry is a repeat, once the Server re-syncs without it the retry is accepted.
+            return PlainText(SAFEMODE_TEXT)
 
         # Accepted: reserved for the Server that folds it; it counts once that Server confirms
         # (UpdatesConfirmed). An update that names no Server is counted at once.

@@ -113,7 +113,7 @@ class FollowerSession:
                             got_status = True
                         case PublishModel(iteration=iteration):
                             self._rounds.install_model(
-                                iteration, weights_from_bytes(payload, self._rounds.spec)
+                                iteration, weights_from_bytes(payload, self._rounds.spec), from_leader=True
                             )
                             # Committed before model_installed (spec/recovery.md §3.2).
                             await self._rounds.persist_model(iteration)

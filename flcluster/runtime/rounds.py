@@ -201,6 +201,8 @@ class RoundService:
         self.plan = plan
         self.store = ModelStore(keep)
         self.store.reset(initial)
+        # True while the models held are this Server's own (its initial model), not the cluster's.
+        self._own_history = True
         self.view = IterationView()
         self.line = line
         self._device = device
@@ -373,6 +375,7 @@ class RoundService:
     def restore(self, contents: StoreContents) -> None:
         """Take back what this Server's store holds (its models and its running sum) after a restart."""
         if contents.models:
+            self._own_history = False
             models = list(contents.models)
             first = models[0]
             self.store.restart_at(first.iteration, weights_from_bytes(first.weights, self.spec))
@@ -406,18 +409,27 @@ class RoundService:
         if iteration > latest_iteration:
             self.store.put(iteration, latest)
 
-    def install_model(self, iteration: int, weights: ModelWeights) -> None:
+    def install_model(self, iteration: int, weights: ModelWeights, *, from_leader: bool = False) -> None:
         """Store the model of ``iteration`` (it becomes the model devices get next).
 
-        A model for an iteration not newer than the latest held is a resync with the leader (a
-        follower joining or rejoining): it replaces what this Server held. The sums of ``iteration``
-        and older are dropped: they are in this model, or their iteration failed.
+        The models a Server holds are the cluster's history, served to getModel for older iterations.
+        A model ``from_leader`` over the peer link is the cluster's: on a Server whose models are still
+        its own (a fresh follower: only its initial model) it replaces them all. Otherwise a newer model
+        is added; a model for the latest iteration held (a re-sync after a reconnect or a restart from
+        the store) replaces that one and keeps the history; an older one means this Server was ahead of
+        the leader, and it starts over from the leader's. The sums of ``iteration`` and older are
+        dropped: they are in this model, or their iteration failed.
         """
         latest, _ = self.store.latest()
-        if iteration > latest:
+        if from_leader and self._own_history:
+            self.store.restart_at(iteration, weights)
+        elif iteration > latest:
             self.store.put(iteration, weights)
+        elif iteration == latest:
+            self.store.replace_latest(weights)
         else:
             self.store.restart_at(iteration, weights)
+        self._own_history = False
         self._forget_sums(iteration)
 
     def drop_sums_before(self, iteration: int) -> None:
