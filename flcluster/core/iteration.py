@@ -977,8 +977,9 @@ class IterationMachine:
         reply: Reply | None
         match event:
             case StartFLJobReceived():
+                devices_before = len(self._devices)
                 reply = self._start_fl_job(event, out)
-                self._count_start_fl_job(reply)
+                self._count_start_fl_job(newly_accepted=len(self._devices) > devices_before)
             case UpdateModelReceived():
                 reply = self._update_model(event, out)
                 if not isinstance(reply, Accepted) or not event.server:
@@ -1012,13 +1013,13 @@ class IterationMachine:
         return Outcome(reply, tuple(out))
 
     # spec "Iteration" § Visits: what each iteration saw, for its metrics.json line (reference §3.9).
-    def _count_start_fl_job(self, reply: Reply) -> None:
+    def _count_start_fl_job(self, *, newly_accepted: bool) -> None:
+        # A retry answered again (its first answer was lost) is a visit, not a second accept.
         v = self._visits
-        accepted = isinstance(reply, Accepted)
         self._visits = attrs.evolve(
             v,
             start_fl_job_total=v.start_fl_job_total + 1,
-            start_fl_job_accept=v.start_fl_job_accept + accepted,
+            start_fl_job_accept=v.start_fl_job_accept + newly_accepted,
         )
 
     def _count_update_model(self, ev: UpdateModelReceived, reply: Reply) -> None:
@@ -1067,6 +1068,23 @@ class IterationMachine:
         if self._phase is Phase.AGGREGATING:
             return PlainText(SAFEMODE_TEXT)
         threshold = self._config.start_fl_job_threshold
+        known = self._devices.get(ev.fl_id)
+        if (
+            known is not None
+            and known.data_size == ev.data_size
+            and ev.fl_id not in self._updated
+            and ev.fl_id not in self._reserved
+        ):
+            # A retry of an accepted startFLJob whose answer was lost (its Server or the leader died
+            # before it reached the device: spec/recovery.md §5): the same answer again, nothing
+            # counted twice. The original would refuse it as a duplicate and strand the device for
+            # the rest of the iteration. A repeat with another data_size is still a duplicate below.
+            return Accepted(
+                self._iteration,
+                known.data_size,
+                self.next_req_time_ms(ev.now_ms),
+                REASON_START_FL_JOB_SUCCESS,
+            )
         if len(self._devices) >= threshold:
             return self._reject(REASON_START_FL_JOB_THRESHOLD, ev.now_ms)
         if ev.data_size < 1:

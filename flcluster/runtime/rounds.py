@@ -437,6 +437,23 @@ class RoundService:
         if any(i < iteration for i in self._held) or any(i < iteration for i in self._accumulators):
             self._forget_sums(iteration - 1)
 
+    async def adopt_history(self) -> None:
+        """This Server leads: the models it holds are the cluster's history from now on.
+
+        The latest model (the initial model of iteration 0, on a fresh start) is committed to the store
+        if there is one, so that a leader restarted from its store still serves getModel for it.
+        """
+        self._own_history = False
+        if self.recovery is None:
+            return
+        iteration, weights = self.store.latest()
+        await self.recovery.commit(
+            Transition(
+                model=StoredModel(iteration, weights_to_bytes(weights, self.spec)),
+                keep_models=self.store.keep,
+            )
+        )
+
     async def persist_model(self, iteration: int, *, machine: str | None = None) -> None:
         """Commit the model of ``iteration`` (and this Server's state) to the store, if there is one."""
         if self.recovery is None:

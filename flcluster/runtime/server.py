@@ -450,6 +450,7 @@ class ServerNode:
             self.machine = IterationMachine(
                 self.job.iteration, participation_levels=self.job.leader.participation_levels
             )
+        await self.rounds.adopt_history()
         leader = Leader(
             self.machine,
             self.rounds,

@@ -55,6 +55,7 @@ from flcluster.core.iteration import (
     Visits,
     WindowClosed,
     WindowKind,
+    reason_duplicate_device,
     update_model_threshold,
 )
 from flcluster.errors import IllegalEvent, ProtocolError
@@ -860,7 +861,7 @@ def test_visits_count_every_request_and_bucket_participation() -> None:
     )
     for f in "abcd":
         accepted(m.handle(start(f)))
-    rejected(m.handle(start("a", now=T0 + 1)))  # a second startFLJob of "a": counted, refused
+    rejected(m.handle(start("a", data_size=11, now=T0 + 1)))  # "a" again, another size: counted, refused
     minute = 60_000
     accepted(m.handle(UpdateModelReceived("u", "a", 1, T0 + minute - 1, 0.5, 0.25)))  # under level 1
     rejected(m.handle(UpdateModelReceived("u", "a", 1, T0 + minute, 9.0, 9.0)))  # repeated: not summed
@@ -1003,7 +1004,7 @@ class IterationRules(RuleBasedStateMachine):
             assert self.m.snapshot() == before, "an illegal event changed the machine"
             return None
         reply = out.reply
-        self.count(event, reply)
+        self.count(event, reply, iteration)
         if isinstance(reply, Accepted | Rejected):
             assert reply.next_req_time_ms > event.now_ms, (reply, event)
         if isinstance(reply, Rejected | PlainText) or (reply is None and not out.instructions):
@@ -1022,15 +1023,17 @@ class IterationRules(RuleBasedStateMachine):
             self.carry_out(instruction, iteration)
         return out
 
-    def count(self, event: Event, reply: object) -> None:
+    def count(self, event: Event, reply: object, iteration: int) -> None:
         """The driver's own tally of the current iteration's visits (the machine must agree)."""
         t, ok = self.tally, isinstance(reply, Accepted)
         match event:
             case StartFLJobReceived():
+                # A retry answered again (same device, same data size) is a visit, not a new accept.
+                new = ok and event.fl_id not in self.declared.get(iteration, {})
                 t = attrs.evolve(
                     t,
                     start_fl_job_total=t.start_fl_job_total + 1,
-                    start_fl_job_accept=t.start_fl_job_accept + ok,
+                    start_fl_job_accept=t.start_fl_job_accept + new,
                 )
             case UpdateModelReceived():
                 t = attrs.evolve(
@@ -1266,3 +1269,21 @@ class IterationRules(RuleBasedStateMachine):
 
 IterationRules.TestCase.settings = settings(max_examples=150, stateful_step_count=100, deadline=None)
 test_iteration_rules = IterationRules.TestCase
+
+
+def test_a_retried_start_fl_job_is_answered_again_and_counted_once() -> None:
+    """spec/recovery.md §5: a device whose startFLJob answer was lost retries; it is not stranded."""
+    m = IterationMachine(make_config(start_fl_job_threshold=3))
+    first = accepted(m.handle(start("a", data_size=7)))
+    accepted(m.handle(start("b")))
+    before = m.snapshot()
+    again = accepted(m.handle(start("a", data_size=7, now=T0 + 5)))
+    assert (again.iteration, again.data_size, again.reason) == (first.iteration, 7, first.reason)
+    assert attrs.evolve(m.snapshot(), visits=before.visits) == before  # nothing counted twice
+    assert m.visits.start_fl_job_total == 3 and m.visits.start_fl_job_accept == 2
+    other = rejected(m.handle(start("a", data_size=8, now=T0 + 6)))  # another data size: a duplicate
+    assert other.reason == reason_duplicate_device("a")
+    accepted(m.handle(start("c")))  # the round is full now; a retry of "a" is still answered
+    accepted(m.handle(start("a", data_size=7, now=T0 + 7)))
+    accepted(m.handle(update("a")))
+    rejected(m.handle(start("a", data_size=7, now=T0 + 8)))  # after its upload it is refused again

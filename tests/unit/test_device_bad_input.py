@@ -55,7 +55,7 @@ from flcluster.wire.client_codec import (
     encode_start_fl_job_request,
     encode_update_model_request,
 )
-from flcluster.wire.codes import CompressType, ResponseCode
+from flcluster.wire.codes import SAFEMODE_TEXT, CompressType, ResponseCode
 from flcluster.wire.records import CompressFeatureMapView
 from flcluster.wire.server_codec import decode_start_fl_job
 from tests.helpers import FL_NAME, lenet_job, open_cluster
@@ -90,6 +90,9 @@ _I32 = struct.Struct("<i")
 
 Maps = dict[str, np.ndarray[Any, Any]]
 
+
+#: What a device is told when its earlier upload's fold is not confirmed yet (the safemode text).
+RETRY_LATER = -1
 
 # ------------------------------------------------------------------------------------------ cluster
 
@@ -722,14 +725,19 @@ async def test_wrong_requests_are_refused_and_only_acknowledged_updates_count(
             await fleet.refused(
                 START, start_body("newcomer", size), out_of_time, [reason], f"data_size {size}"
             )
-        for fl_id, size in (("device-0", fleet.sizes["device-0"] + 7), ("device-1", fleet.sizes["device-1"])):
-            await fleet.refused(
-                START,
-                start_body(fl_id, size),
-                out_of_time,
-                [f"Updating device metadata failed for fl id {fl_id}"],
-                f"repeated startFLJob of {fl_id}",
-            )
+        await fleet.refused(
+            START,
+            start_body("device-0", fleet.sizes["device-0"] + 7),
+            out_of_time,
+            ["Updating device metadata failed for fl id device-0"],
+            "repeated startFLJob of device-0 with another data size",
+        )
+        # The same startFLJob again (its first answer lost, spec/recovery.md §5): answered again, the
+        # machine unchanged (nothing counted twice).
+        before = cluster.state()
+        retcode, reason = await fleet.ask(START, start_body("device-1", fleet.sizes["device-1"]), "retry")
+        assert (retcode, reason) == (ResponseCode.SUCCEED, "success")
+        assert cluster.state() == before
 
         # updateModel before any update was acknowledged.
         good = fleet.weights("device-0")
@@ -862,16 +870,39 @@ async def test_wrong_requests_are_refused_and_only_acknowledged_updates_count(
         async def upload(fl_id: str, iteration: int, maps: Maps) -> None:
             outcomes[fl_id].append(await fleet.upload(fl_id, iteration, maps))
 
+        async def racing_upload(fl_id: str, maps: Maps) -> None:
+            # Of two uploads at once, the one that arrives while the other's fold is unconfirmed is
+            # told to retry later (the safemode text, spec/recovery.md §4); one that arrives after the
+            # confirmation is a repeat (OutOfTime).
+            body = encode_update_model_request(
+                fl_name=FL_NAME, fl_id=fl_id, iteration=1, feature_maps=list(maps.items()), timestamp="t"
+            )
+            response = await fleet.post(UPDATE, body)
+            if response.headers["content-type"].startswith("text/plain"):
+                assert response.text == SAFEMODE_TEXT, response.text
+                outcomes[fl_id].append(RETRY_LATER)
+                return
+            retcode = decode_update_model_response(response.content).retcode
+            if retcode == ResponseCode.SUCCEED:
+                assert fl_id not in fleet.acknowledged, f"{fl_id} acknowledged twice in one iteration"
+                fleet.acknowledged[fl_id] = maps
+            outcomes[fl_id].append(retcode)
+
         poisoned = fleet.weights("device-6")
         poisoned["fc2.bias"][3] = nan
         async with trio.open_nursery() as nursery:
             for fl_id in devices[1:]:
-                nursery.start_soon(upload, fl_id, 1, fleet.weights(fl_id))
-            nursery.start_soon(upload, "device-5", 1, fleet.weights("device-5"))
+                if fl_id != "device-5":
+                    nursery.start_soon(upload, fl_id, 1, fleet.weights(fl_id))
+            nursery.start_soon(racing_upload, "device-5", fleet.weights("device-5"))
+            nursery.start_soon(racing_upload, "device-5", fleet.weights("device-5"))
             nursery.start_soon(upload, "device-6", 1, poisoned)
             nursery.start_soon(upload, "device-7", 2, fleet.weights("device-7"))
         assert set(fleet.acknowledged) == set(devices)
-        assert sorted(outcomes["device-5"]) == [ResponseCode.SUCCEED, ResponseCode.OutOfTime]
+        assert sorted(outcomes["device-5"]) in (
+            [ResponseCode.SUCCEED, ResponseCode.OutOfTime],
+            [RETRY_LATER, ResponseCode.SUCCEED],
+        )
         assert sorted(outcomes["device-6"]) == [ResponseCode.SUCCEED, ResponseCode.RequestError]
         assert sorted(outcomes["device-7"]) == [ResponseCode.SUCCEED, ResponseCode.OutOfTime]
         # FedAvg of exactly the acknowledged updates, with the data sizes first declared.
