@@ -119,10 +119,10 @@ DRILLS: tuple[Drill, ...] = (
     ),
     Drill(
         "scheduler.iterating",
-        "the Scheduler during an iteration (9th heartbeat while ready: about 3 s into training)",
+        "the Scheduler during an iteration (4th heartbeat while ready: about 1 s into training)",
         "crash",
         ("scheduler",),
-        "scheduler.iterating:9",
+        "scheduler.iterating:4",
     ),
     Drill("two_nodes", "the leader (node 0) and follower node 1 together, under load", "timed", ("0", "1")),
     Drill("guide_rank1", "rank 1, the guide's procedure (one launch for all Servers)", "guide", ("rank1",)),

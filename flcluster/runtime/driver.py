@@ -328,27 +328,27 @@ class Leader:
             case DiscardPartials(iteration=iteration):
                 self.rounds.drop_partials(iteration)
                 self.peers.broadcast(DropPartials(iteration=iteration))
-            case IterationCompleted(iteration=iteration, started_at_ms=start, ended_at_ms=end, visits=visits):
+            case IterationCompleted(iteration=iteration):
+                # Its metrics line was written with its commit (see _aggregate).
                 log.info("iteration %d completed", iteration)
-                self._iteration_ended(iteration, start, end, visits, succeeded=True)
+                self._wake_ended()
             case IterationFailed(
                 iteration=iteration, reason=reason, started_at_ms=start, ended_at_ms=end, visits=visits
             ):
                 log.info("iteration %d failed: %s", iteration, reason)
                 if self._aggregation is not None and self._aggregation[0] == iteration:
                     self._aggregation[1].cancel()
-                self._iteration_ended(
-                    iteration, end if start is None else start, end, visits, succeeded=False
-                )
+                self._write_metrics(iteration, end if start is None else start, end, visits, succeeded=False)
+                self._wake_ended()
             case InstanceStateChanged(old=old_state, new=new_state):
                 log.info("instance %s -> %s", old_state.value, new_state.value)
             case _:
                 assert_never(ins)
 
-    def _iteration_ended(
+    def _write_metrics(
         self, iteration: int, start_ms: int, end_ms: int, visits: Visits, *, succeeded: bool
     ) -> None:
-        """Write the iteration's metrics.json line (when configured) and wake :meth:`wait_ended`."""
+        """Write the iteration's metrics.json line (when configured)."""
         if self._metrics is not None:
             config = self.machine.config
             line = IterationMetrics(
@@ -369,6 +369,9 @@ class Leader:
                 self._metrics.write(line)
             except OSError as exc:
                 log.error("cannot write %s: %s", self._metrics.path, exc)
+
+    def _wake_ended(self) -> None:
+        """An iteration ended: wake :meth:`wait_ended`."""
         self._ended.set()
         self._ended = trio.Event()
 
@@ -423,6 +426,13 @@ class Leader:
                         keep_models=self.rounds.store.keep,
                     )
                 )
+            # The metrics line goes with the commit that completes the iteration (a leader that dies
+            # while publishing must not lose it); wait_ended wakes only once every Server has the model.
+            for done in outcome.instructions:
+                if isinstance(done, IterationCompleted):
+                    self._write_metrics(
+                        done.iteration, done.started_at_ms, done.ended_at_ms, done.visits, succeeded=True
+                    )
             crash_point("leader.publishing")
             self.rounds.install_model(iteration, weights)
             await self.peers.publish(iteration, payload)
