@@ -49,7 +49,7 @@ import trio
 from flcluster.aggregation import ModelSpec, ModelWeights
 from flcluster.core.cluster import ClusterState, Role
 from flcluster.core.iteration import IterationConfig, IterationMachine, snapshot_from_json
-from flcluster.errors import ClusterError, FrameError, MessageError, RegistrationRefused
+from flcluster.errors import ClusterError, ConfigError, FrameError, MessageError, RegistrationRefused
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
 from flcluster.runtime.addresses import advertised_address
@@ -265,7 +265,15 @@ class ServerNode:
             app = create_device_app(
                 self.rounds, url_prefix=self.settings.url_prefix, max_body=self.settings.max_device_body
             )
-            urls = await nursery.start(serve_app, app, self.settings.device_host, self.settings.device_port)
+            host, port = self.settings.device_host, self.settings.device_port
+            try:
+                urls = await nursery.start(serve_app, app, host, port)
+            except* OSError as group:
+                # The operator's port is taken (or the address is not this host's): a clear refusal.
+                raise ConfigError(
+                    f"fl_server_port={port!r} cannot be opened on {host!r}: {group.exceptions[0]}; "
+                    "give this Server a free port"
+                ) from None
             log.info(STARTED_MESSAGE)
             self._started.set()
             task_status.started(ServerStarted(rank=self.rank, peer_port=self.peer_port, device_urls=urls))
