@@ -733,6 +733,8 @@ class IterationSnapshot:
     by ``fl_id``) are the accepted updates not yet confirmed, ``holders`` (sorted by ``fl_id``, one per
     id of ``updated``) names the Server whose sum holds each counted update, and
     ``aggregation_deadline_ms`` is the aggregation's deadline while aggregating.
+    ``last_completed_updated`` (sorted) are the updates counted in the previous iteration when it
+    completed: a device whose SUCCEED was lost learns from a late retry that its update is in that model.
     """
 
     config: IterationConfig
@@ -751,6 +753,7 @@ class IterationSnapshot:
     reserved: tuple[Reservation, ...] = ()
     holders: tuple[Holding, ...] = ()
     aggregation_deadline_ms: int | None = None
+    last_completed_updated: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -772,6 +775,7 @@ class IterationMachine:
         "_failed",
         "_instance",
         "_iteration",
+        "_last_completed_updated",
         "_levels",
         "_phase",
         "_reserved",
@@ -809,6 +813,8 @@ class IterationMachine:
         self._reserved: dict[str, Reservation] = {}
         self._agg_deadline: int | None = None
         self._consecutive_failures = 0
+        #: The updates counted in the previous iteration, when it completed (empty after a failure).
+        self._last_completed_updated: frozenset[str] = frozenset()
 
     # ---------------------------------------------------------------------------------- queries
 
@@ -918,6 +924,7 @@ class IterationMachine:
             reserved=tuple(self._reserved[f] for f in sorted(self._reserved)),
             holders=tuple(Holding(f, self._updated[f]) for f in sorted(self._updated)),
             aggregation_deadline_ms=self._agg_deadline,
+            last_completed_updated=tuple(sorted(self._last_completed_updated)),
         )
 
     @classmethod
@@ -944,6 +951,7 @@ class IterationMachine:
         machine._completed = list(snapshot.completed)
         machine._failed = list(snapshot.failed)
         machine._visits = snapshot.visits
+        machine._last_completed_updated = frozenset(snapshot.last_completed_updated)
         return machine
 
     def __eq__(self, other: object) -> bool:
@@ -1123,6 +1131,10 @@ class IterationMachine:
         if self._phase is Phase.AGGREGATING:
             # The counter is full: no updateModel can count until the next iteration.
             return self._reject(REASON_UPDATE_MODEL_ENOUGH, ev.now_ms)
+        if ev.iteration == self._iteration - 1 and ev.fl_id in self._last_completed_updated:
+            # A late retry of an update that is in the previous iteration's model (its SUCCEED was lost
+            # with a Server that died after committing it, spec/recovery.md §5): tell the device it is in.
+            return self._reject(reason_repeated_update(ev.fl_id), ev.now_ms)
         if ev.iteration != self._iteration:
             t = self.next_req_time_ms(ev.now_ms)
             reason = reason_wrong_iteration(ev.iteration, self._iteration, t, ev.fl_id)
@@ -1322,6 +1334,8 @@ class IterationMachine:
 
     def _advance(self) -> None:
         ended = self._iteration
+        completed = bool(self._completed) and self._completed[-1] == ended
+        self._last_completed_updated = frozenset(self._updated) if completed else frozenset()
         self._iteration += 1
         self._phase = Phase.WAITING
         self._started_at_ms = None
@@ -1480,20 +1494,36 @@ def _check_snapshot(s: IterationSnapshot) -> None:
 # ------------------------------------------------------------------------------- snapshot as JSON
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The attrs field names of ``cls`` (``None`` for a class that is not a record), looked up once."""
+    if cls not in _FIELD_NAMES:
+        _FIELD_NAMES[cls] = tuple(f.name for f in attrs.fields(cls)) if attrs.has(cls) else None
+    return _FIELD_NAMES[cls]
+
+
 def _json_value(value: object) -> object:
+    # On the leader's commit path (a snapshot per transaction, spec/recovery.md §4): kept lean.
+    if isinstance(value, _PLAIN):
+        return value
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
-    if attrs.has(type(value)):
-        fields = attrs.fields(type(value))  # type: ignore[arg-type]
-        return {f.name: _json_value(getattr(value, f.name)) for f in fields}
-    return value
+    names = _field_names(type(value))
+    if names is None:
+        return value
+    return {name: _json_value(getattr(value, name)) for name in names}
 
 
 def snapshot_to_json(snapshot: IterationSnapshot) -> str:
     """The snapshot as JSON text (what the leader keeps in ``ServerState.machine``, spec/recovery.md §3.3)."""
-    return json.dumps(_json_value(snapshot), sort_keys=True, separators=(",", ":"))
+    return json.dumps(_json_value(snapshot), separators=(",", ":"))
 
 
 def _record(cls: type[_R], data: object) -> _R:

@@ -56,6 +56,9 @@ from flcluster.core.iteration import (
     WindowClosed,
     WindowKind,
     reason_duplicate_device,
+    reason_repeated_update,
+    snapshot_from_json,
+    snapshot_to_json,
     update_model_threshold,
 )
 from flcluster.errors import IllegalEvent, ProtocolError
@@ -424,8 +427,11 @@ def test_aggregation_done_completes_and_advances_the_iteration() -> None:
     assert m.counts() == RoundCounts(2, 0, 3, 0, 2)
     assert m.device_meta("d0") is None
     assert not m.in_safemode
-    # A device of the finished iteration that uploads late is sent back to startFLJob.
+    # A device of the finished iteration whose update is in its model is told so (a late retry of a
+    # lost SUCCEED); one that was not counted in it is sent back to startFLJob.
     r = assert_rejected_unchanged(m, update("d0", 1, T0 + 600))
+    assert r.reason == reason_repeated_update("d0")
+    r = assert_rejected_unchanged(m, update("d9", 1, T0 + 600))
     assert r.reason.startswith("UpdateModel iteration number is invalid:1, current iteration:2")
     assert r.next_req_time_ms == T0 + 600 + 1000
 
@@ -1287,3 +1293,21 @@ def test_a_retried_start_fl_job_is_answered_again_and_counted_once() -> None:
     accepted(m.handle(start("a", data_size=7, now=T0 + 7)))
     accepted(m.handle(update("a")))
     rejected(m.handle(start("a", data_size=7, now=T0 + 8)))  # after its upload it is refused again
+
+
+def test_a_late_retry_of_an_update_in_the_last_model_is_told_it_is_in() -> None:
+    """spec/recovery.md §5 server.committed_not_acked: the SUCCEED was lost, the update is in model N."""
+    m = IterationMachine(make_config(start_fl_job_threshold=2))
+    for f in "ab":
+        accepted(m.handle(start(f)))
+    accepted(m.handle(update("a")))
+    accepted(m.handle(update("b")))
+    m.handle(AggregationDone("agg", 1, T0 + 10))
+    assert m.current_iteration == 2
+    late = rejected(m.handle(update("a", iteration=1, now=T0 + 20)))
+    assert late.retcode == ResponseCode.OutOfTime and late.reason == reason_repeated_update("a")
+    assert late.next_req_time_ms > T0 + 20
+    stranger = rejected(m.handle(update("z", iteration=1, now=T0 + 21)))  # never counted: wrong iteration
+    assert stranger.reason.startswith("UpdateModel iteration number is invalid")
+    assert IterationMachine.from_snapshot(m.snapshot()) == m
+    assert snapshot_from_json(snapshot_to_json(m.snapshot())) == m.snapshot()

@@ -44,7 +44,13 @@ import numpy as np
 import pytest
 import trio
 
-from flcluster.core.iteration import IterationMachine, IterationSnapshot, Phase, Visits
+from flcluster.core.iteration import (
+    IterationMachine,
+    IterationSnapshot,
+    Phase,
+    Visits,
+    reason_repeated_update,
+)
 from flcluster.runtime.driver import Leader
 from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import (
@@ -908,13 +914,19 @@ async def test_wrong_requests_are_refused_and_only_acknowledged_updates_count(
         # FedAvg of exactly the acknowledged updates, with the data sizes first declared.
         await fleet.check_model(1)
 
-        # Iteration 1 is over: its updates are refused now, and nothing changes.
-        for fl_id in ("device-0", "device-1"):
+        # Iteration 1 is over: its updates are refused now, and nothing changes. A device whose update
+        # is in model 1 is told so (a lost SUCCEED, spec/recovery.md §5); one that never counted in it
+        # is sent back to startFLJob.
+        reason_wrong_iteration_prefix = (
+            "UpdateModel iteration number is invalid:1, current iteration:2, Retry later at time: "
+        )
+        for fl_id in ("device-0", "device-1", "newcomer"):
+            counted = fl_id in fleet.acknowledged
             _, reason = await fleet.refused(
                 UPDATE,
                 update_body(fl_id, 1, items),
                 out_of_time,
-                ["UpdateModel iteration number is invalid:1, current iteration:2, Retry later at time: "],
+                [reason_repeated_update(fl_id) if counted else reason_wrong_iteration_prefix],
                 f"late update of {fl_id}",
             )
         await fleet.refused(
