@@ -1128,6 +1128,10 @@ class IterationMachine:
     def _update_model(self, ev: UpdateModelReceived, out: list[Instruction]) -> Reply:
         if self._instance is not InstanceState.RUNNING:
             return PlainText(JOB_NOT_AVAILABLE_TEXT)
+        if ev.iteration == self._iteration and ev.fl_id in self._updated:
+            # Its update is counted: say so, even while aggregating (a device whose SUCCEED was lost,
+            # spec/recovery.md §5, learns it is in; F-old would add the weights a second time, §8.1).
+            return self._reject(reason_repeated_update(ev.fl_id), ev.now_ms)
         if self._phase is Phase.AGGREGATING:
             # The counter is full: no updateModel can count until the next iteration.
             return self._reject(REASON_UPDATE_MODEL_ENOUGH, ev.now_ms)
