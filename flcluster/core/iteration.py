@@ -927,6 +927,46 @@ class IterationMachine:
             last_completed_updated=tuple(sorted(self._last_completed_updated)),
         )
 
+    def snapshot_json(self) -> str:
+        """``snapshot_to_json(self.snapshot())``, built straight from the machine's state.
+
+        The leader commits this once per transaction (spec/recovery.md §4), and the per-device parts grow
+        with the devices of the iteration: they are written out here without building a record per
+        device first. The text is the same as :func:`snapshot_to_json`'s (a property test checks it).
+        """
+        data = _json_value(self.snapshot_without_devices())
+        assert isinstance(data, dict)
+        meta, reservation = _field_names(DeviceMeta), _field_names(Reservation)
+        assert meta is not None and reservation is not None
+        data["devices"] = [{n: getattr(self._devices[f], n) for n in meta} for f in sorted(self._devices)]
+        updated = sorted(self._updated)
+        data["updated"] = updated
+        data["holders"] = [{"fl_id": f, "server": self._updated[f]} for f in updated]
+        data["reserved"] = [
+            {n: getattr(self._reserved[f], n) for n in reservation} for f in sorted(self._reserved)
+        ]
+        data["last_completed_updated"] = sorted(self._last_completed_updated)
+        return json.dumps(data, separators=(",", ":"))
+
+    def snapshot_without_devices(self) -> IterationSnapshot:
+        """The snapshot with its per-device parts empty (what :meth:`snapshot_json` fills in itself)."""
+        return IterationSnapshot(
+            config=self._config,
+            iteration=self._iteration,
+            instance_state=self._instance,
+            phase=self._phase,
+            started_at_ms=self._started_at_ms,
+            windows=self.armed_windows(),
+            devices=(),
+            updated=(),
+            consecutive_failures=self._consecutive_failures,
+            completed=tuple(self._completed),
+            failed=tuple(self._failed),
+            visits=self._visits,
+            participation_levels=self._levels,
+            aggregation_deadline_ms=self._agg_deadline,
+        )
+
     @classmethod
     def from_snapshot(cls, snapshot: IterationSnapshot) -> IterationMachine:
         """Rebuild the machine a snapshot was taken from; feed it :class:`Resumed` to re-arm.

@@ -73,7 +73,6 @@ from flcluster.core.iteration import (
     Visits,
     WindowClosed,
     WindowKind,
-    snapshot_to_json,
 )
 from flcluster.crashpoints import crash_point
 from flcluster.runtime.aggregation import Aggregator
@@ -243,7 +242,7 @@ class Leader:
 
     def _server_state(self) -> ServerState:
         m = self.machine
-        return ServerState(0, m.current_iteration, m.state.value, snapshot_to_json(m.snapshot()))
+        return ServerState(0, m.current_iteration, m.state.value, m.snapshot_json())
 
     async def _wait_durable(self) -> None:
         """Wait until the machine as it is now is committed (no wait without a store)."""

@@ -1271,6 +1271,9 @@ class IterationRules(RuleBasedStateMachine):
         restored = IterationMachine.from_snapshot(snap)
         assert restored == self.m
         assert restored.snapshot() == snap
+        # The leader's fast path writes exactly what the records would (spec/recovery.md §4).
+        assert self.m.snapshot_json() == snapshot_to_json(snap)
+        assert snapshot_from_json(self.m.snapshot_json()) == snap
 
 
 IterationRules.TestCase.settings = settings(max_examples=150, stateful_step_count=100, deadline=None)

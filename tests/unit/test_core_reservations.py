@@ -204,6 +204,7 @@ class Reservations(RuleBasedStateMachine):
     def snapshot_round_trips(self) -> None:
         snap = self.m.snapshot()
         assert snapshot_from_json(snapshot_to_json(snap)) == snap
+        assert self.m.snapshot_json() == snapshot_to_json(snap)  # the leader's fast path
         assert IterationMachine.from_snapshot(snap) == self.m
 
     @invariant()
