@@ -17,6 +17,7 @@ from recovery.harness import (
     kill_leftovers,
     run_script,
     started_pids,
+    wait_for_log_line,
     wait_for_state,
     wait_gone,
 )
@@ -100,8 +101,9 @@ def test_guide_commands_build_ready_cluster_and_finish_cleanly(
     assert sorted(rows[n]["rankId"] for n in "0123") == ["0", "1", "2", "3"]
     assert all(rows[n]["alive"] == "true" and rows[n]["role"] == "SERVER" for n in "0123")
     for i in range(4):
-        log = (mobile / f"server_{i}" / "server.log").read_text()
-        assert "Server started successfully." in log
+        # CLUSTER_READY comes first; each Server logs its start once its role is up and its device port
+        # open (with recovery on, after its store has its first commit).
+        wait_for_log_line(mobile / f"server_{i}" / "server.log", "Server started successfully.")
         # Every Server serves the rounds: a body that is not a RequestFLJob gets the protocol's error.
         answer = httpx.post(f"http://127.0.0.1:{fl_port + i}/startFLJob", content=b"\x00" * 16)
         assert answer.status_code == 200
