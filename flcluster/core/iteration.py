@@ -907,23 +907,12 @@ class IterationMachine:
 
     def snapshot(self) -> IterationSnapshot:
         """The whole state, as plain records (see :meth:`from_snapshot`)."""
-        return IterationSnapshot(
-            config=self._config,
-            iteration=self._iteration,
-            instance_state=self._instance,
-            phase=self._phase,
-            started_at_ms=self._started_at_ms,
-            windows=self.armed_windows(),
+        return attrs.evolve(
+            self.snapshot_without_devices(),
             devices=tuple(self._devices[f] for f in sorted(self._devices)),
             updated=tuple(sorted(self._updated)),
-            consecutive_failures=self._consecutive_failures,
-            completed=tuple(self._completed),
-            failed=tuple(self._failed),
-            visits=self._visits,
-            participation_levels=self._levels,
             reserved=tuple(self._reserved[f] for f in sorted(self._reserved)),
             holders=tuple(Holding(f, self._updated[f]) for f in sorted(self._updated)),
-            aggregation_deadline_ms=self._agg_deadline,
             last_completed_updated=tuple(sorted(self._last_completed_updated)),
         )
 
