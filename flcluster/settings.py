@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from flcluster.runtime.options import LeaderOptions
     from flcluster.runtime.scheduler import SchedulerSettings
     from flcluster.runtime.server import JobSettings, ServerSettings
+    from flcluster.store import StoreRole
     from flcluster.wire.records import FLPlanParams
 
 __all__ = [
@@ -45,6 +46,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("flcluster")
+
+
+def _store_path(cluster_config: ClusterConfig | None, role: StoreRole, node_id: str) -> str:
+    """This node's recovery store file (spec/recovery.md §2); ``""`` without a ``recovery`` section."""
+    from flcluster.store import node_store_path
+
+    recovery = cluster_config.recovery if cluster_config is not None else None
+    if recovery is None:
+        return ""
+    return str(node_store_path(recovery.storage_file_path, role, node_id))
 
 
 def scheduler_settings(
@@ -62,15 +73,10 @@ def scheduler_settings(
         ConfigError: the context turns on a feature that is not implemented yet.
     """
     from flcluster.runtime.scheduler import SchedulerSettings
-    from flcluster.store import StoreRole, node_store_path
+    from flcluster.store import StoreRole
 
     refuse_unimplemented(ctx)
-    recovery = cluster_config.recovery if cluster_config is not None else None
-    store_path = (
-        str(node_store_path(recovery.storage_file_path, StoreRole.SCHEDULER, node_id))
-        if recovery is not None
-        else ""
-    )
+    store_path = _store_path(cluster_config, StoreRole.SCHEDULER, node_id)
     return SchedulerSettings(
         node_id=node_id,
         fl_name=ctx.fl_name,
@@ -102,15 +108,10 @@ def server_settings(
         ConfigError: the context turns on a feature that is not implemented yet.
     """
     from flcluster.runtime.server import ServerSettings
-    from flcluster.store import StoreRole, node_store_path
+    from flcluster.store import StoreRole
 
     refuse_unimplemented(ctx)
-    recovery = cluster_config.recovery if cluster_config is not None else None
-    store_path = (
-        str(node_store_path(recovery.storage_file_path, StoreRole.SERVER, node_id))
-        if recovery is not None
-        else ""
-    )
+    store_path = _store_path(cluster_config, StoreRole.SERVER, node_id)
     return ServerSettings(
         node_id=node_id,
         server_num=ctx.server_num,

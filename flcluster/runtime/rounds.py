@@ -447,27 +447,24 @@ class RoundService:
         if self.recovery is None:
             return
         iteration, weights = self.store.latest()
-        await self.recovery.commit(
-            Transition(
-                model=StoredModel(iteration, weights_to_bytes(weights, self.spec)),
-                keep_models=self.store.keep,
-            )
-        )
+        await self.recovery.commit(self._model_transition(iteration, weights))
 
-    async def persist_model(self, iteration: int, *, machine: str | None = None) -> None:
+    async def persist_model(self, iteration: int) -> None:
         """Commit the model of ``iteration`` (and this Server's state) to the store, if there is one."""
         if self.recovery is None:
             return
         weights = self.store.get(iteration)
         if weights is None:
             return
-        await self.recovery.commit(
-            Transition(
-                server=ServerState(self.rank, iteration + 1, self.view.instance_state.value, machine),
-                model=StoredModel(iteration, weights_to_bytes(weights, self.spec)),
-                keep_models=self.store.keep,
-            )
-        )
+        state = ServerState(self.rank, iteration + 1, self.view.instance_state.value, None)
+        await self.recovery.commit(self._model_transition(iteration, weights, server=state))
+
+    def _model_transition(
+        self, iteration: int, weights: ModelWeights, *, server: ServerState | None = None
+    ) -> Transition:
+        """The store transition that keeps ``weights`` as the model of ``iteration`` (the newest ``keep``)."""
+        model = StoredModel(iteration, weights_to_bytes(weights, self.spec))
+        return Transition(server=server, model=model, keep_models=self.store.keep)
 
     # ----------------------------------------------------------------------------------- helpers
 
