@@ -47,6 +47,7 @@ import attrs
 import trio
 
 from flcluster.aggregation.metrics import ClientVisitedInfo, IterationMetrics, MetricsWriter
+from flcluster.core.device_rows import header_json, record_json
 from flcluster.core.iteration import (
     Accepted,
     AggregateIteration,
@@ -82,7 +83,7 @@ from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_leader import PeerHub
 from flcluster.runtime.peer_wire import view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
-from flcluster.store import RecoveryStore, ServerState, StoredModel, Transition
+from flcluster.store import DeviceRows, RecoveryStore, ServerState, StoredModel, Transition
 from flcluster.wire.codes import SAFEMODE_TEXT
 from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, IterationStatus
 from flcluster.wire.model_bytes import weights_to_bytes
@@ -235,14 +236,26 @@ class Leader:
             self._dirty = trio.Event()
             changes = self._changes
             crash_point("leader.counting")
-            await store.commit(Transition(server=self._server_state()))
+            await store.commit(self._machine_transition())
             self._durable = max(self._durable, changes)
             self._durable_event.set()
             self._durable_event = trio.Event()
 
-    def _server_state(self) -> ServerState:
+    def _machine_transition(
+        self, *, model: StoredModel | None = None, keep_models: int | None = None
+    ) -> Transition:
+        """The machine as it is now, for the store: its header, and the rows of the devices changed since
+        the last such transition (spec/recovery.md §3.3). Submit it to the store before anything else is
+        taken from the machine: the store applies the rows in the order transitions are submitted."""
         m = self.machine
-        return ServerState(0, m.current_iteration, m.state.value, m.snapshot_json())
+        changes = m.take_device_changes()
+        rows = DeviceRows(
+            rewrite=changes.rewrite,
+            rows=tuple((r.fl_id, record_json(r)) for r in changes.records if not r.empty),
+            deleted=tuple(r.fl_id for r in changes.records if r.empty),
+        )
+        state = ServerState(0, m.current_iteration, m.state.value, header_json(m.snapshot_without_devices()))
+        return Transition(server=state, devices=rows, model=model, keep_models=keep_models)
 
     async def _wait_durable(self) -> None:
         """Wait until the machine as it is now is committed (no wait without a store)."""
@@ -419,10 +432,8 @@ class Leader:
             if self.store is not None:
                 # Model N and the move to N+1 in one transaction, before anyone sees either.
                 await self.store.commit(
-                    Transition(
-                        server=self._server_state(),
-                        model=StoredModel(iteration, payload),
-                        keep_models=self.rounds.store.keep,
+                    self._machine_transition(
+                        model=StoredModel(iteration, payload), keep_models=self.rounds.store.keep
                     )
                 )
             # The metrics line goes with the commit that completes the iteration (a leader that dies

@@ -48,7 +48,8 @@ import trio
 
 from flcluster.aggregation import ModelSpec, ModelWeights
 from flcluster.core.cluster import ClusterState, Role
-from flcluster.core.iteration import IterationConfig, IterationMachine, snapshot_from_json
+from flcluster.core.device_rows import snapshot_from_rows
+from flcluster.core.iteration import IterationConfig, IterationMachine
 from flcluster.errors import ClusterError, ConfigError, FrameError, MessageError, RegistrationRefused
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
@@ -251,7 +252,8 @@ class ServerNode:
         if contents.server is not None:
             self.rounds.rank = contents.server.rank
             if contents.server.machine is not None:
-                self.machine = IterationMachine.from_snapshot(snapshot_from_json(contents.server.machine))
+                snapshot = snapshot_from_rows(contents.server.machine, contents.devices)
+                self.machine = IterationMachine.from_snapshot(snapshot)
                 log.info("recovered the iteration machine: %r", self.machine)
 
     async def _serve(self, *, task_status: trio.TaskStatus[ServerStarted]) -> None:

@@ -25,6 +25,7 @@ from flcluster.errors import (
 from flcluster.store.api import RecoveryStore, node_store_path, store_file
 from flcluster.store.memory import MemoryStore, MemoryVolume, open_memory_store
 from flcluster.store.records import (
+    DeviceRows,
     FoldedUpdate,
     Member,
     NodeIdentity,
@@ -44,6 +45,7 @@ from flcluster.store.sqlite import MEMORY, SqliteStore, open_sqlite_store
 __all__ = [
     "MEMORY",
     "SCHEMA_VERSION",
+    "DeviceRows",
     "FoldedUpdate",
     "Member",
     "MemoryStore",

@@ -208,6 +208,30 @@ class FoldedUpdate:
 PartialWrite = PartialReset | FoldedUpdate
 
 
+def _rows(values: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    rows = tuple((fl_id, text) for fl_id, text in values)
+    for fl_id, text in rows:
+        if not isinstance(fl_id, str) or not fl_id or not isinstance(text, str):
+            raise ValueError(
+                f"a device row ({fl_id!r}, {text!r:.40}) is refused; expected (a non-empty str, a str)"
+            )
+    return rows
+
+
+@attrs.frozen
+class DeviceRows:
+    """A write to the leader's device rows (one row of text per ``fl_id``; spec/store.md, "Records").
+
+    ``rewrite`` deletes every stored row first; then each ``(fl_id, text)`` of ``rows`` is stored,
+    replacing that device's row, and each fl_id of ``deleted`` is removed. The store keeps the texts as
+    given (:mod:`flcluster.core.device_rows` writes and reads them).
+    """
+
+    rewrite: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    rows: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_rows)
+    deleted: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+
+
 @attrs.frozen
 class Transition:
     """One state change, committed in one transaction (all of it or none of it).
@@ -218,6 +242,7 @@ class Transition:
         model: a model to store (replacing one of the same iteration).
         keep_models: after storing, keep only this many of the newest models (``None``: keep all).
         partial: a write to the running partial sum (Server stores only).
+        devices: a write to the leader's device rows (Server stores only; schema version 4).
     """
 
     scheduler: SchedulerState | None = None
@@ -225,6 +250,7 @@ class Transition:
     model: StoredModel | None = None
     keep_models: int | None = None
     partial: PartialWrite | None = None
+    devices: DeviceRows | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.keep_models is not None and (
@@ -247,6 +273,7 @@ class StoreContents:
         server: the Server's state (``None``: never written).
         models: the stored models, oldest first.
         partial: the running partial sum (``None``: never written).
+        devices: the leader's device rows ``(fl_id, text)``, sorted by fl_id.
     """
 
     identity: NodeIdentity
@@ -254,6 +281,7 @@ class StoreContents:
     server: ServerState | None = None
     models: tuple[StoredModel, ...] = ()
     partial: PartialSumState | None = None
+    devices: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_rows)
 
 
 @attrs.frozen
@@ -286,10 +314,11 @@ def check_roles(identity: NodeIdentity, transition: Transition) -> None:
                 transition.server is not None
                 or transition.model is not None
                 or transition.partial is not None
+                or transition.devices is not None
             ):
                 raise TransitionRefused(
                     f"a Scheduler's store ({identity.node_id!r}) keeps only scheduler state; the transition "
-                    f"{transition!r} writes server state, a model or a partial sum"
+                    f"{transition!r} writes server state, a model, a partial sum or device rows"
                 )
         case StoreRole.SERVER:
             if transition.scheduler is not None:
@@ -369,6 +398,12 @@ def apply_transition(contents: StoreContents, transition: Transition) -> StoreCo
                 changes["partial"] = PartialSumState(
                     write.iteration, write.data, (*before, write.fl_id), write.update_count
                 )
+    if (rows := transition.devices) is not None:
+        stored = {} if rows.rewrite else dict(contents.devices)
+        stored.update(rows.rows)
+        for fl_id in rows.deleted:
+            stored.pop(fl_id, None)
+        changes["devices"] = tuple(sorted(stored.items()))
     return attrs.evolve(contents, **changes)  # type: ignore[arg-type]
 
 

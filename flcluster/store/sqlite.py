@@ -251,10 +251,16 @@ def _read_contents(db: sqlite_utils.Database, where: str) -> StoreContents:
                 raise ValueError(f"the partial sum of iteration {iteration!r} does not match its CRC-32")
             ids = [r[0] for r in db.execute("SELECT fl_id FROM partial_fl_ids ORDER BY seq").fetchall()]
             partial = PartialSumState(iteration, data, tuple(ids), update_count)
+        devices = tuple(db.execute("SELECT fl_id, record FROM device_rows ORDER BY fl_id").fetchall())
     except (ValueError, TypeError) as exc:
         raise StoreCorrupt(where, f"its contents are damaged: {exc}") from None
     return StoreContents(
-        identity=identity, scheduler=scheduler, server=server, models=tuple(models), partial=partial
+        identity=identity,
+        scheduler=scheduler,
+        server=server,
+        models=tuple(models),
+        partial=partial,
+        devices=devices,
     )
 
 
@@ -395,6 +401,15 @@ class _Writer:
                                 self.partial_ids.add(write.fl_id)
                             case PartialReset():
                                 pass
+                    if (rows := t.devices) is not None:
+                        if rows.rewrite:
+                            db.execute("DELETE FROM device_rows")
+                        db.conn.executemany(
+                            "INSERT OR REPLACE INTO device_rows (fl_id, record) VALUES (?, ?)", rows.rows
+                        )
+                        db.conn.executemany(
+                            "DELETE FROM device_rows WHERE fl_id = ?", [(f,) for f in rows.deleted]
+                        )
                     committed += 1
                 if scheduler is not None:
                     self._write_scheduler(db, scheduler)
