@@ -15,11 +15,11 @@ steps, so that the cluster-wide rules stay in one place (the leader's
 3. **Local effect.** An accepted startFLJob gets the current global model; an accepted update is folded
    into this Server's running FedAvg sum for its iteration (memory does not grow with the number of
    devices). The leader's acceptance is a *reservation* for this Server (spec/recovery.md §4): the
-   Server folds the update, commits its running sum with the store's group commit
-   (:class:`~flcluster.store.FoldedUpdate`, when a recovery store is configured), answers the device
-   ``SUCCEED`` only then, and sends the leader the confirmation (pipelined) that makes it count. The
-   commit is called right after the fold, with no checkpoint between, so the store's commit order is
-   the fold order (spec/store.md, rule 3).
+   Server folds the update, commits its running sum in a group with the other folds made meanwhile
+   (:class:`~flcluster.runtime.fold_commits.FoldCommits`, when a recovery store is configured),
+   answers the device ``SUCCEED`` only then, and sends the leader the confirmation (pipelined) that
+   makes it count. The fold is recorded for its commit right after it is made, with no checkpoint
+   between, so the store's commit order is the fold order (spec/store.md, rule 3).
 
 A Server keeps the sum of iteration N (in memory and in its store) until it installs model N or is told
 N failed, so a leader that restarts while collecting can collect again; :meth:`restore` puts a restarted
@@ -62,7 +62,8 @@ from flcluster.core.iteration import (
 from flcluster.crashpoints import crash_point
 from flcluster.errors import SchemaError
 from flcluster.http.device import DeviceAnswer, DeviceHandler
-from flcluster.store import FoldedUpdate, RecoveryStore, ServerState, StoreContents, StoredModel, Transition
+from flcluster.runtime.fold_commits import FoldCommits
+from flcluster.store import RecoveryStore, ServerState, StoreContents, StoredModel, Transition
 from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
 from flcluster.wire.messages import CountOp
 from flcluster.wire.model_bytes import weights_from_bytes, weights_to_bytes
@@ -195,6 +196,8 @@ class RoundService:
         acknowledged (spec/recovery.md §3.2).
         """
         self.spec = spec
+        self._recovery: RecoveryStore | None = None
+        self._fold_commits: FoldCommits | None = None
         self.recovery = store
         self.rank = rank
         self._held: dict[int, list[str]] = {}
@@ -307,6 +310,16 @@ class RoundService:
                 return encode_update_model_response(
                     retcode=int(ResponseCode.SUCCEED), reason=reason, next_req_time=str(next_ms)
                 )
+
+    @property
+    def recovery(self) -> RecoveryStore | None:
+        """The recovery store this Server commits its folds and models to (``None``: no recovery)."""
+        return self._recovery
+
+    @recovery.setter
+    def recovery(self, store: RecoveryStore | None) -> None:
+        self._recovery = store
+        self._fold_commits = None if store is None else FoldCommits(store, self._encoded_sum)
 
     async def get_model(self, body: bytes) -> DeviceAnswer:
         """Answer one getModel body from the models held here (reference §2.4 getModel)."""
@@ -485,10 +498,15 @@ class RoundService:
         acc.add(checked, data_size)
         held = self._held.setdefault(iteration, [])
         held.append(fl_id)
-        if self.recovery is not None:
+        if self._fold_commits is not None:
             # Right after the fold, no checkpoint between: commit order is fold order (spec/store.md).
-            data = acc.partial().to_bytes()
-            await self.recovery.commit(Transition(partial=FoldedUpdate(iteration, fl_id, data, len(held))))
+            await self._fold_commits.commit(iteration, fl_id)
+
+    def _encoded_sum(self, iteration: int) -> tuple[bytes, int] | None:
+        acc = self._accumulators.get(iteration)
+        if acc is None:
+            return None
+        return acc.partial().to_bytes(), len(self._held[iteration])
 
     def _accepted_start_fl_job(self, iteration: int, reason: str, next_ms: int) -> bytes:
         """The SUCCEED answer to startFLJob, with the current model.

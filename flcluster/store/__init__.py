@@ -26,7 +26,7 @@ from flcluster.store.api import RecoveryStore, node_store_path, store_file
 from flcluster.store.memory import MemoryStore, MemoryVolume, open_memory_store
 from flcluster.store.records import (
     DeviceRows,
-    FoldedUpdate,
+    FoldedUpdates,
     Member,
     NodeIdentity,
     PartialReset,
@@ -46,7 +46,7 @@ __all__ = [
     "MEMORY",
     "SCHEMA_VERSION",
     "DeviceRows",
-    "FoldedUpdate",
+    "FoldedUpdates",
     "Member",
     "MemoryStore",
     "MemoryVolume",

@@ -190,22 +190,31 @@ class PartialReset:
     update_count: int = attrs.field(default=0, validator=_non_negative)
 
 
-@attrs.frozen
-class FoldedUpdate:
-    """``fl_id``'s update was folded into the running sum of ``iteration``, which is now ``data``.
+def _fl_ids(values: Iterable[str]) -> tuple[str, ...]:
+    ids = tuple(values)
+    if not ids or not all(isinstance(f, str) and f for f in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"fl_ids {ids!r:.120} are refused; expected one or more distinct non-empty strs")
+    return ids
 
-    ``update_count`` is the sum's count after the fold. A fold into a newer iteration than the stored
-    sum's starts that iteration's sum (the older one is dropped); a fold into an older iteration, or a
-    second fold of one fl_id into one iteration, is refused.
+
+@attrs.frozen
+class FoldedUpdates:
+    """The updates of ``fl_ids`` were folded, in that order, into the running sum of ``iteration``, which
+    is now ``data``.
+
+    ``update_count`` is the sum's count after the folds. A Server commits the folds made while its
+    previous commit was in flight together, with the sum once (spec/store.md, "Group commit"). A fold
+    into a newer iteration than the stored sum's starts that iteration's sum (the older one is dropped);
+    a fold into an older iteration, or a second fold of one fl_id into one iteration, is refused.
     """
 
     iteration: int = attrs.field(validator=_non_negative)
-    fl_id: str = attrs.field(validator=_str)
+    fl_ids: tuple[str, ...] = attrs.field(converter=_fl_ids)
     data: bytes = attrs.field(validator=_bytes, repr=lambda b: f"<{len(b)} bytes>")
     update_count: int = attrs.field(validator=_non_negative)
 
 
-PartialWrite = PartialReset | FoldedUpdate
+PartialWrite = PartialReset | FoldedUpdates
 
 
 def _rows(values: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -354,12 +363,12 @@ def check_partial_write(
     match write:
         case PartialReset():
             return True
-        case FoldedUpdate():
+        case FoldedUpdates():
             if write.iteration != stored_iteration:
                 return True
-            if holds(write.fl_id):
+            if held := [f for f in write.fl_ids if holds(f)]:
                 raise TransitionRefused(
-                    f"fl_id {write.fl_id!r} is refused; its update is already in the sum of iteration "
+                    f"fl_ids {held!r} are refused; their updates are already in the sum of iteration "
                     f"{write.iteration!r} (an update is folded in once)"
                 )
             return False
@@ -393,10 +402,10 @@ def apply_transition(contents: StoreContents, transition: Transition) -> StoreCo
         match write:
             case PartialReset():
                 changes["partial"] = PartialSumState(write.iteration, write.data, (), write.update_count)
-            case FoldedUpdate():
+            case FoldedUpdates():
                 before: tuple[str, ...] = () if fresh or old is None else old.fl_ids
                 changes["partial"] = PartialSumState(
-                    write.iteration, write.data, (*before, write.fl_id), write.update_count
+                    write.iteration, write.data, (*before, *write.fl_ids), write.update_count
                 )
     if (rows := transition.devices) is not None:
         stored = {} if rows.rewrite else dict(contents.devices)

@@ -42,6 +42,7 @@ does not match. Then the migrations bring it to :data:`~flcluster.store.schema.S
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import sqlite3
@@ -65,7 +66,7 @@ from flcluster.errors import (
     StoreWriteError,
 )
 from flcluster.store.records import (
-    FoldedUpdate,
+    FoldedUpdates,
     Member,
     NodeIdentity,
     PartialReset,
@@ -81,6 +82,8 @@ from flcluster.store.records import (
     identity_mismatch,
 )
 from flcluster.store.schema import APPLICATION_ID, SCHEMA_VERSION, crc32, migrate
+
+log = logging.getLogger("flcluster.store")
 
 MEMORY = ":memory:"
 """The path of a SQLite store in memory (nothing survives :meth:`SqliteStore.aclose`)."""
@@ -396,9 +399,12 @@ class _Writer:
                         self.partial_iteration = write.iteration
                         partial = (write.iteration, write.data, write.update_count)
                         match write:
-                            case FoldedUpdate():
-                                db.execute("INSERT INTO partial_fl_ids (fl_id) VALUES (?)", [write.fl_id])
-                                self.partial_ids.add(write.fl_id)
+                            case FoldedUpdates():
+                                db.conn.executemany(
+                                    "INSERT INTO partial_fl_ids (fl_id) VALUES (?)",
+                                    [(f,) for f in write.fl_ids],
+                                )
+                                self.partial_ids.update(write.fl_ids)
                             case PartialReset():
                                 pass
                     if (rows := t.devices) is not None:
@@ -655,3 +661,12 @@ async def open_sqlite_store(
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
+        stats = store.statistics()
+        log.info(
+            "recovery store %s closed: %d transitions in %d transactions (largest group %d, %d refused)",
+            where,
+            stats.transitions,
+            stats.transactions,
+            stats.largest_group,
+            stats.refused,
+        )

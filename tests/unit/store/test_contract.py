@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flcluster.store import (
     DeviceRows,
-    FoldedUpdate,
+    FoldedUpdates,
     Member,
     NodeIdentity,
     PartialReset,
@@ -45,7 +45,7 @@ def needs_reopen(opener: Opener) -> None:
 
 
 def fold(iteration: int, fl_id: str, count: int) -> Transition:
-    return Transition(partial=FoldedUpdate(iteration, fl_id, weights(count), count))
+    return Transition(partial=FoldedUpdates(iteration, (fl_id,), weights(count), count))
 
 
 async def start_commit(nursery: trio.Nursery, store: RecoveryStore, transition: Transition) -> list[object]:
@@ -140,12 +140,27 @@ async def test_a_fold_into_an_older_iteration_or_a_second_fold_is_refused_and_ch
         before = await store.load()
         with pytest.raises(TransitionRefused, match=r"iteration 1 is refused; the stored sum is of .* 2"):
             await store.commit(fold(1, "f2", 2))
-        with pytest.raises(TransitionRefused, match=r"'f1' is refused; its update is already in the sum"):
+        with pytest.raises(TransitionRefused, match=r"\['f1'\] are refused; their updates are already in"):
             await store.commit(fold(2, "f1", 2))
+        with pytest.raises(TransitionRefused, match=r"\['f1'\] are refused"):  # one of several: all refused
+            await store.commit(Transition(partial=FoldedUpdates(2, ("f3", "f1"), weights(3), 3)))
         with pytest.raises(TransitionRefused):
             await store.commit(Transition(partial=PartialReset(1, weights(0))))
         assert await store.load() == before
-        assert store.statistics().refused == 3
+        assert store.statistics().refused == 4
+
+
+async def test_folds_committed_together_keep_their_order(opener: Opener) -> None:
+    async with opener.open() as store:
+        await store.commit(fold(1, "f1", 1))
+        await store.commit(Transition(partial=FoldedUpdates(1, ("f3", "f2"), weights(3), 3)))
+        assert (await store.load()).partial == PartialSumState(1, weights(3), ("f1", "f3", "f2"), 3)
+
+
+def test_a_fold_names_distinct_devices() -> None:
+    for bad in ((), ("a", "a"), ("",)):
+        with pytest.raises(ValueError, match="fl_ids"):
+            FoldedUpdates(1, bad, weights(1), 1)
 
 
 async def test_a_refused_transition_commits_none_of_its_parts(opener: Opener) -> None:
@@ -157,7 +172,7 @@ async def test_a_refused_transition_commits_none_of_its_parts(opener: Opener) ->
                 Transition(
                     server=ServerState(0, 9, "running"),
                     model=StoredModel(9, weights(9)),
-                    partial=FoldedUpdate(1, "f1", weights(2), 2),
+                    partial=FoldedUpdates(1, ("f1",), weights(2), 2),
                 )
             )
         assert await store.load() == before
