@@ -28,10 +28,12 @@ The tree::
     │   ├── IllegalEvent              theirs  409  an event a state machine does not take in its state
     │   ├── SchemaError               theirs  400  a FlatBuffers body does not match its table
     │   ├── UpdateRejected            theirs  400  a device's update breaks a model rule
-    │   └── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
+    │   ├── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
+    │   └── AccessRefused             theirs  401  an operator request without the right access token
     └── ClusterError                  ours    503  the cluster cannot do what was asked now
         ├── RegistrationRefused       ours    503  the Scheduler refused a Server's registration
         ├── LinkClosed                ours    503  a cluster TCP link closed or broke
+        │   └── HandshakeFailed       ours    503  a cluster link's TLS handshake failed
         ├── AggregationError          ours    500  an iteration's aggregate cannot be formed
         ├── DeviceTransportError      ours    503  (device SDK) a request got no HTTP answer
         ├── DeviceHTTPError           ours    502  (device SDK) a server answered a status other than 200
@@ -55,6 +57,7 @@ from typing import ClassVar
 __all__ = [
     "FRESH_START",
     "NEVER_RESET",
+    "AccessRefused",
     "AggregationError",
     "CheckpointError",
     "ClusterError",
@@ -65,6 +68,7 @@ __all__ = [
     "Fault",
     "FollowerLeft",
     "FrameError",
+    "HandshakeFailed",
     "IllegalEvent",
     "LinkClosed",
     "MalformedAnswer",
@@ -204,6 +208,12 @@ class MalformedAnswer(ProtocolError):
         self.body = body
 
 
+class AccessRefused(ProtocolError):
+    """An operator request lacks the management access token, or carries a wrong one (management-api.md)."""
+
+    status_hint = 401
+
+
 # -------------------------------------------------------------------------------------------- ours
 
 
@@ -220,6 +230,13 @@ class RegistrationRefused(ClusterError):
 
 class LinkClosed(ClusterError):
     """A cluster TCP link closed: the other side closed it, or it broke (spec/cluster-protocol.md)."""
+
+
+class HandshakeFailed(LinkClosed):
+    """A cluster link's TLS handshake failed (spec/cluster-protocol.md §7.4).
+
+    The peer refused this node's certificate, this node refused the peer's, or only one side speaks TLS.
+    """
 
 
 class AggregationError(ClusterError):

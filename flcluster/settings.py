@@ -13,7 +13,9 @@ FLContext checked (``spec/configuration.md`` §8).
 
 :func:`scheduler_settings`, :func:`server_settings` and :func:`job_settings` are where a role starts, so they
 first call :func:`~flcluster.config.refuse_unimplemented`: a context that turns on a feature flcluster does
-not implement yet (TLS, device PKI, any ``encrypt_type`` but ``NOT_ENCRYPT``) never starts a role.
+not implement yet (device PKI, any ``encrypt_type`` but ``NOT_ENCRYPT``) never starts a role. With
+``enable_ssl`` the node's TLS files are loaded and checked there too (:func:`~flcluster.tls.load_node_tls`),
+so a role whose certificates cannot be used never opens a port.
 
 The Server's records load torch and the Server runtime, so they are imported when first built, never at
 import time: a Scheduler never loads torch.
@@ -25,6 +27,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from flcluster.config import ClusterConfig, FLContext, refuse_unimplemented
+from flcluster.tls import TlsRole, load_node_tls
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,7 +73,8 @@ def scheduler_settings(
             per node next to ``storage_file_path``, spec/recovery.md §2), ``None`` or no section: none.
 
     Raises:
-        ConfigError: the context turns on a feature that is not implemented yet.
+        ConfigError: the context turns on a feature that is not implemented yet, or its TLS files are
+            refused (spec/cluster-protocol.md §7.3).
     """
     from flcluster.runtime.scheduler import SchedulerSettings
     from flcluster.store import StoreRole
@@ -90,6 +94,8 @@ def scheduler_settings(
         finish_timeout=ctx.finish_timeout,
         max_message_size=ctx.max_message_size,
         store_path=store_path,
+        tls=load_node_tls(ctx, cluster_config, TlsRole.SCHEDULER),
+        manage_token=cluster_config.manage_token if cluster_config is not None else "",
     )
 
 
@@ -105,7 +111,8 @@ def server_settings(
             (:func:`~flcluster.store.node_store_path`, spec/recovery.md §2); ``None``: no recovery.
 
     Raises:
-        ConfigError: the context turns on a feature that is not implemented yet.
+        ConfigError: the context turns on a feature that is not implemented yet, or its TLS files are
+            refused (spec/cluster-protocol.md §7.3).
     """
     from flcluster.runtime.server import ServerSettings
     from flcluster.store import StoreRole
@@ -127,6 +134,7 @@ def server_settings(
         max_message_size=ctx.max_message_size,
         max_device_body=ctx.max_device_body,
         store_path=store_path,
+        tls=load_node_tls(ctx, cluster_config, TlsRole.SERVER),
     )
 
 

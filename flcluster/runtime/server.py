@@ -15,6 +15,7 @@ Nursery tree (one ``trio.run`` per process)::
                │           ├ FollowerSession reader (answers, status, partial-sum requests, models)
                │           └ keep-alive pings
                │     plus a watcher that cancels the role scope when the role changes
+               ├ certificate watcher (enable_ssl only: expiry warnings every cert_check_interval_in_hour)
                └ device HTTP (hypercorn.trio.serve, quart-trio app, fl_server_port) → RoundService
 
 Start-up order is the guide's: register with the Scheduler (retrying every ``connect_interval`` until it
@@ -28,6 +29,10 @@ and address. It runs in a child scope that the supervisor cancels and restarts w
 membership changes that :class:`RoleKey`; the device HTTP port stays up throughout and answers the
 safemode text while no role is attached to the :class:`~flcluster.runtime.rounds.LeaderLine`. A
 Server that leads again keeps its :class:`~flcluster.core.iteration.IterationMachine` and resumes it.
+
+With ``enable_ssl`` (spec/cluster-protocol.md §7) the links to the Scheduler and to the leader are TLS with
+this Server's client certificate, the peer listener takes only followers with a certificate from the
+cluster's CA (a refused handshake is logged and closed), and the device port is HTTPS.
 
 The Server keeps serving when the Scheduler goes away (the Scheduler is not on the data path): the
 scheduler link just reconnects and registers again with ``recovering=True``, and the Scheduler gives
@@ -50,16 +55,24 @@ from flcluster.aggregation import ModelSpec, ModelWeights
 from flcluster.core.cluster import ClusterState, Role
 from flcluster.core.device_rows import snapshot_from_rows
 from flcluster.core.iteration import IterationConfig, IterationMachine
-from flcluster.errors import ClusterError, ConfigError, FrameError, MessageError, RegistrationRefused
+from flcluster.errors import (
+    ClusterError,
+    ConfigError,
+    FrameError,
+    HandshakeFailed,
+    MessageError,
+    RegistrationRefused,
+)
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
 from flcluster.runtime.addresses import advertised_address
 from flcluster.runtime.driver import EpochClock, Leader, LocalLeaderChannel
-from flcluster.runtime.links import FramedLink, LinkClosed, run_session
+from flcluster.runtime.links import FramedLink, LinkClosed, accept_stream, open_stream, peer_name, run_session
 from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_follower import FollowerSession
 from flcluster.runtime.rounds import LeaderLine, RoundService
 from flcluster.store import NodeIdentity, RecoveryStore, StoreRole, open_sqlite_store
+from flcluster.tls import NodeTls, watch_certificates
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
@@ -106,6 +119,7 @@ class ServerSettings:
         max_message_size: Limit on cluster frames, in bytes.
         max_device_body: Limit on device HTTP bodies, in bytes.
         store_path: This Server's recovery store file (spec/recovery.md §2); empty: no recovery.
+        tls: The TLS contexts (``enable_ssl``: cluster listener and connector, device HTTPS), or None.
     """
 
     node_id: str
@@ -122,6 +136,7 @@ class ServerSettings:
     max_message_size: int
     max_device_body: int
     store_path: str
+    tls: NodeTls | None
 
 
 @attrs.frozen
@@ -260,6 +275,9 @@ class ServerNode:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, self._handle_peer, 0, host=self.host))
             self.peer_port = listeners[0].socket.getsockname()[1]
+            tls = self.settings.tls
+            if tls is not None:
+                nursery.start_soon(watch_certificates, tls)
             await nursery.start(self._run_scheduler_link)
             await self._ready.wait()
             await nursery.start(self._supervise_role)
@@ -269,7 +287,9 @@ class ServerNode:
             )
             host, port = self.settings.device_host, self.settings.device_port
             try:
-                urls = await nursery.start(serve_app, app, host, port)
+                urls = await nursery.start(
+                    partial(serve_app, app, host, port, ssl_context=None if tls is None else tls.https)
+                )
             except* OSError as group:
                 # The operator's port is taken (or the address is not this host's): a clear refusal.
                 raise ConfigError(
@@ -293,16 +313,23 @@ class ServerNode:
 
     # -------------------------------------------------------------------------- scheduler link
 
-    async def _connect(self, host: str, port: int, what: str) -> trio.SocketStream:
-        """Connect, retrying every ``connect_interval`` until it works (start-up order is free)."""
+    async def _connect(self, host: str, port: int, what: str) -> trio.abc.Stream:
+        """Connect (TLS with ``enable_ssl``), retrying every ``connect_interval`` until it works.
+
+        Start-up order is free; a refused TLS handshake is retried like a peer that is down (the reason is
+        logged: spec/cluster-protocol.md §7.4).
+        """
+        tls = None if self.settings.tls is None else self.settings.tls.connector
         attempt = 0
         while True:
             try:
-                return await trio.open_tcp_stream(host, port)
-            except OSError as exc:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    return await open_stream(host, port, tls)
+            except (OSError, HandshakeFailed, trio.TooSlowError) as exc:
                 attempt += 1
                 if attempt == 1 or attempt % 10 == 0:
-                    log.info("waiting for the %s at %s:%d (%s); retrying", what, host, port, exc)
+                    level = logging.WARNING if isinstance(exc, HandshakeFailed) else logging.INFO
+                    log.log(level, "waiting for the %s at %s:%d (%s); retrying", what, host, port, exc)
                 await trio.sleep(self.settings.connect_interval)
 
     async def _run_scheduler_link(
@@ -536,6 +563,16 @@ class ServerNode:
 
     async def _handle_peer(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming peer link: a follower connecting to this leader."""
+        where = peer_name(stream)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                stream = await accept_stream(
+                    stream, None if self.settings.tls is None else self.settings.tls.listener
+                )
+        except (HandshakeFailed, trio.TooSlowError) as exc:
+            log.warning("refused a peer connection from %s: %s", where, exc or "no TLS handshake in time")
+            await trio.aclose_forcefully(stream)
+            return
         link = FramedLink(stream, max_frame=self.settings.max_message_size)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
