@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -78,6 +79,7 @@ from flcluster.client.device import (
 from flcluster.client.lenet import lenet_shapes
 from flcluster.client.training import evaluate, premultiply, train_local
 from flcluster.errors import ConfigError
+from flcluster.tls import https_client_context
 
 __all__ = [
     "IterationSummary",
@@ -223,6 +225,10 @@ class SimulatorConfig:
             restored afterwards); 1 suits ``train_concurrency`` trainings on as many cores. ``None`` leaves
             torch's setting alone.
         progress: Show a progress bar and print one line per iteration (needs tqdm).
+        ca_cert: CA bundle that checks the Servers' HTTPS certificates (``https://`` servers of a cluster
+            with ``enable_ssl``); ``""``: the system's trusted CAs.
+        client_cert: A client certificate the devices present (PKCS#12 or PEM with its key); ``""``: none.
+        client_password: Opens ``client_cert``.
     """
 
     servers: tuple[str, ...] = attrs.field(converter=_servers, validator=_check_servers)
@@ -248,6 +254,9 @@ class SimulatorConfig:
     max_connections: int = attrs.field(default=32, validator=_positive_int)
     torch_threads: int | None = attrs.field(default=1, validator=_optional_positive_int)
     progress: bool = True
+    ca_cert: str = ""
+    client_cert: str = ""
+    client_password: str = attrs.field(default="", repr=False)
 
 
 @attrs.frozen
@@ -478,7 +487,10 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
     limits = httpx.Limits(
         max_connections=config.max_connections, max_keepalive_connections=config.max_connections
     )
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    verify: ssl.SSLContext | bool = True
+    if config.ca_cert or config.client_cert:
+        verify = https_client_context(config.ca_cert, config.client_cert, config.client_password)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify) as client:
         n = len(config.servers)
 
         def device(index: int, fl_id: str) -> Device:
