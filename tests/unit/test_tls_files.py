@@ -264,3 +264,23 @@ async def test_the_watcher_reports_at_start_and_every_interval(
             nursery.cancel_scope.cancel()
     notices = [r.getMessage() for r in caplog.records if r.name == "flcluster.tls"]
     assert len(notices) == 3 and all("in 10 days" in n for n in notices)
+
+
+# ----------------------------------------------------------------------------------- config.json keys
+
+
+def test_config_json_takes_the_token_and_resolves_the_tls_paths(tmp_path: Path) -> None:
+    import json
+
+    from flcluster.config import load_cluster_config
+
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps({"server_cert_path": "certs/server.p12", "manage_token": "T" * 16}))
+    config = load_cluster_config(file)
+    assert config.manage_token == "T" * 16 and "T" * 16 not in repr(config)
+    assert config.server_cert_path == str(tmp_path / "certs" / "server.p12")
+    file.write_text(json.dumps({"manage_token": "has a blank in it, sixteen+"}))
+    with pytest.raises(ConfigError) as info:
+        load_cluster_config(file)
+    assert "key 'manage_token' is refused" in str(info.value) and "got <hidden str>" in str(info.value)
+    assert "blank" not in str(info.value)
