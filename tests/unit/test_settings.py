@@ -171,12 +171,17 @@ def test_tls_and_the_token_come_from_enable_ssl_and_config_json(tmp_path: Any) -
     config = pki.config(manage_token="t" * 16)
     ctx = FLContext(enable_ssl=True, server_password=SERVER_PASSWORD, client_password=CLIENT_PASSWORD)
     scheduler = scheduler_settings(ctx, "20", config)
-    assert scheduler.tls is not None and scheduler.tls.connector is None and scheduler.manage_token == "t" * 16
+    assert (
+        scheduler.tls is not None and scheduler.tls.connector is None and scheduler.manage_token == "t" * 16
+    )
     assert "t" * 16 not in repr(scheduler)
     server = server_settings(ctx, "0", config)
     assert server.tls is not None and server.tls.connector is not None
     plain = FLContext()
-    assert scheduler_settings(plain, "20", config).tls is None and server_settings(plain, "0", config).tls is None
+    assert (
+        scheduler_settings(plain, "20", config).tls is None
+        and server_settings(plain, "0", config).tls is None
+    )
 
 
 def test_the_scheduler_store_path_comes_from_config_json_recovery(tmp_path: Any) -> None:

@@ -185,7 +185,9 @@ async def test_a_plain_tcp_peer_on_a_tls_port_is_refused_cleanly(
 async def test_a_tls_peer_on_a_plain_port_fails_its_handshake(pki: ClusterPki) -> None:
     # A small frame limit makes the plain Scheduler refuse the ClientHello's first bytes at once (they
     # read as an oversized length) instead of waiting for the rest of a "frame" until its deadline.
-    async with open_cluster(1, lambda: lenet_job(1, 1), scheduler_context={"max_message_size": 4096}) as cluster:
+    async with open_cluster(
+        1, lambda: lenet_job(1, 1), scheduler_context={"max_message_size": 4096}
+    ) as cluster:
         with trio.fail_after(30), pytest.raises(HandshakeFailed):
             await open_stream(LOOPBACK, cluster.addresses.port, connector(pki))  # type: ignore[arg-type]
         assert [m.node_id for m in cluster.scheduler.members()] == ["0"]
@@ -194,7 +196,9 @@ async def test_a_tls_peer_on_a_plain_port_fails_its_handshake(pki: ClusterPki) -
 # ------------------------------------------------------------------------------------------ training
 
 
-async def train(cluster: InProcessCluster, ca_cert: str) -> tuple[list[float | None], dict[str, torch.Tensor]]:
+async def train(
+    cluster: InProcessCluster, ca_cert: str
+) -> tuple[list[float | None], dict[str, torch.Tensor]]:
     config = SimulatorConfig(
         servers=tuple(cluster.urls),
         num_devices=4,
@@ -275,7 +279,12 @@ async def test_the_cli_tools_send_the_token_and_use_tls(
     )
     async with tls_cluster(pki, manage_token=TOKEN) as cluster:
         port = cluster.manage_url.rsplit(":", 1)[1]
-        argv = ["state", f"--scheduler_manage_port={port}", f"--config_file_path={config_file}", "--enable_ssl=True"]
+        argv = [
+            "state",
+            f"--scheduler_manage_port={port}",
+            f"--config_file_path={config_file}",
+            "--enable_ssl=True",
+        ]
         assert await trio.to_thread.run_sync(main, argv) == 0
         assert json.loads(capsys.readouterr().out)["cluster_state"] == "CLUSTER_READY"
         monkeypatch.setenv("FLCLUSTER_MANAGE_TOKEN", "not-the-right-token")

@@ -125,7 +125,8 @@ def test_an_encrypted_pem_key_needs_its_password(pki: ClusterPki) -> None:
     encrypted = str(write_pem(pki.folder / "server-enc.pem", pki.server_leaf, SERVER_PASSWORD))
     message = refusal(TLS_CONTEXT.evolve(server_password=""), pki.config(server_cert_path=encrypted))
     assert message == (
-        f"config.json key 'server_cert_path': the private key in {encrypted!r} is encrypted; set server_password"
+        f"config.json key 'server_cert_path': the private key in {encrypted!r} is encrypted; "
+        "set server_password"
     )
     message = refusal(TLS_CONTEXT.evolve(server_password="wrong"), pki.config(server_cert_path=encrypted))
     assert "server_password does not open it" in message
@@ -137,7 +138,9 @@ def test_a_pem_without_a_key_and_a_key_of_another_certificate_are_refused(pki: C
     assert "holds no private key" in refusal(TLS_CONTEXT, pki.config(server_cert_path=str(cert_only)))
     mixed = pki.folder / "mixed.pem"
     mixed.write_bytes(pki.server_leaf.cert_chain_pems[0].bytes() + pki.client_leaf.private_key_pem.bytes())
-    assert "does not belong to its certificate" in refusal(TLS_CONTEXT, pki.config(server_cert_path=str(mixed)))
+    assert "does not belong to its certificate" in refusal(
+        TLS_CONTEXT, pki.config(server_cert_path=str(mixed))
+    )
 
 
 def test_an_expired_certificate_is_refused_naming_the_file(tmp_path: Path) -> None:
@@ -145,7 +148,9 @@ def test_an_expired_certificate_is_refused_naming_the_file(tmp_path: Path) -> No
     assert expired < NOW
     old = make_pki(tmp_path / "old", not_before=expired - dt.timedelta(days=365), not_after=expired)
     message = refusal(TLS_CONTEXT, old.config())
-    assert message.startswith(f"the certificate in server_cert_path {str(old.server_p12)!r} (CN=flcluster-server")
+    assert message.startswith(
+        f"the certificate in server_cert_path {str(old.server_p12)!r} (CN=flcluster-server"
+    )
     assert message.endswith(") expired on 2025-01-02 03:04:05 UTC; replace it with a valid certificate")
 
 
@@ -157,7 +162,9 @@ def test_a_certificate_not_valid_yet_is_refused(tmp_path: Path) -> None:
 def test_a_certificate_from_another_ca_is_refused_at_start_up(pki: ClusterPki, tmp_path: Path) -> None:
     other = make_pki(tmp_path / "other")
     message = refusal(TLS_CONTEXT, pki.config(client_cert_path=str(other.client_p12)))
-    assert message.startswith(f"config.json key 'client_cert_path': the certificate in {str(other.client_p12)!r}")
+    assert message.startswith(
+        f"config.json key 'client_cert_path': the certificate in {str(other.client_p12)!r}"
+    )
     assert "is not issued by a CA in ca_cert_path" in message
 
 
@@ -171,9 +178,7 @@ def test_the_crl_is_applied_and_checked(pki: ClusterPki, tmp_path: Path) -> None
     stale = pki.crl([], next_update=NOW - dt.timedelta(days=1))
     assert "is out of date" in refusal(TLS_CONTEXT, pki.config(crl_path=str(stale)))
     foreign = make_pki(tmp_path / "other").crl([])
-    assert "is not signed by a CA in ca_cert_path" in refusal(
-        TLS_CONTEXT, pki.config(crl_path=str(foreign))
-    )
+    assert "is not signed by a CA in ca_cert_path" in refusal(TLS_CONTEXT, pki.config(crl_path=str(foreign)))
 
 
 # ----------------------------------------------------------------------------------------- cipher_list
@@ -226,7 +231,7 @@ def test_the_https_client_context_checks_host_names_against_the_given_ca(pki: Cl
     context = https_client_context(str(pki.ca_path), str(pki.client_p12), CLIENT_PASSWORD)
     assert context.check_hostname and context.verify_mode is ssl.CERT_REQUIRED
     assert len(context.get_ca_certs()) == 1  # only the given CA, not the system's
-    with pytest.raises(ConfigError, match="argument client_cert: the file .* is refused"):
+    with pytest.raises(ConfigError, match=r"argument client_cert: the file .* is refused"):
         https_client_context(str(pki.ca_path), str(pki.client_p12), "wrong")
 
 
