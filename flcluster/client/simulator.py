@@ -78,6 +78,7 @@ from flcluster.client.device import (
 from flcluster.client.lenet import lenet_shapes
 from flcluster.client.training import evaluate, premultiply, train_local
 from flcluster.errors import ConfigError
+from flcluster.verify.identity import DeviceIdentity
 
 __all__ = [
     "IterationSummary",
@@ -223,6 +224,9 @@ class SimulatorConfig:
             restored afterwards); 1 suits ``train_concurrency`` trainings on as many cores. ``None`` leaves
             torch's setting alone.
         progress: Show a progress bar and print one line per iteration (needs tqdm).
+        identities: With ``pki_verify``: one :class:`~flcluster.verify.DeviceIdentity` per device, which
+            signs its requests; device *i* is then ``identities[i].fl_id`` (``fl_id_prefix`` names only
+            the evaluator). Empty: unsigned devices.
     """
 
     servers: tuple[str, ...] = attrs.field(converter=_servers, validator=_check_servers)
@@ -248,6 +252,14 @@ class SimulatorConfig:
     max_connections: int = attrs.field(default=32, validator=_positive_int)
     torch_threads: int | None = attrs.field(default=1, validator=_optional_positive_int)
     progress: bool = True
+    identities: tuple[DeviceIdentity, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if self.identities and len(self.identities) != self.num_devices:
+            raise ConfigError(
+                f"identities must hold one identity per device: {len(self.identities)} given for "
+                f"num_devices={self.num_devices}"
+            )
 
 
 @attrs.frozen
@@ -481,10 +493,10 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         n = len(config.servers)
 
-        def device(index: int, fl_id: str) -> Device:
+        def device(index: int, fl_id: str, identity: DeviceIdentity | None = None) -> Device:
             rotated = config.servers[index % n :] + config.servers[: index % n]
             return Device(
-                fl_id,
+                fl_id if identity is None else identity.fl_id,
                 rotated,
                 fl_name=config.fl_name,
                 client=client,
@@ -492,9 +504,11 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
                 use_elb=config.use_elb,
                 seed=_derived_seed(config.seed, index, 0xE1B),
                 policy=config.policy,
+                identity=identity,
             )
 
-        devices = [device(i, f"{config.fl_id_prefix}{i}") for i in range(config.num_devices)]
+        identities: Sequence[DeviceIdentity | None] = config.identities or [None] * config.num_devices
+        devices = [device(i, f"{config.fl_id_prefix}{i}", identities[i]) for i in range(config.num_devices)]
         trainers: list[Any] = [
             _LeNetTrainer(shards[i], limiter, config.seed, i, config.epochs, config.batch_size, config.lr)
             if config.mode == "train"

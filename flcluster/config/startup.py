@@ -1,12 +1,12 @@
 """Start-up refusals: what an FL context may say but flcluster does not do yet.
 
 FLContext represents every parameter of the original, including features flcluster has not implemented:
-TLS (``enable_ssl``), device certificate verification (``pki_verify``) and every privacy mechanism but
-``NOT_ENCRYPT`` (``encrypt_type``). Their cross-field rules still hold in FLContext. A role, however, must
-never start with one of them turned on: it would serve plain HTTP and plain TCP, or aggregate updates in the
-clear, while its operator believes otherwise. :func:`refuse_unimplemented` is called once per role when its
-settings are derived (:mod:`flcluster.settings`), and refuses with a message that names the parameter, the
-value, says the feature is not implemented yet, and says what to set instead (``spec/configuration.md`` §2.4).
+TLS (``enable_ssl``) and every privacy mechanism but ``NOT_ENCRYPT`` (``encrypt_type``). Their cross-field
+rules still hold in FLContext. A role, however, must never start with one of them turned on: it would serve
+plain HTTP and plain TCP, or aggregate updates in the clear, while its operator believes otherwise.
+:func:`refuse_unimplemented` is called once per role when its settings are derived
+(:mod:`flcluster.settings`), and refuses with a message that names the parameter, the value, says the feature
+is not implemented yet, and says what to set instead (``spec/configuration.md`` §2.4).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def refuse_unimplemented(ctx: FLContext) -> None:
         ctx: the validated context a role is about to run with.
 
     Raises:
-        ConfigError: ``enable_ssl=True``, ``pki_verify=True`` or an ``encrypt_type`` other than
+        ConfigError: ``enable_ssl=True`` or an ``encrypt_type`` other than
             ``'NOT_ENCRYPT'``; the message names the parameter and its value and says what to set instead.
     """
     if ctx.enable_ssl:
@@ -42,12 +42,6 @@ def refuse_unimplemented(ctx: FLContext) -> None:
             f"enable_ssl={ctx.enable_ssl!r} is refused: TLS is not implemented yet in flcluster, so device "
             "HTTP and the cluster's TCP links would be plain text, not encrypted; set enable_ssl=False "
             "(and protect the links by other means, such as a private network or a TLS-terminating proxy)"
-        )
-    if ctx.pki_verify:
-        raise ConfigError(
-            f"pki_verify={ctx.pki_verify!r} is refused: verifying device certificates, signatures and "
-            "timestamps is not implemented yet in flcluster, so no device would be verified; "
-            "set pki_verify=False"
         )
     if ctx.encrypt_type != "NOT_ENCRYPT":
         what = _ENCRYPTION.get(ctx.encrypt_type, ctx.encrypt_type)
