@@ -84,6 +84,7 @@ __all__ = [
     "StoreWriteError",
     "TransitionRefused",
     "UpdateRejected",
+    "VerificationFailed",
     "ValueRefused",
 ]
 
