@@ -84,8 +84,8 @@ __all__ = [
     "StoreWriteError",
     "TransitionRefused",
     "UpdateRejected",
-    "VerificationFailed",
     "ValueRefused",
+    "VerificationFailed",
 ]
 
 _EXCERPT = 200
