@@ -29,6 +29,7 @@ The tree::
     │   ├── SchemaError               theirs  400  a FlatBuffers body does not match its table
     │   ├── UpdateRejected            theirs  400  a device's update breaks a model rule
     │   ├── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
+    │   ├── VerificationFailed        theirs  400  a device's certificate, signature or timestamp fails
     │   └── AccessRefused             theirs  401  an operator request without the right access token
     └── ClusterError                  ours    503  the cluster cannot do what was asked now
         ├── RegistrationRefused       ours    503  the Scheduler refused a Server's registration
@@ -88,6 +89,7 @@ __all__ = [
     "TransitionRefused",
     "UpdateRejected",
     "ValueRefused",
+    "VerificationFailed",
 ]
 
 _EXCERPT = 200
@@ -182,6 +184,24 @@ class SchemaError(ProtocolError):
 
 class UpdateRejected(ProtocolError):
     """A device's update breaks a model rule (spec/aggregation.md, "Update check"); nothing was changed."""
+
+
+class VerificationFailed(ProtocolError):
+    """A device's request failed client verification (spec/device-protocol.md, "Client verification").
+
+    Its certificate chain, a signature, its timestamp or the replay check; nothing was changed.
+
+    Attributes:
+        reason: What failed and why, for the device.
+        retry_later: True when a later request may pass (a timestamp out of the window, no key kept for
+            the device yet): the original answers these ``OutOfTime`` in updateModel, the rest
+            ``RequestError``.
+    """
+
+    def __init__(self, reason: str, *, retry_later: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_later = retry_later
 
 
 def _excerpt(body: bytes) -> str:

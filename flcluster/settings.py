@@ -13,7 +13,7 @@ FLContext checked (``spec/configuration.md`` §8).
 
 :func:`scheduler_settings`, :func:`server_settings` and :func:`job_settings` are where a role starts, so they
 first call :func:`~flcluster.config.refuse_unimplemented`: a context that turns on a feature flcluster does
-not implement yet (device PKI, any ``encrypt_type`` but ``NOT_ENCRYPT``) never starts a role. With
+not implement yet (any ``encrypt_type`` but ``NOT_ENCRYPT``) never starts a role. With
 ``enable_ssl`` the node's TLS files are loaded and checked there too (:func:`~flcluster.tls.load_node_tls`),
 so a role whose certificates cannot be used never opens a port.
 
@@ -37,9 +37,11 @@ if TYPE_CHECKING:
     from flcluster.runtime.scheduler import SchedulerSettings
     from flcluster.runtime.server import JobSettings, ServerSettings
     from flcluster.store import StoreRole
+    from flcluster.verify import ClientVerification
     from flcluster.wire.records import FLPlanParams
 
 __all__ = [
+    "client_verification",
     "fl_plan",
     "iteration_config",
     "job_settings",
@@ -192,6 +194,22 @@ def fl_plan(ctx: FLContext) -> FLPlanParams:
     )
 
 
+def client_verification(ctx: FLContext) -> ClientVerification | None:
+    """With ``pki_verify``, the trust anchors (read now) and the replay window; ``None`` without.
+
+    spec/device-protocol.md, "Client verification", "Configuration".
+
+    Raises:
+        ConfigError: A root or CRL file cannot be read or holds no certificate / CRL.
+    """
+    if not ctx.pki_verify:
+        return None
+    from flcluster.verify import ClientVerification, load_trust_anchors
+
+    trust = load_trust_anchors(ctx.root_first_ca_path, ctx.root_second_ca_path, ctx.equip_crl_path)
+    return ClientVerification(trust, ctx.replay_attack_time_diff)
+
+
 def job_settings(
     ctx: FLContext, model: nn.Module | None = None, cluster_config: ClusterConfig | None = None
 ) -> JobSettings:
@@ -231,4 +249,5 @@ def job_settings(
         device=resolve_device(ctx.aggregation_device),
         model_keep=ctx.model_keep,
         leader=leader_options(ctx, cluster_config),
+        client_verification=client_verification(ctx),
     )

@@ -48,6 +48,13 @@ Time: the device sleeps with :func:`trio.sleep` (so tests run on trio's ``autoju
 clock). Request ``timestamp`` fields carry ``now_ms()`` as a decimal string, which also suits servers with
 ``pki_verify``.
 
+Client verification (``pki_verify``, spec/device-protocol.md "Client verification"): a device given a
+:class:`~flcluster.verify.DeviceIdentity` sends its certificate chain and ``sign_data`` (over
+``fl_id + " " + timestamp``) with every startFLJob and a ``signature`` (over ``timestamp + iteration``) with
+every updateModel, each request signed anew; its timestamps then strictly increase, so no two of its
+requests carry the same signed data. Its ``fl_id`` must be the identity's (the SHA-256 of its equip
+certificate).
+
 Training is the caller's: a :data:`Trainer` receives a :class:`TrainingTask` (the global model from
 startFLJob, the FLPlan, the declared data size) and returns a :class:`TrainResult` whose feature maps are
 already multiplied by that data size, the original's upload convention (§2.6).
@@ -78,6 +85,8 @@ from flcluster.errors import (
     ModelUnavailable,
     SchemaError,
 )
+from flcluster.verify.identity import DeviceIdentity
+from flcluster.verify.pki import start_fl_job_signed_data, update_model_signed_data
 from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
@@ -345,9 +354,11 @@ class Device:
         seed: Seed of the server choice (``None``: unseeded).
         policy: Waits, restarts and sleeps; :class:`DevicePolicy` defaults when ``None``.
         now_ms: Epoch milliseconds "now", compared with ``next_req_time`` and sent as request timestamps.
+        identity: With ``pki_verify``: the key and certificates to sign requests with; ``fl_id`` must be
+            its :attr:`~flcluster.verify.DeviceIdentity.fl_id`.
 
     Raises:
-        ConfigError: A bad fl_id, fl_name, server URL or prefix.
+        ConfigError: A bad fl_id, fl_name, server URL or prefix, or an fl_id that is not the identity's.
     """
 
     def __init__(
@@ -362,9 +373,17 @@ class Device:
         seed: int | None = None,
         policy: DevicePolicy | None = None,
         now_ms: Callable[[], int] = wall_clock_ms,
+        identity: DeviceIdentity | None = None,
     ) -> None:
         if not isinstance(fl_id, str) or not fl_id:
             raise ConfigError(f"fl_id must be a non-empty string, got {fl_id!r}")
+        if identity is not None and fl_id != identity.fl_id:
+            raise ConfigError(
+                f"fl_id {fl_id!r} is not the identity's {identity.fl_id!r} (the SHA-256 of its equip "
+                "certificate, which pki_verify checks)"
+            )
+        self._identity = identity
+        self._last_timestamp = 0
         if not isinstance(fl_name, str):
             raise ConfigError(f"fl_name must be a string, got {fl_name!r}")
         if not isinstance(url_prefix, str) or (url_prefix and not url_prefix.startswith("/")):
@@ -423,7 +442,12 @@ class Device:
         return url, response.content
 
     def _timestamp(self) -> str:
-        return str(self._now_ms())
+        now = self._now_ms()
+        if self._identity is not None:
+            # Signed requests never repeat a timestamp (the leader refuses a replay).
+            now = max(now, self._last_timestamp + 1)
+            self._last_timestamp = now
+        return str(now)
 
     async def start_fl_job(self, data_size: int, *, iteration: int | None = None) -> StartFLJobResult:
         """Send one ``RequestFLJob`` to ``/startFLJob``.
@@ -440,12 +464,24 @@ class Device:
             DeviceHTTPError: An HTTP status other than 200.
             MalformedAnswer: A body that is neither a known text nor a ``ResponseFLJob``.
         """
+        timestamp = self._timestamp()
+        identity = self._identity
+        pki: dict[str, Any] = {}
+        if identity is not None:
+            pki = {
+                "sign_data": identity.sign(start_fl_job_signed_data(self._fl_id, timestamp)),
+                "key_attestation": identity.key_attestation,
+                "equip_cert": identity.equip_cert,
+                "equip_ca_cert": identity.equip_ca_cert,
+                "root_cert": identity.root_cert,
+            }
         body = encode_start_fl_job_request(
             fl_name=self._fl_name,
             fl_id=self._fl_id,
             iteration=self._iteration if iteration is None else iteration,
             data_size=data_size,
-            timestamp=self._timestamp(),
+            timestamp=timestamp,
+            **pki,
         )
         url, answer = await self._post(DeviceRound.START_FL_JOB, body)
         return _decode(url, answer, "ResponseFLJob", decode_start_fl_job_response)
@@ -474,14 +510,18 @@ class Device:
             DeviceHTTPError: An HTTP status other than 200.
             MalformedAnswer: A body that is neither a known text nor a ``ResponseUpdateModel``.
         """
+        timestamp = self._timestamp()
+        identity = self._identity
+        signed = update_model_signed_data(timestamp, iteration)
         body = encode_update_model_request(
             fl_name=self._fl_name,
             fl_id=self._fl_id,
             iteration=iteration,
             feature_maps=list(feature_maps.items()),
-            timestamp=self._timestamp(),
+            timestamp=timestamp,
             upload_loss=upload_loss,
             upload_accuracy=upload_accuracy,
+            signature=b"" if identity is None else identity.sign(signed),
         )
         url, answer = await self._post(DeviceRound.UPDATE_MODEL, body)
         return _decode(url, answer, "ResponseUpdateModel", decode_update_model_response)

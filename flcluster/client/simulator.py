@@ -80,6 +80,7 @@ from flcluster.client.lenet import lenet_shapes
 from flcluster.client.training import evaluate, premultiply, train_local
 from flcluster.errors import ConfigError
 from flcluster.tls import https_client_context
+from flcluster.verify.identity import DeviceIdentity
 
 __all__ = [
     "IterationSummary",
@@ -229,6 +230,9 @@ class SimulatorConfig:
             with ``enable_ssl``); ``""``: the system's trusted CAs.
         client_cert: A client certificate the devices present (PKCS#12 or PEM with its key); ``""``: none.
         client_password: Opens ``client_cert``.
+        identities: With ``pki_verify``: one :class:`~flcluster.verify.DeviceIdentity` per device, which
+            signs its requests; device *i* is then ``identities[i].fl_id`` (``fl_id_prefix`` names only
+            the evaluator). Empty: unsigned devices.
     """
 
     servers: tuple[str, ...] = attrs.field(converter=_servers, validator=_check_servers)
@@ -257,6 +261,14 @@ class SimulatorConfig:
     ca_cert: str = ""
     client_cert: str = ""
     client_password: str = attrs.field(default="", repr=False)
+    identities: tuple[DeviceIdentity, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if self.identities and len(self.identities) != self.num_devices:
+            raise ConfigError(
+                f"identities must hold one identity per device: {len(self.identities)} given for "
+                f"num_devices={self.num_devices}"
+            )
 
 
 @attrs.frozen
@@ -493,10 +505,10 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
     async with httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify) as client:
         n = len(config.servers)
 
-        def device(index: int, fl_id: str) -> Device:
+        def device(index: int, fl_id: str, identity: DeviceIdentity | None = None) -> Device:
             rotated = config.servers[index % n :] + config.servers[: index % n]
             return Device(
-                fl_id,
+                fl_id if identity is None else identity.fl_id,
                 rotated,
                 fl_name=config.fl_name,
                 client=client,
@@ -504,9 +516,11 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
                 use_elb=config.use_elb,
                 seed=_derived_seed(config.seed, index, 0xE1B),
                 policy=config.policy,
+                identity=identity,
             )
 
-        devices = [device(i, f"{config.fl_id_prefix}{i}") for i in range(config.num_devices)]
+        identities: Sequence[DeviceIdentity | None] = config.identities or [None] * config.num_devices
+        devices = [device(i, f"{config.fl_id_prefix}{i}", identities[i]) for i in range(config.num_devices)]
         trainers: list[Any] = [
             _LeNetTrainer(shards[i], limiter, config.seed, i, config.epochs, config.batch_size, config.lr)
             if config.mode == "train"

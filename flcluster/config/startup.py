@@ -1,11 +1,11 @@
 """Start-up refusals: what an FL context may say but flcluster does not do yet.
 
 FLContext represents every parameter of the original, including features flcluster has not implemented:
-device certificate verification (``pki_verify``) and every privacy mechanism but ``NOT_ENCRYPT``
-(``encrypt_type``). Their cross-field rules still hold in FLContext. A role, however, must never start with
-one of them turned on: it would accept unverified devices, or aggregate updates in the clear, while its
-operator believes otherwise. (TLS, ``enable_ssl``, is implemented: :mod:`flcluster.tls` checks its files when
-a role starts.) :func:`refuse_unimplemented` is called once per role when its
+every privacy mechanism but ``NOT_ENCRYPT`` (``encrypt_type``). Their cross-field rules still hold in
+FLContext. A role, however, must never start with one of them turned on: it would aggregate updates in the
+clear while its operator believes otherwise. (TLS, ``enable_ssl``, is implemented: :mod:`flcluster.tls`
+checks its files when a role starts; so is ``pki_verify``: :mod:`flcluster.verify` checks its files when a
+Server starts.) :func:`refuse_unimplemented` is called once per role when its
 settings are derived (:mod:`flcluster.settings`), and refuses with a message that names the parameter, the
 value, says the feature is not implemented yet, and says what to set instead (``spec/configuration.md`` §2.4).
 """
@@ -35,15 +35,9 @@ def refuse_unimplemented(ctx: FLContext) -> None:
         ctx: the validated context a role is about to run with.
 
     Raises:
-        ConfigError: ``pki_verify=True`` or an ``encrypt_type`` other than ``'NOT_ENCRYPT'``; the message
-            names the parameter and its value and says what to set instead.
+        ConfigError: an ``encrypt_type`` other than ``'NOT_ENCRYPT'``; the message names the parameter and
+            its value and says what to set instead.
     """
-    if ctx.pki_verify:
-        raise ConfigError(
-            f"pki_verify={ctx.pki_verify!r} is refused: verifying device certificates, signatures and "
-            "timestamps is not implemented yet in flcluster, so no device would be verified; "
-            "set pki_verify=False"
-        )
     if ctx.encrypt_type != "NOT_ENCRYPT":
         what = _ENCRYPTION.get(ctx.encrypt_type, ctx.encrypt_type)
         raise ConfigError(

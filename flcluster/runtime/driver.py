@@ -84,7 +84,8 @@ from flcluster.runtime.peer_leader import PeerHub
 from flcluster.runtime.peer_wire import view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
 from flcluster.store import DeviceRows, RecoveryStore, ServerState, StoredModel, Transition
-from flcluster.wire.codes import SAFEMODE_TEXT
+from flcluster.verify import ClientVerifier, PublicKey, VerificationFailed
+from flcluster.wire.codes import SAFEMODE_TEXT, ResponseCode
 from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, IterationStatus
 from flcluster.wire.model_bytes import weights_to_bytes
 
@@ -123,13 +124,17 @@ class Leader:
         members: Callable[[], list[tuple[int, str]]],
         options: LeaderOptions,
         store: RecoveryStore | None = None,
+        verifier: ClientVerifier | None = None,
     ) -> None:
         """Drive ``machine`` for this Server's ``rounds``; ``members`` lists (rank, node id) now.
 
         With ``store``, the machine's snapshot is committed (group commit) before any accepted count
         is answered, and model N with the move to N+1 in one transaction before it is published
-        (spec/recovery.md §3.3).
+        (spec/recovery.md §3.3). With ``verifier`` (``pki_verify``), every counted request is first
+        checked by it and an accepted startFLJob's device key is kept there
+        (spec/device-protocol.md, "Client verification").
         """
+        self.verifier = verifier
         self.machine = machine
         self.rounds = rounds
         self.clock = clock
@@ -285,10 +290,32 @@ class Leader:
         if self._publishing:
             # Between iterations: the model of the one that ended is on its way to the followers.
             return PlainText(SAFEMODE_TEXT)
+        key = None
+        if self.verifier is not None:
+            try:
+                key = self._verify(self.verifier, request)
+            except VerificationFailed as exc:
+                # Refused before the machine sees it: nothing changes (spec "Client verification").
+                retcode = ResponseCode.OutOfTime if exc.retry_later else ResponseCode.RequestError
+                return Rejected(retcode, exc.reason, self.machine.next_req_time_ms(self.clock.now_ms()))
         reply = self._count(request, server)
         if isinstance(reply, Accepted):
+            if key is not None and self.verifier is not None:
+                self.verifier.keep_key(request.fl_id, key, iteration=reply.iteration)
             await self._wait_durable()
         return reply
+
+    def _verify(self, verifier: ClientVerifier, request: CountRequest) -> PublicKey | None:
+        """The leader's client verification of one request; a startFLJob's device key to keep."""
+        r, now = request, self.clock.now_ms()
+        match r.op:
+            case CountOp.START_FL_JOB:
+                return verifier.admit_start_fl_job(r.fl_id, r.timestamp, r.device_key, now_ms=now)
+            case CountOp.UPDATE_MODEL:
+                verifier.admit_update_model(r.fl_id, r.iteration, r.timestamp, r.signature, now_ms=now)
+                return None
+            case _:
+                assert_never(r.op)
 
     def _count(self, request: CountRequest, server: str) -> LeaderReply:
         now = self.clock.now_ms()

@@ -8,8 +8,12 @@ steps, so that the cluster-wide rules stay in one place (the leader's
 
 1. **Local checks.** The FlatBuffer is verified and decoded (a bad body gets ``RequestError``); for
    updateModel, every uploaded tensor is checked against the model (name, size, float32, finite) so a
-   bad update never reaches the counters.
-2. **Counting at the leader.** The counting part (``fl_id``, ``data_size`` or ``iteration``) goes to the
+   bad update never reaches the counters. With ``pki_verify`` (a
+   :class:`~flcluster.verify.ClientVerification`) a startFLJob's certificate chain, signature and
+   timestamp are verified here too, and an updateModel must carry a signature and an epoch-ms timestamp
+   (spec/device-protocol.md, "Client verification").
+2. **Counting at the leader.** The counting part (``fl_id``, ``data_size`` or ``iteration``; with
+   ``pki_verify`` also the timestamp, the verified device key or the update's signature) goes to the
    leader through a :class:`LeaderChannel`: a direct call on rank 0, a pipelined call over the peer link
    on a follower. The leader answers accepted / rejected / plain text.
 3. **Local effect.** An accepted startFLJob gets the current global model; an accepted update is folded
@@ -34,7 +38,7 @@ locally from the last models (:class:`~flcluster.aggregation.store.ModelStore`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -62,8 +66,10 @@ from flcluster.core.iteration import (
 from flcluster.crashpoints import crash_point
 from flcluster.errors import SchemaError
 from flcluster.http.device import DeviceAnswer, DeviceHandler
+from flcluster.runtime.clock import EpochClock
 from flcluster.runtime.fold_commits import FoldCommits
 from flcluster.store import RecoveryStore, ServerState, StoreContents, StoredModel, Transition
+from flcluster.verify import ClientVerification, VerificationFailed, check_update_model, verify_start_fl_job
 from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
 from flcluster.wire.messages import CountOp
 from flcluster.wire.model_bytes import weights_from_bytes, weights_to_bytes
@@ -93,6 +99,9 @@ class CountRequest:
         iteration: The iteration an update is for (ignored for startFLJob, as the original).
         upload_loss: The device's training loss reported with its update (for metrics.json).
         upload_accuracy: The device's accuracy reported with its update (for metrics.json).
+        timestamp: With pki_verify, the request's timestamp ("" without).
+        signature: With pki_verify, an update's signature (b"" otherwise).
+        device_key: With pki_verify, a startFLJob's verified device key, DER SubjectPublicKeyInfo.
     """
 
     op: CountOp
@@ -101,6 +110,9 @@ class CountRequest:
     iteration: int = 0
     upload_loss: float = 0.0
     upload_accuracy: float = 0.0
+    timestamp: str = ""
+    signature: bytes = b""
+    device_key: bytes = b""
 
 
 class LeaderChannel(Protocol):
@@ -189,12 +201,18 @@ class RoundService:
         keep: int = 3,
         store: RecoveryStore | None = None,
         rank: int = 0,
+        verification: ClientVerification | None = None,
+        now_ms: Callable[[], int] | None = None,
     ) -> None:
         """Hold ``initial`` as the model of iteration 0; count through ``line`` (see :class:`LeaderLine`).
 
         With ``store``, every fold and every installed model is committed there before it is
-        acknowledged (spec/recovery.md §3.2).
+        acknowledged (spec/recovery.md §3.2). With ``verification`` (``pki_verify``), requests are
+        verified as spec/device-protocol.md "Client verification" says, at ``now_ms()`` (epoch
+        milliseconds; an :class:`EpochClock` by default).
         """
+        self.verification = verification
+        self._now_ms = EpochClock().now_ms if now_ms is None else now_ms
         self.spec = spec
         self._recovery: RecoveryStore | None = None
         self._fold_commits: FoldCommits | None = None
@@ -233,9 +251,15 @@ class RoundService:
             req = decode_start_fl_job(body)
         except SchemaError as exc:
             return self._start_fl_job_error(ResponseCode.RequestError, str(exc))
-        reply = await self.line.call(
-            CountRequest(CountOp.START_FL_JOB, req.fl_id, req.data_size, req.iteration)
-        )
+        request = CountRequest(CountOp.START_FL_JOB, req.fl_id, req.data_size, req.iteration)
+        if self.verification is not None:
+            # spec/device-protocol.md "Client verification": chain, signature, timestamp, here and now.
+            try:
+                verified = verify_start_fl_job(req, self.verification, now_ms=self._now_ms())
+            except VerificationFailed as exc:
+                return self._start_fl_job_error(ResponseCode.RequestError, exc.reason)
+            request = attrs.evolve(request, timestamp=verified.timestamp, device_key=verified.device_key)
+        reply = await self.line.call(request)
         match reply:
             case PlainText(text=text):
                 return text
@@ -278,14 +302,24 @@ class RoundService:
                 reason=f"Verify model feature map failed: {exc}",
                 next_req_time=self._next_req_time(),
             )
+        request = CountRequest(
+            CountOp.UPDATE_MODEL, req.fl_id, 0, req.iteration, req.upload_loss, req.upload_accuracy
+        )
+        if self.verification is not None:
+            # spec/device-protocol.md "Client verification": the leader, which keeps the keys, verifies.
+            try:
+                check_update_model(req)
+            except VerificationFailed as exc:
+                return encode_update_model_response(
+                    retcode=int(ResponseCode.RequestError),
+                    reason=exc.reason,
+                    next_req_time=self._next_req_time(),
+                )
+            request = attrs.evolve(request, timestamp=req.timestamp, signature=req.signature)
         iteration = req.iteration
         self._pending[iteration] = self._pending.get(iteration, 0) + 1
         try:
-            reply = await self.line.call(
-                CountRequest(
-                    CountOp.UPDATE_MODEL, req.fl_id, 0, iteration, req.upload_loss, req.upload_accuracy
-                )
-            )
+            reply = await self.line.call(request)
             if isinstance(reply, Accepted):
                 # Reserved at the leader for this Server. Fold and commit before acknowledging: a
                 # SUCCEED means "this update is in the committed sum" (spec/recovery.md §4).

@@ -73,6 +73,7 @@ from flcluster.runtime.peer_follower import FollowerSession
 from flcluster.runtime.rounds import LeaderLine, RoundService
 from flcluster.store import NodeIdentity, RecoveryStore, StoreRole, open_sqlite_store
 from flcluster.tls import NodeTls, watch_certificates
+from flcluster.verify import ClientVerification, ClientVerifier
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
@@ -154,6 +155,8 @@ class JobSettings:
         device: The torch device the running sums live on.
         model_keep: Models kept in memory for getModel.
         leader: What the leader does besides counting (checkpoints).
+        client_verification: With ``pki_verify``, the trust anchors and the replay window
+            (spec/device-protocol.md, "Client verification"); ``None`` without.
     """
 
     spec: ModelSpec
@@ -163,6 +166,7 @@ class JobSettings:
     device: torch.device
     model_keep: int
     leader: LeaderOptions
+    client_verification: ClientVerification | None
 
 
 @attrs.frozen
@@ -210,6 +214,8 @@ class ServerNode:
         self.recovery: RecoveryStore | None = store
         self._given_store = store is not None
         self.line = LeaderLine()
+        #: This Server's epoch clock: the device rounds and, while it leads, the leader read the same one.
+        self.clock = EpochClock()
         self.rounds = RoundService(
             spec=job.spec,
             initial=job.initial,
@@ -217,6 +223,14 @@ class ServerNode:
             device=job.device,
             line=self.line,
             keep=job.model_keep,
+            verification=job.client_verification,
+            now_ms=self.clock.now_ms,
+        )
+        #: With pki_verify, the leader's device keys and replay memory (kept across role restarts).
+        self.client_verifier = (
+            None
+            if job.client_verification is None
+            else ClientVerifier(job.client_verification.replay_attack_time_diff)
         )
         #: The iteration machine, made the first time this Server leads and kept across role restarts.
         self.machine: IterationMachine | None = None
@@ -491,11 +505,12 @@ class ServerNode:
         leader = Leader(
             self.machine,
             self.rounds,
-            EpochClock(),
+            self.clock,
             self_id=self.settings.node_id,
             members=lambda: [(m.rank, m.node_id) for m in self.members],
             options=self.job.leader,
             store=self.recovery,
+            verifier=self.client_verifier,
         )
         try:
             async with trio.open_nursery() as nursery:

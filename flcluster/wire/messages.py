@@ -239,6 +239,10 @@ class LeaderCall:
     iteration: int
     upload_loss: float
     upload_accuracy: float
+    # pki_verify (spec/device-protocol.md "Client verification"); "" without it. Base64 for bytes.
+    timestamp: str = ""
+    signature: str = ""
+    device_key: str = ""
 
 
 @register

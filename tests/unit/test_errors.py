@@ -30,6 +30,7 @@ EXPECTED = {
     "IllegalEvent": (THEIRS, 409),
     "SchemaError": (THEIRS, 400),
     "UpdateRejected": (THEIRS, 400),
+    "VerificationFailed": (THEIRS, 400),
     "MalformedAnswer": (THEIRS, 502),
     "AccessRefused": (THEIRS, 401),
     "ClusterError": (OURS, 503),

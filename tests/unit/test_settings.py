@@ -252,11 +252,6 @@ def test_job_settings_from_the_context(tmp_path: Path) -> None:
 
 UNIMPLEMENTED: list[tuple[dict[str, object], str, str]] = [
     (
-        {"pki_verify": True, "root_first_ca_path": "a.pem", "root_second_ca_path": "b.pem"},
-        "pki_verify=True",
-        "set pki_verify=False",
-    ),
-    (
         {"encrypt_type": "PW_ENCRYPT", "start_fl_job_threshold": 4, "reconstruct_secrets_threshold": 2},
         "encrypt_type='PW_ENCRYPT'",
         "set encrypt_type='NOT_ENCRYPT'",
