@@ -140,13 +140,14 @@ def agree(private_key: bytes, peer_public_key: bytes, salt: bytes) -> bytes:
 # ------------------------------------------------------------------------------------ share encryption
 
 
-def encrypt_shares(key: bytes, s_share: Share, b_share: Share) -> bytes:
+def encrypt_shares(key: bytes, s_share: Share, b_share: Share, *, iv: bytes | None = None) -> bytes:
     """Pack one peer's two shares as the original does and encrypt them (AES-256-CBC, random IV in front).
 
     Args:
         key: The share key agreed with the peer (32 bytes).
         s_share: The peer's share of this client's ``s`` private key.
         b_share: The peer's share of this client's seed ``b_u``.
+        iv: The CBC IV; None (always, outside tests) for a fresh random one.
 
     Returns:
         ``iv ‖ ciphertext``.
@@ -157,7 +158,7 @@ def encrypt_shares(key: bytes, s_share: Share, b_share: Share) -> bytes:
     plain = header + s_index + b_index + s_value + b_value
     padder = padding.PKCS7(algorithms.AES.block_size).padder()
     padded = padder.update(plain) + padder.finalize()
-    iv = secrets.token_bytes(IV_SIZE)
+    iv = secrets.token_bytes(IV_SIZE) if iv is None else check_size(iv, IV_SIZE, "a CBC IV")
     encryptor = Cipher(algorithms.AES(check_size(key, KEY_SIZE, "a share key")), modes.CBC(iv)).encryptor()
     return iv + encryptor.update(padded) + encryptor.finalize()
 

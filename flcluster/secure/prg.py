@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from flcluster.errors import CipherInputError
 
-__all__ = ["prg"]
+__all__ = ["keystream_to_floats", "prg"]
 
 _SCALE = np.float32(2.0**31)
 
@@ -51,6 +51,17 @@ def prg(key: bytes, iv: bytes, length: int) -> npt.NDArray[np.float32]:
     if length < 0:
         raise ValueError(f"a PRG length must be >= 0, got {length!r}")
     encryptor = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-    stream = encryptor.update(bytes(4 * length)) + encryptor.finalize()
+    return keystream_to_floats(encryptor.update(bytes(4 * length)) + encryptor.finalize())
+
+
+def keystream_to_floats(stream: bytes) -> npt.NDArray[np.float32]:
+    """Read keystream bytes as little-endian int32 ``k`` and map each to ``fl32(k) / 2^31``.
+
+    Args:
+        stream: A multiple of 4 bytes.
+
+    Returns:
+        A new float32 array, ``len(stream) // 4`` values in ``[-1, 1]``.
+    """
     ints = np.frombuffer(stream, dtype="<i4")
     return ints.astype(np.float32) / _SCALE

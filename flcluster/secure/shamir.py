@@ -7,6 +7,9 @@ term of a random polynomial of degree ``t - 1`` over GF(p)::
 
     f(x) = s + c_1 x + … + c_{t-1} x^{t-1}      c_i uniform in [0, p)
 
+(the Java client draws the ``c_i`` from ``[1, p)``; excluding 0 makes a share slightly less likely to be
+``s`` itself, a leak of order ``1/p``, so they are drawn from the whole field here).
+
 Share ``i`` (``i = 1 … n``) is the pair ``(i, f(i))``. Any ``t`` shares determine ``f`` and so ``s``
 (Lagrange interpolation at 0); ``t - 1`` shares are consistent with every possible secret, each with the
 same probability, so they say nothing about it.
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
@@ -204,7 +207,9 @@ def check_prime(prime: bytes | int) -> int:
 # -------------------------------------------------------------------------------------- split, combine
 
 
-def split(secret: bytes, t: int, n: int, prime: int) -> list[Share]:
+def split(
+    secret: bytes, t: int, n: int, prime: int, *, randbelow: Callable[[int], int] = secrets.randbelow
+) -> list[Share]:
     """Split ``secret`` into ``n`` shares, any ``t`` of which rebuild it.
 
     Args:
@@ -212,6 +217,7 @@ def split(secret: bytes, t: int, n: int, prime: int) -> list[Share]:
         t: Shares that suffice (``1 ≤ t ≤ n``): the polynomial has degree ``t - 1``.
         n: Shares to make; they get indices ``1 … n``.
         prime: The field prime.
+        randbelow: The source of the coefficients, uniform in ``[0, p)`` (tests pass a seeded one).
 
     Returns:
         ``n`` shares, in index order.
@@ -226,7 +232,7 @@ def split(secret: bytes, t: int, n: int, prime: int) -> list[Share]:
         raise ValueError(
             f"the secret ({len(secret)} bytes) must be below the prime ({prime.bit_length()} bits)"
         )
-    coefficients = [s] + [secrets.randbelow(prime) for _ in range(t - 1)]
+    coefficients = [s] + [randbelow(prime) for _ in range(t - 1)]
     return [Share(i, _evaluate(coefficients, i, prime)) for i in range(1, n + 1)]
 
 
