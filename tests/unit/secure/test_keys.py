@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from flcluster.errors import CipherInputError
 from flcluster.secure import keys
 from flcluster.secure.shamir import Share
-from tests.unit.secure.conftest import PRIME
+from tests.unit.secure.values import PRIME
 
 # RFC 7748 §6.1
 ALICE_SK = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")

@@ -22,7 +22,7 @@ from flcluster.secure import protocol as pw
 from flcluster.secure.bound import model_error_bound, sum_error_bound
 from flcluster.secure.records import ClientShare, PublicKeys
 from flcluster.secure.shamir import to_share_bytes
-from tests.unit.secure.conftest import PRIME
+from tests.unit.secure.values import PRIME
 
 F32 = npt.NDArray[np.float32]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from flcluster.errors import CipherInputError, UnmaskError
 from flcluster.secure import shamir
 from flcluster.secure.shamir import Share, combine, split
-from tests.unit.secure.conftest import PRIME
+from tests.unit.secure.values import PRIME
 
 secrets_32 = st.binary(min_size=32, max_size=32)
 
