@@ -28,6 +28,7 @@ The tree::
     │   ├── IllegalEvent              theirs  409  an event a state machine does not take in its state
     │   ├── SchemaError               theirs  400  a FlatBuffers body does not match its table
     │   ├── UpdateRejected            theirs  400  a device's update breaks a model rule
+    │   ├── CipherInputError          theirs  400  a secure-aggregation key, IV or share is malformed
     │   ├── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
     │   ├── VerificationFailed        theirs  400  a device's certificate, signature or timestamp fails
     │   └── AccessRefused             theirs  401  an operator request without the right access token
@@ -36,6 +37,7 @@ The tree::
         ├── LinkClosed                ours    503  a cluster TCP link closed or broke
         │   └── HandshakeFailed       ours    503  a cluster link's TLS handshake failed
         ├── AggregationError          ours    500  an iteration's aggregate cannot be formed
+        │   └── UnmaskError           ours    500  the masks cannot be removed (too few or bad shares)
         ├── DeviceTransportError      ours    503  (device SDK) a request got no HTTP answer
         ├── DeviceHTTPError           ours    502  (device SDK) a server answered a status other than 200
         └── ModelUnavailable          ours    503  (device SDK) no model could be fetched
@@ -61,6 +63,7 @@ __all__ = [
     "AccessRefused",
     "AggregationError",
     "CheckpointError",
+    "CipherInputError",
     "ClusterError",
     "ConfigError",
     "DeviceHTTPError",
@@ -87,6 +90,7 @@ __all__ = [
     "StoreTooNew",
     "StoreWriteError",
     "TransitionRefused",
+    "UnmaskError",
     "UpdateRejected",
     "ValueRefused",
     "VerificationFailed",
@@ -204,6 +208,14 @@ class VerificationFailed(ProtocolError):
         self.retry_later = retry_later
 
 
+class CipherInputError(ProtocolError):
+    """A secure-aggregation key, IV, salt or share is malformed (spec/secure-aggregation.md, "Primitives").
+
+    Wrong sizes, a public key X25519 refuses, a share that does not decrypt or parse: sending the same
+    input again fails again.
+    """
+
+
 def _excerpt(body: bytes) -> str:
     text = body[:_EXCERPT].decode("utf-8", errors="replace")
     return text + ("…" if len(body) > _EXCERPT else "")
@@ -267,6 +279,14 @@ class AggregationError(ClusterError):
 
 class FollowerLeft(AggregationError):
     """A follower whose partial sums an aggregation needs has no link to the leader (it may come back)."""
+
+
+class UnmaskError(AggregationError):
+    """The masks cannot be removed (spec/secure-aggregation.md, "Masks"); the caller fails the iteration.
+
+    A peer has fewer than ``t`` shares, its shares disagree, or a rebuilt key does not match the peer's
+    public key. Nothing rebuilt is published.
+    """
 
 
 class DeviceTransportError(ClusterError):
