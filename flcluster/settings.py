@@ -13,7 +13,7 @@ FLContext checked (``spec/configuration.md`` §8).
 
 :func:`scheduler_settings`, :func:`server_settings` and :func:`job_settings` are where a role starts, so they
 first call :func:`~flcluster.config.refuse_unimplemented`: a context that turns on a feature flcluster does
-not implement yet (TLS, device PKI, any ``encrypt_type`` but ``NOT_ENCRYPT``) never starts a role.
+not implement yet (TLS, device PKI, pairwise masking) never starts a role.
 
 The Server's records load torch and the Server runtime, so they are imported when first built, never at
 import time: a Scheduler never loads torch.
