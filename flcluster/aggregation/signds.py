@@ -1,4 +1,4 @@
-"""SIGNDS on the Server: judge a sign-and-indices upload, rebuild the dense update (spec/privacy.md §3.2–§3.3).
+"""SIGNDS on the Server: judge a sign-and-indices upload, rebuild its dense update (spec/privacy.md §3.2-3).
 
 Theory of operation
 -------------------
@@ -67,8 +67,9 @@ def upload_kind(encrypt_type: str, sign: int, index_count: int) -> UploadKind:
     if encrypt_type != "SIGNDS":
         if sign != 0 or index_count:
             raise UpdateRejected(
-                f"sign={sign!r} with {index_count!r} index_array entries is a SignDS upload, but this cluster "
-                f"runs encrypt_type={encrypt_type!r}; upload the weights with sign 0 and no index_array"
+                f"sign={sign!r} with {index_count!r} index_array entries is a SignDS upload, but this "
+                f"cluster runs encrypt_type={encrypt_type!r}; upload the weights with sign 0 and no "
+                "index_array"
             )
         return UploadKind.DENSE
     if sign not in (-1, 0, 1):
@@ -110,7 +111,9 @@ class SignDSUpdate:
             UpdateRejected: Only if ``data_size`` is beyond what :func:`prepare_signds` was told.
         """
         n = np.float32(data_size)
-        return self.spec.check_update([(name, s * n) for name, s in zip(self.names, self.shifted, strict=True)])
+        return self.spec.check_update(
+            [(name, s * n) for name, s in zip(self.names, self.shifted, strict=True)]
+        )
 
 
 def prepare_signds(
@@ -152,7 +155,9 @@ def prepare_signds(
                 f"such as {spec.tensors[0][0]!r}"
             )
         if name in seen:
-            raise UpdateRejected(f"weight {name!r} appears twice in one update; each weight may be named once")
+            raise UpdateRejected(
+                f"weight {name!r} appears twice in one update; each weight may be named once"
+            )
         if np.asarray(data).size:
             raise UpdateRejected(
                 f"weight {name!r} carries {np.asarray(data).size} values in a SignDS upload (sign ±1); "

@@ -352,8 +352,9 @@ class Device:
         seed: Seed of the server choice (``None``: unseeded).
         policy: Waits, restarts and sleeps; :class:`DevicePolicy` defaults when ``None``.
         now_ms: Epoch milliseconds "now", compared with ``next_req_time`` and sent as request timestamps.
-        noise_seed: Seed of the DP noise and the SignDS draws (:class:`~flcluster.client.privacy.DevicePrivacy`);
-            ``None`` seeds from the operating system. A known seed makes the noise known: tests only.
+        noise_seed: Seed of the DP noise and the SignDS draws
+            (:class:`~flcluster.client.privacy.DevicePrivacy`); ``None`` seeds from the operating system. A
+            known seed makes the noise known: tests only.
 
     Raises:
         ConfigError: A bad fl_id, fl_name, server URL or prefix.

@@ -236,9 +236,9 @@ def dp_upload(
     """
     if isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1:
         raise ConfigError(f"data_size must be an int >= 1, got {data_size!r}")
-    for what, value in (("clip", clip), ("sigma", sigma)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{what}={value!r} is refused: expected a finite number >= 0")
+    for what, bound in (("clip", clip), ("sigma", sigma)):
+        if not (math.isfinite(bound) and bound >= 0):
+            raise ConfigError(f"{what}={bound!r} is refused: expected a finite number >= 0")
     norm = update_norm(before, trained)
     factor = 1.0 if norm == 0.0 or norm <= clip else clip / norm
     upload: dict[str, FloatArray] = {}

@@ -1,4 +1,4 @@
-"""SIGNDS on the device: choose a sign and a few coordinates instead of uploading weights (spec/privacy.md §3.1).
+"""SIGNDS on the device: a sign and a few coordinates instead of the weights (spec/privacy.md §3.1).
 
 Theory of operation
 -------------------
@@ -58,7 +58,7 @@ def _log_comb(n: int, k: int) -> float:
 
 
 def _log_counts(top: int, dim: int, out: int) -> npt.NDArray[np.float64]:
-    """``log c(v)`` for ``v = 0 … out``: output sets of size ``out`` holding ``v`` of the ``top`` coordinates."""
+    """``log c(v)``, ``v = 0 … out``: output sets of size ``out`` holding ``v`` of the ``top`` coordinates."""
     return np.array([_log_comb(top, v) + _log_comb(dim - top, out - v) for v in range(out + 1)])
 
 
@@ -159,14 +159,18 @@ def select(
         after = np.asarray(value, dtype=np.float32).reshape(-1)
         base = np.asarray(before[name], dtype=np.float32).reshape(-1)
         if base.size != after.size:
-            raise ConfigError(f"tensor {name!r} has {after.size} values, but the global model's has {base.size}")
+            raise ConfigError(
+                f"tensor {name!r} has {after.size} values, but the global model's has {base.size}"
+            )
         parts.append(after - base)
     update = np.concatenate(parts) if parts else np.empty(0, np.float32)
     dim = int(update.size)
     top = int(sign_k * dim)
     out = sign_dim_out or optimal_output_dim(sign_thr_ratio, top, dim, sign_eps)
     if out > MAX_SIGNDS_INDICES:
-        raise ConfigError(f"sign_dim_out={out!r} is refused: a Server takes at most {MAX_SIGNDS_INDICES} indices")
+        raise ConfigError(
+            f"sign_dim_out={out!r} is refused: a Server takes at most {MAX_SIGNDS_INDICES} indices"
+        )
     pmf = _pmf(_log_counts(top, dim, out), optimal_threshold(top, dim, out, sign_eps), sign_eps)
     if dim == 0 or pmf is None:
         raise ConfigError(

@@ -29,10 +29,10 @@ Modes:
   uniform in [0, 1) × data size, as the original's simulator) with exactly the names and sizes of the model
   startFLJob sent (LeNet-5's when it sent none). For load tests.
 
-Everything random (partition, split, shuffles, synthetic values, server choice with ``use_elb``, and the DP
-noise and SignDS draws of a cluster with ``encrypt_type`` ``DP_ENCRYPT`` or ``SIGNDS``, spec/privacy.md) derives
-from ``seed``, so a run can be repeated (and its noise is known to whoever knows the seed: a simulator is a test
-tool); with ``use_elb`` off, device *i* talks to ``servers[i % len(servers)]``.
+Everything random (partition, split, shuffles, synthetic values, server choice with ``use_elb``, and the
+DP noise and SignDS draws of a cluster with ``encrypt_type`` ``DP_ENCRYPT`` or ``SIGNDS``, spec/privacy.md)
+derives from ``seed``, so a run can be repeated (and its noise is known to whoever knows the seed: a
+simulator is a test tool); with ``use_elb`` off, device *i* talks to ``servers[i % len(servers)]``.
 
 Nursery tree::
 

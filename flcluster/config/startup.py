@@ -1,9 +1,9 @@
 """Start-up refusals: what an FL context may say but flcluster does not do yet.
 
 FLContext represents every parameter of the original, including features flcluster has not implemented:
-TLS (``enable_ssl``), device certificate verification (``pki_verify``) and pairwise-masked secure aggregation
-(``encrypt_type`` ``PW_ENCRYPT`` and ``STABLE_PW_ENCRYPT``; ``DP_ENCRYPT`` and ``SIGNDS`` run, spec/privacy.md).
-Their cross-field rules still hold in FLContext. A role, however, must
+TLS (``enable_ssl``), device certificate verification (``pki_verify``) and pairwise-masked secure
+aggregation (``encrypt_type`` ``PW_ENCRYPT`` and ``STABLE_PW_ENCRYPT``; ``DP_ENCRYPT`` and ``SIGNDS`` run,
+spec/privacy.md). Their cross-field rules still hold in FLContext. A role, however, must
 never start with one of them turned on: it would serve plain HTTP and plain TCP, or aggregate updates in the
 clear, while its operator believes otherwise. :func:`refuse_unimplemented` is called once per role when its
 settings are derived (:mod:`flcluster.settings`), and refuses with a message that names the parameter, the
@@ -35,7 +35,8 @@ def refuse_unimplemented(ctx: FLContext) -> None:
 
     Raises:
         ConfigError: ``enable_ssl=True``, ``pki_verify=True`` or ``encrypt_type`` ``'PW_ENCRYPT'`` or
-            ``'STABLE_PW_ENCRYPT'``; the message names the parameter and its value and says what to set instead.
+            ``'STABLE_PW_ENCRYPT'``; the message names the parameter and its value and says what to set
+            instead.
     """
     if ctx.enable_ssl:
         raise ConfigError(

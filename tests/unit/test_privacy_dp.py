@@ -1,4 +1,4 @@
-"""DP_ENCRYPT on the device (spec/privacy.md §2): the analytic Gaussian calibration, clipping, noise, clip bound.
+"""DP_ENCRYPT on the device (spec/privacy.md §2): analytic Gaussian calibration, clipping, noise, clip bound.
 
 The reference values of σ were computed independently, at 60 significant digits with mpmath, by bisecting
 Theorem 8 of Balle & Wang (2018) in σ (``Φ(Δ/2σ − εσ/Δ) − e^ε Φ(−Δ/2σ − εσ/Δ) = δ``), a different equation
@@ -243,7 +243,9 @@ def test_device_privacy_applies_the_plan() -> None:
     assert np.std(noise) == pytest.approx(analytic_gaussian_sigma(1.0, 1e-5, INITIAL_CLIP), rel=0.02)
     # without TrainResult.weights the trained weights are the upload divided by the data size
     again = DevicePrivacy(seed=1).protect(plan, before, upload, data_size=5)
-    np.testing.assert_allclose(np.asarray(again.feature_maps["w"]), np.asarray(dp.feature_maps["w"]), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(again.feature_maps["w"]), np.asarray(dp.feature_maps["w"]), atol=1e-4
+    )
 
     new_global = {"w": before["w"] + np.float32(0.01)}
     privacy.observe(plan, before, new_global, uploaded=("w",), iteration=1)
@@ -256,5 +258,5 @@ def test_trained_weights_must_cover_the_upload() -> None:
     plan = FLPlanParams(encrypt_type="DP_ENCRYPT")
     before = {"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
     upload = {"w": np.ones(2, np.float32), "b": np.ones(1, np.float32)}
-    with pytest.raises(ConfigError, match="TrainResult.weights lacks"):
+    with pytest.raises(ConfigError, match=r"TrainResult\.weights lacks"):
         DevicePrivacy(seed=0).protect(plan, before, upload, data_size=1, trained={"w": np.ones(2)})

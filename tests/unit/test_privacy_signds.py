@@ -44,7 +44,10 @@ def _comb(n: float, k: float) -> float:
 
 
 def _pmf(thr: int, top: int, dim: int, out: int, eps: float) -> list[float]:
-    raw = [_comb(top, v) * _comb(dim - top, out - v) * (math.exp(eps) if v >= thr else 1.0) for v in range(out + 1)]
+    raw = [
+        _comb(top, v) * _comb(dim - top, out - v) * (math.exp(eps) if v >= thr else 1.0)
+        for v in range(out + 1)
+    ]
     total = sum(raw)
     return [x / total for x in raw]
 
@@ -102,7 +105,10 @@ def test_a_huge_model_does_not_overflow() -> None:
 
 def _pair(seed: int, dim: int = 5000) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    before = {"a": rng.standard_normal(dim - 1000).astype(np.float32), "b": rng.standard_normal(1000).astype(np.float32)}
+    before = {
+        "a": rng.standard_normal(dim - 1000).astype(np.float32),
+        "b": rng.standard_normal(1000).astype(np.float32),
+    }
     trained = {name: v + rng.standard_normal(v.size).astype(np.float32) for name, v in before.items()}
     return before, trained
 
@@ -112,7 +118,12 @@ def test_the_selection_is_sorted_unique_in_range_and_signed() -> None:
     signs = set()
     for seed in range(40):
         choice = select(
-            before, trained, sign_k=0.01, sign_eps=100.0, sign_thr_ratio=0.6, sign_dim_out=0,
+            before,
+            trained,
+            sign_k=0.01,
+            sign_eps=100.0,
+            sign_thr_ratio=0.6,
+            sign_dim_out=0,
             rng=np.random.default_rng(seed),
         )
         idx = choice.index_array
@@ -132,7 +143,9 @@ def test_the_number_of_top_coordinates_follows_the_mechanism() -> None:
     counts = np.zeros(out + 1)
     rng = np.random.default_rng(11)
     for _ in range(3000):
-        choice = select(before, trained, sign_k=0.01, sign_eps=eps, sign_thr_ratio=0.6, sign_dim_out=out, rng=rng)
+        choice = select(
+            before, trained, sign_k=0.01, sign_eps=eps, sign_thr_ratio=0.6, sign_dim_out=out, rng=rng
+        )
         order = np.argsort(-update if choice.sign > 0 else update, kind="stable")
         in_top = np.isin(choice.index_array, order[:top]).sum()
         counts[in_top] += 1
@@ -149,11 +162,25 @@ def test_the_number_of_top_coordinates_follows_the_mechanism() -> None:
 def test_a_model_too_small_is_refused_on_the_device() -> None:
     before = {"a": np.zeros(3, np.float32)}
     with pytest.raises(ConfigError, match="cannot draw 5 coordinates from an update of 3 values"):
-        select(before, {"a": np.ones(3)}, sign_k=0.01, sign_eps=1.0, sign_thr_ratio=0.6, sign_dim_out=5,
-               rng=np.random.default_rng(0))
+        select(
+            before,
+            {"a": np.ones(3)},
+            sign_k=0.01,
+            sign_eps=1.0,
+            sign_thr_ratio=0.6,
+            sign_dim_out=5,
+            rng=np.random.default_rng(0),
+        )
     with pytest.raises(ConfigError, match="not in the global model"):
-        select(before, {"x": np.ones(3)}, sign_k=0.01, sign_eps=1.0, sign_thr_ratio=0.6, sign_dim_out=1,
-               rng=np.random.default_rng(0))
+        select(
+            before,
+            {"x": np.ones(3)},
+            sign_k=0.01,
+            sign_eps=1.0,
+            sign_thr_ratio=0.6,
+            sign_dim_out=1,
+            rng=np.random.default_rng(0),
+        )
 
 
 def test_device_privacy_sends_names_without_data() -> None:
@@ -174,7 +201,9 @@ SPEC = ModelSpec((("conv.weight", (4, 5)), ("conv.bias", (4,)), ("fc.bias", (6,)
 
 def _base() -> ModelWeights:
     g = torch.Generator().manual_seed(0)
-    return ModelWeights({name: torch.randn(size, generator=g) for name, size in zip(SPEC.names, SPEC.sizes, strict=True)})
+    return ModelWeights(
+        {name: torch.randn(size, generator=g) for name, size in zip(SPEC.names, SPEC.sizes, strict=True)}
+    )
 
 
 EMPTY = np.empty(0, np.float32)
@@ -251,12 +280,19 @@ def test_upload_kind_refusals(encrypt_type: str, sign: int, count: int, said: st
         (["conv.weight"], list(range(MAX_SIGNDS_INDICES + 1)), {}, "index_array has 101 entries"),
         (["fc.bias"], [2, 2], {}, "strictly ascending .* entry 1 is 2 after 2"),
         (["fc.bias"], [1, 4, 3], {}, "entry 2 is 3 after 4"),
-        (["fc.bias"], [6], {}, r"index 6 of index_array is out of range: the 1 named weight\(s\) have 6 values"),
+        (
+            ["fc.bias"],
+            [6],
+            {},
+            r"index 6 of index_array is out of range: the 1 named weight\(s\) have 6 values",
+        ),
         (["fc.bias", "conv.bias"], [-1, 3], {}, "index -1 of index_array is out of range"),
         (["fc.bias"], [1], {"global_lr": 3e38}, "overflows float32"),
     ],
 )
-def test_bad_signds_uploads_are_refused(names: list[str], indices: list[int], extra: dict[str, Any], said: str) -> None:
+def test_bad_signds_uploads_are_refused(
+    names: list[str], indices: list[int], extra: dict[str, Any], said: str
+) -> None:
     if len(indices) > MAX_SIGNDS_INDICES:
         names = ["conv.weight", "conv.bias", "fc.bias"]
     with pytest.raises(UpdateRejected, match=said):
@@ -361,7 +397,9 @@ async def test_an_accepted_signds_upload_is_folded_as_its_rebuilt_update() -> No
     assert partial.data_sizes == (0, 9, 9)  # conv.weight was not named: its average is the others'
     # a dense upload (sign 0) under SIGNDS is checked and folded as usual
     dense = [(n, np.ones(s, np.float32)) for n, s in zip(SPEC.names, SPEC.sizes, strict=True)]
-    body = encode_update_model_request(fl_name="job", fl_id="dense", iteration=1, feature_maps=dense, timestamp="1")
+    body = encode_update_model_request(
+        fl_name="job", fl_id="dense", iteration=1, feature_maps=dense, timestamp="1"
+    )
     assert (await _send(service, leader, body)).retcode == ResponseCode.SUCCEED
     partial, ids = await service.collect_partial(1)
     assert ids == ("dev", "dense") and partial.data_sizes == (9, 18, 18)
