@@ -34,6 +34,8 @@ from tests.helpers import FL_NAME, lenet_context, open_cluster
 
 Model = dict[str, np.ndarray[Any, Any]]
 POLICY = DevicePolicy(wait_interval=0.05)
+#: Bound on one iteration of devices (a loaded 2-core machine included); a hang fails the test.
+STEP_TIMEOUT = 120
 
 
 class Uploads:
@@ -99,9 +101,10 @@ async def run_devices(devices: list[Device], trainers: list[Any], sizes: list[in
     async def one(i: int) -> None:
         reports.append(await devices[i].run_iteration(trainers[i], data_size=sizes[i]))
 
-    async with trio.open_nursery() as nursery:
-        for i in range(len(devices)):
-            nursery.start_soon(one, i)
+    with trio.fail_after(STEP_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(devices)):
+                nursery.start_soon(one, i)
     assert all(r.outcome is IterationOutcome.COMPLETED for r in reports), [r.reason for r in reports]
 
 
@@ -299,9 +302,10 @@ async def test_signds_cluster_publishes_fedavg_of_the_rebuilt_updates() -> None:
             assert answer.retcode == ResponseCode.SUCCEED, answer.reason
 
         for iteration in (1, 2):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_devices, devices, trainers, sizes)
-                nursery.start_soon(raw_device, iteration)
+            with trio.fail_after(STEP_TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run_devices, devices, trainers, sizes)
+                    nursery.start_soon(raw_device, iteration)
             got = uploads.of(iteration)
             assert [u["fl_id"] for u in got] == ["ds-0", "ds-1", "ds-2", "ds-3", "ds-4", "raw"]
             for u in got[:5]:
@@ -343,7 +347,8 @@ async def test_the_simulator_runs_dp_and_signds(encrypt_type: str) -> None:
             progress=False,
             policy=POLICY,
         )
-        report = await simulate(config)
+        with trio.fail_after(STEP_TIMEOUT):
+            report = await simulate(config)
         assert [s.completed for s in report.iterations] == [3, 3]
         async with httpx.AsyncClient(timeout=30) as client:
             model = await published(cluster.urls, client, 2)
