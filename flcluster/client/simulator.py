@@ -29,8 +29,10 @@ Modes:
   uniform in [0, 1) × data size, as the original's simulator) with exactly the names and sizes of the model
   startFLJob sent (LeNet-5's when it sent none). For load tests.
 
-Everything random (partition, split, shuffles, synthetic values, server choice with ``use_elb``) derives from
-``seed``; with ``use_elb`` off, device *i* talks to ``servers[i % len(servers)]``.
+Everything random (partition, split, shuffles, synthetic values, server choice with ``use_elb``, and the
+DP noise and SignDS draws of a cluster with ``encrypt_type`` ``DP_ENCRYPT`` or ``SIGNDS``, spec/privacy.md)
+derives from ``seed``, so a run can be repeated (and its noise is known to whoever knows the seed: a
+simulator is a test tool); with ``use_elb`` off, device *i* talks to ``servers[i % len(servers)]``.
 
 Nursery tree::
 
@@ -392,7 +394,9 @@ class _LeNetTrainer:
         )
         result = await trio.to_thread.run_sync(train, limiter=self.limiter)
         upload = premultiply(result.weights, task.data_size)
-        return TrainResult(feature_maps=upload, loss=result.loss)
+        # The weights before the multiplication, for DP_ENCRYPT and SIGNDS (spec/privacy.md).
+        trained = {name: result.weights[name].reshape(-1).numpy() for name in upload}
+        return TrainResult(feature_maps=upload, loss=result.loss, weights=trained)
 
 
 @attrs.frozen(eq=False)
@@ -517,6 +521,7 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
                 seed=_derived_seed(config.seed, index, 0xE1B),
                 policy=config.policy,
                 identity=identity,
+                noise_seed=_derived_seed(config.seed, index, 0xD9),
             )
 
         identities: Sequence[DeviceIdentity | None] = config.identities or [None] * config.num_devices

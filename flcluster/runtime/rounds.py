@@ -11,7 +11,9 @@ steps, so that the cluster-wide rules stay in one place (the leader's
    bad update never reaches the counters. With ``pki_verify`` (a
    :class:`~flcluster.verify.ClientVerification`) a startFLJob's certificate chain, signature and
    timestamp are verified here too, and an updateModel must carry a signature and an epoch-ms timestamp
-   (spec/device-protocol.md, "Client verification").
+   (spec/device-protocol.md, "Client verification"). A SignDS upload (sign and indices,
+   spec/privacy.md §3) is judged against the previous iteration's model here too, and rebuilt into a
+   dense update from it once the leader has said the device's data size.
 2. **Counting at the leader.** The counting part (``fl_id``, ``data_size`` or ``iteration``; with
    ``pki_verify`` also the timestamp, the verified device key or the update's signature) goes to the
    leader through a :class:`LeaderChannel`: a direct call on rank 0, a pipelined call over the peer link
@@ -56,12 +58,15 @@ from flcluster.aggregation import (
     PartialSum,
     UpdateRejected,
 )
+from flcluster.aggregation.signds import UploadKind, prepare_signds, upload_kind
 from flcluster.core.iteration import (
+    MAX_DATA_SIZE,
     Accepted,
     InstanceState,
     Phase,
     PlainText,
     Rejected,
+    reason_wrong_iteration,
 )
 from flcluster.crashpoints import crash_point
 from flcluster.errors import SchemaError
@@ -73,7 +78,7 @@ from flcluster.verify import ClientVerification, VerificationFailed, check_updat
 from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
 from flcluster.wire.messages import CountOp
 from flcluster.wire.model_bytes import weights_from_bytes, weights_to_bytes
-from flcluster.wire.records import FLPlanParams
+from flcluster.wire.records import FLPlanParams, UpdateModelRequest
 from flcluster.wire.server_codec import (
     decode_get_model,
     decode_start_fl_job,
@@ -293,14 +298,19 @@ class RoundService:
                 "upload plain weights (NO_COMPRESS)",
                 next_req_time=self._next_req_time(),
             )
-        maps = [(m.name, m.data) for m in req.feature_maps]
         try:
-            checked = self.spec.check_update(maps)
+            prepared = self._prepare_update(req)
         except UpdateRejected as exc:
             return encode_update_model_response(
                 retcode=int(ResponseCode.RequestError),
                 reason=f"Verify model feature map failed: {exc}",
                 next_req_time=self._next_req_time(),
+            )
+        if isinstance(prepared, Rejected):
+            return encode_update_model_response(
+                retcode=int(prepared.retcode),
+                reason=prepared.reason,
+                next_req_time=str(prepared.next_req_time_ms),
             )
         request = CountRequest(
             CountOp.UPDATE_MODEL, req.fl_id, 0, req.iteration, req.upload_loss, req.upload_accuracy
@@ -324,6 +334,7 @@ class RoundService:
                 # Reserved at the leader for this Server. Fold and commit before acknowledging: a
                 # SUCCEED means "this update is in the committed sum" (spec/recovery.md §4).
                 crash_point("server.counted_not_folded")
+                checked = prepared(reply.data_size)
                 await self._fold(reply.iteration, req.fl_id, checked, reply.data_size)
                 crash_point("server.committed_not_acked")
                 await self.line.confirm(reply.iteration, (req.fl_id,))
@@ -514,6 +525,39 @@ class RoundService:
         return Transition(server=server, model=model, keep_models=self.store.keep)
 
     # ----------------------------------------------------------------------------------- helpers
+
+    def _prepare_update(self, req: UpdateModelRequest) -> Callable[[int], CheckedUpdate] | Rejected:
+        """Judge an upload before it is counted; what turns it into the update to fold, given the data size.
+
+        A dense upload is checked against the model (spec/aggregation.md §2). A SignDS upload (spec/privacy.md
+        §3.3) is judged against the model of the iteration before its own, held on every Server, from which
+        it is rebuilt once the leader has accepted it and said the device's data size; a Server that does not
+        hold that model answers OutOfTime (the iteration is not the current one).
+
+        Raises:
+            UpdateRejected: A rule of spec/aggregation.md §2 or spec/privacy.md §3.3 is broken.
+        """
+        kind = upload_kind(self.plan.encrypt_type, req.sign, int(req.index_array.size))
+        maps = [(m.name, m.data) for m in req.feature_maps]
+        if kind is UploadKind.DENSE:
+            checked = self.spec.check_update(maps)
+            return lambda _data_size: checked
+        base = self.store.get(req.iteration - 1)
+        if base is None:
+            latest, _ = self.store.latest()
+            next_ms = self.view.next_req_time_ms
+            reason = reason_wrong_iteration(req.iteration, latest + 1, next_ms, req.fl_id)
+            return Rejected(ResponseCode.OutOfTime, reason, next_ms)
+        update = prepare_signds(
+            self.spec,
+            maps,
+            sign=req.sign,
+            index_array=req.index_array,
+            base=base,
+            global_lr=self.plan.sign_global_lr,
+            max_data_size=MAX_DATA_SIZE,
+        )
+        return update.checked
 
     def _forget_sums(self, iteration: int) -> None:
         for i in [i for i in self._accumulators if i <= iteration]:

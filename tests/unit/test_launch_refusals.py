@@ -19,7 +19,7 @@ REPO = EXAMPLES.parents[1]
     ("flag", "said"),
     [
         ("--enable_ssl=True", "enable_ssl=True needs config_file_path"),
-        ("--encrypt_type=DP_ENCRYPT", "not implemented yet"),
+        ("--encrypt_type=STABLE_PW_ENCRYPT", "not implemented yet"),
         ("--start_fl_job_threshold=-3", "start_fl_job_threshold"),
     ],
 )

@@ -261,8 +261,6 @@ UNIMPLEMENTED: list[tuple[dict[str, object], str, str]] = [
         "encrypt_type='STABLE_PW_ENCRYPT'",
         "set encrypt_type='NOT_ENCRYPT'",
     ),
-    ({"encrypt_type": "DP_ENCRYPT"}, "encrypt_type='DP_ENCRYPT'", "set encrypt_type='NOT_ENCRYPT'"),
-    ({"encrypt_type": "SIGNDS"}, "encrypt_type='SIGNDS'", "set encrypt_type='NOT_ENCRYPT'"),
 ]
 
 
@@ -302,6 +300,17 @@ def test_the_default_context_starts() -> None:
     refuse_unimplemented(FLContext(enable_ssl=False, pki_verify=False, encrypt_type="NOT_ENCRYPT"))
 
 
+@pytest.mark.parametrize("encrypt_type", ["DP_ENCRYPT", "SIGNDS"])
+def test_dp_and_signds_start_and_reach_the_plan(encrypt_type: str) -> None:
+    # spec/privacy.md: both run, so a role starts with them and the FLPlan carries the type.
+    ctx = FLContext.from_kwargs(encrypt_type=encrypt_type, dp_eps=2.0, sign_global_lr=0.5)
+    refuse_unimplemented(ctx)
+    scheduler_settings(ctx, "sched")
+    server_settings(ctx, "s0")
+    plan = job_settings(ctx).plan
+    assert (plan.encrypt_type, plan.dp_eps, plan.sign_global_lr) == (encrypt_type, 2.0, 0.5)
+
+
 def test_run_role_refuses_with_one_line_and_status_1(caplog: pytest.LogCaptureFixture) -> None:
     ctx = FLContext(ms_role="MS_SCHED", enable_ssl=True)
     with caplog.at_level(logging.ERROR, logger="flcluster"):
@@ -316,9 +325,16 @@ def test_flcluster_server_refuses_before_launching_any_server(
     from flcluster.cli import main
 
     monkeypatch.chdir(tmp_path)
-    argv = ["server", "--server_num=2", "--local_server_num=2", "--background", "--encrypt_type=SIGNDS"]
+    argv = [
+        "server",
+        "--server_num=2",
+        "--local_server_num=2",
+        "--background",
+        "--encrypt_type=STABLE_PW_ENCRYPT",
+    ]
     assert main(argv) == 1
     assert (
-        "encrypt_type='SIGNDS' is refused: SignDS (SIGNDS) is not implemented yet" in capsys.readouterr().err
+        "encrypt_type='STABLE_PW_ENCRYPT' is refused: pairwise-masked secure aggregation (STABLE_PW_ENCRYPT) "
+        "is not implemented yet" in capsys.readouterr().err
     )
     assert list(tmp_path.iterdir()) == []  # no server_<i> directory: nothing was launched
