@@ -28,10 +28,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from functools import partial
 
 import httpx
-import trio
 
 from flcluster.config import (
     FLContext,
@@ -43,9 +41,8 @@ from flcluster.config import (
 )
 from flcluster.errors import FLClusterError
 from flcluster.launch import start_servers
-from flcluster.operator import OperatorAccess, access_from_args, add_access_arguments
+from flcluster.operator import OperatorAccess, access_from_args, add_access_arguments, finish_from_args
 from flcluster.roles import configure_logging, run_role
-from flcluster.runtime.finish import finish_cluster
 from flcluster.tls import TlsRole, load_node_tls
 
 
@@ -148,18 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "server":
                 return _run_servers(args)
             case "finish":
-                access = access_from_args(args, finish=True)
-                ended = trio.run(
-                    partial(
-                        finish_cluster,
-                        args.scheduler_ip,
-                        args.scheduler_port,
-                        grace=args.grace,
-                        token=access.token,
-                        tls=access.cluster_tls,
-                    )
-                )
-                return 0 if ended else 1
+                return 0 if finish_from_args(args) else 1
             case "nodes" | "state":
                 access = access_from_args(args, finish=False)
                 return _query(

@@ -18,12 +18,15 @@ import argparse
 import os
 import ssl
 from collections.abc import Mapping
+from functools import partial
 from typing import Final
 
 import attrs
+import trio
 
 from flcluster.config import FLContext, load_cluster_config, rules
 from flcluster.errors import ConfigError
+from flcluster.runtime.finish import finish_cluster
 from flcluster.tls import TlsRole, https_client_context, load_node_tls
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "OperatorAccess",
     "access_from_args",
     "add_access_arguments",
+    "finish_from_args",
     "operator_access",
 ]
 
@@ -136,3 +140,27 @@ def access_from_args(args: argparse.Namespace, *, finish: bool) -> OperatorAcces
         client_password=getattr(args, "client_password", ""),
         finish=finish,
     )
+
+
+def finish_from_args(args: argparse.Namespace) -> list[int]:
+    """Finish the cluster the parsed ``finish`` flags name (``flcluster finish``, ``finish_mobile.py``).
+
+    ``args`` carries ``scheduler_ip``, ``scheduler_port``, ``grace`` and the access flags of
+    :func:`add_access_arguments` (``finish=True``). Returns what
+    :func:`~flcluster.runtime.finish.finish_cluster` returns (the pids of the processes that ended).
+
+    Raises:
+        FLClusterError: the access flags are refused, or the Scheduler refuses the request.
+    """
+    access = access_from_args(args, finish=True)
+    ended: list[int] = trio.run(
+        partial(
+            finish_cluster,
+            args.scheduler_ip,
+            args.scheduler_port,
+            grace=args.grace,
+            token=access.token,
+            tls=access.cluster_tls,
+        )
+    )
+    return ended

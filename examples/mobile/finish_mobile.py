@@ -10,14 +10,10 @@ token may come from ``FLCLUSTER_MANAGE_TOKEN`` instead.
 
 import argparse
 import sys
-from functools import partial
-
-import trio
 
 from flcluster.errors import FLClusterError
-from flcluster.operator import access_from_args, add_access_arguments
+from flcluster.operator import add_access_arguments, finish_from_args
 from flcluster.roles import configure_logging
-from flcluster.runtime.finish import finish_cluster
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
@@ -28,17 +24,7 @@ if __name__ == "__main__":
     args, _unknown = parser.parse_known_args()
     configure_logging()
     try:
-        access = access_from_args(args, finish=True)
-        ended = trio.run(
-            partial(
-                finish_cluster,
-                args.scheduler_ip,
-                args.scheduler_port,
-                grace=args.grace,
-                token=access.token,
-                tls=access.cluster_tls,
-            )
-        )
+        ended = finish_from_args(args)
     except FLClusterError as exc:
         sys.exit(f"finish_mobile.py: {exc}")
     sys.exit(0 if ended else 1)
