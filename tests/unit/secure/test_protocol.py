@@ -98,7 +98,8 @@ def test_unmasked_sum_equals_the_exact_sum_within_the_bound(
     for u, y in zip(s.u3, masked, strict=True):
         assert y.dtype == np.float32 and y.shape == (length,)
         small = np.abs(a[u]) < 1e3  # larger values keep only their low digits hidden (spec §2.4)
-        assert np.all(y[small] != a[u][small])
+        # the mask is random: an element may round back to its value, rarely (at most ~1 in 10^4)
+        assert np.count_nonzero(y[small] == a[u][small]) <= 1 + small.sum() // 10_000
 
     noise = pw.unmask_noise(s.submitted, s.keys, s.u2, s.u3, t, PRIME, length)
     unmasked = fold(masked, 1 + rng.randrange(4), rng).astype(np.float64) + noise
@@ -136,7 +137,7 @@ def test_twenty_devices_three_drop_after_share_secrets_two_after_update_model() 
     without = fold(masked, 4, rng).astype(np.float64)  # no unmasking: off by the masks
     assert np.abs(without - exact).max() > 1000 * bound.max()  # a missing or wrong mask would show
     for u, y in zip(s.u3, masked, strict=True):  # no Server holds an update: each value is masked
-        assert np.all(y != a[u]) and np.std(y - a[u]) > 1
+        assert np.count_nonzero(y == a[u]) <= 1 + y.size // 10_000 and np.std(y - a[u]) > 1
 
 
 def test_stable_pw_encrypt_masks_cancel_without_noise() -> None:
