@@ -14,6 +14,15 @@ recorded while that commit was in flight go in the next, taken by the first of t
 load the encoding and the transaction are shared by all the folds made during the previous commit, so
 the cost per update falls as load rises, and no SUCCEED goes out before its fold is committed.
 
+**Siblings** (the commit delay). Where a commit costs less than the time between two updates, a
+commit taken at once holds one fold, and every update pays for its own. So the committer first waits,
+at most :data:`COMMIT_DELAY_S`, for the *siblings*: updates the Server already has on their way to a
+fold (counted by the leader, or being counted, and not yet folded; the Server says how many, and wakes
+the wait through :meth:`FoldCommits.sibling_moved` when one folds or is refused). Their folds join the
+commit; with none on the way there is no wait at all, so a lone update is not delayed, and under load a
+commit holds the folds of a whole wave. Measured with the ingest benchmark: the transactions per update
+fell by about a third, and the cost of durability from 0.62-0.78 to 0.93-0.95 (README).
+
 The commits are shielded (a store commit is bounded: its writer answers every job), so a committer that
 is cancelled still lands what it took, and a waiter left without a committer becomes one itself. A
 commit that fails (a store error) fails every fold waiting then and later: what it took is lost, and no
@@ -31,7 +40,10 @@ import trio
 
 from flcluster.store import FoldedUpdates, RecoveryStore, Transition
 
-__all__ = ["FoldCommits", "SumOf"]
+__all__ = ["COMMIT_DELAY_S", "FoldCommits", "SumOf"]
+
+COMMIT_DELAY_S = 0.002
+"""How long a committer waits at most for the folds of updates already on their way (siblings)."""
 
 SumOf = Callable[[int], tuple[bytes, int] | None]
 """The running sum of an iteration as the store keeps it (its encoding, its update count), or ``None``
@@ -41,10 +53,14 @@ once the sum was dropped."""
 class FoldCommits:
     """The group commit of one Server's folds (see the module docstring)."""
 
-    def __init__(self, store: RecoveryStore, sum_of: SumOf) -> None:
-        """Commit folds to ``store``; ``sum_of`` encodes an iteration's running sum as it is now."""
+    def __init__(self, store: RecoveryStore, sum_of: SumOf, siblings: Callable[[], int] = lambda: 0) -> None:
+        """Commit folds to ``store``; ``sum_of`` encodes an iteration's running sum as it is now;
+        ``siblings`` says how many updates are on their way to a fold (their folds are waited for,
+        briefly, so that they join the commit: :meth:`sibling_moved` wakes the wait)."""
         self._store = store
         self._sum_of = sum_of
+        self._siblings = siblings
+        self._sibling_moved = trio.Event()
         self._recorded: list[tuple[int, str]] = []
         self._recorded_count = 0
         self._durable_count = 0
@@ -65,7 +81,18 @@ class FoldCommits:
             if self._committing:
                 await self._committed.wait()
                 continue
+            if self._siblings():
+                with trio.move_on_after(COMMIT_DELAY_S):
+                    while self._siblings():
+                        await self._sibling_moved.wait()
+                if self._committing or self._durable_count >= wanted:
+                    continue
             await self._commit_recorded()
+
+    def sibling_moved(self) -> None:
+        """An update on its way to a fold got there (or will not): wake a committer waiting for it."""
+        self._sibling_moved.set()
+        self._sibling_moved = trio.Event()
 
     async def _commit_recorded(self) -> None:
         self._committing = True

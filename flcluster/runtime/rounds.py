@@ -175,6 +175,22 @@ class LeaderLine:
             await channel.confirm(iteration, fl_ids)
 
 
+class _Unfolded:
+    """One update on its way to a fold, counted in :attr:`RoundService._unfolded` until it settles
+    (folded, refused or failed; settling twice counts once)."""
+
+    def __init__(self, service: RoundService) -> None:
+        self._service: RoundService | None = service
+        service._unfolded += 1
+
+    def settle(self) -> None:
+        service, self._service = self._service, None
+        if service is not None:
+            service._unfolded -= 1
+            if service._fold_commits is not None:
+                service._fold_commits.sibling_moved()
+
+
 @attrs.frozen
 class IterationView:
     """What this Server knows of the cluster's iteration (pushed by the leader).
@@ -220,6 +236,7 @@ class RoundService:
         self._now_ms = EpochClock().now_ms if now_ms is None else now_ms
         self.spec = spec
         self._recovery: RecoveryStore | None = None
+        self._unfolded = 0
         self._fold_commits: FoldCommits | None = None
         self.recovery = store
         self.rank = rank
@@ -328,6 +345,7 @@ class RoundService:
             request = attrs.evolve(request, timestamp=req.timestamp, signature=req.signature)
         iteration = req.iteration
         self._pending[iteration] = self._pending.get(iteration, 0) + 1
+        token = _Unfolded(self)  # on its way to a fold: a group commit waits for it (FoldCommits)
         try:
             reply = await self.line.call(request)
             if isinstance(reply, Accepted):
@@ -335,10 +353,11 @@ class RoundService:
                 # SUCCEED means "this update is in the committed sum" (spec/recovery.md §4).
                 crash_point("server.counted_not_folded")
                 checked = prepared(reply.data_size)
-                await self._fold(reply.iteration, req.fl_id, checked, reply.data_size)
+                await self._fold(reply.iteration, req.fl_id, checked, reply.data_size, token)
                 crash_point("server.committed_not_acked")
                 await self.line.confirm(reply.iteration, (req.fl_id,))
         finally:
+            token.settle()
             self._pending[iteration] -= 1
             if not self._pending[iteration]:
                 del self._pending[iteration]
@@ -364,7 +383,9 @@ class RoundService:
     @recovery.setter
     def recovery(self, store: RecoveryStore | None) -> None:
         self._recovery = store
-        self._fold_commits = None if store is None else FoldCommits(store, self._encoded_sum)
+        self._fold_commits = (
+            None if store is None else FoldCommits(store, self._encoded_sum, lambda: self._unfolded)
+        )
 
     async def get_model(self, body: bytes) -> DeviceAnswer:
         """Answer one getModel body from the models held here (reference §2.4 getModel)."""
@@ -566,7 +587,9 @@ class RoundService:
             del self._held[i]
         self._dropped_below = max(self._dropped_below, iteration + 1)
 
-    async def _fold(self, iteration: int, fl_id: str, checked: CheckedUpdate, data_size: int) -> None:
+    async def _fold(
+        self, iteration: int, fl_id: str, checked: CheckedUpdate, data_size: int, token: _Unfolded
+    ) -> None:
         if iteration < self._dropped_below:
             # Cannot happen while the leader counts and collects in order; refuse loudly if it does.
             raise RuntimeError(f"update for iteration {iteration} arrived after its sums were collected")
@@ -576,6 +599,7 @@ class RoundService:
         acc.add(checked, data_size)
         held = self._held.setdefault(iteration, [])
         held.append(fl_id)
+        token.settle()
         if self._fold_commits is not None:
             # Right after the fold, no checkpoint between: commit order is fold order (spec/store.md).
             await self._fold_commits.commit(iteration, fl_id)

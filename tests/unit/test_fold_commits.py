@@ -7,7 +7,7 @@ import trio
 import trio.lowlevel
 
 from flcluster.errors import StoreWriteError
-from flcluster.runtime.fold_commits import FoldCommits
+from flcluster.runtime.fold_commits import COMMIT_DELAY_S, FoldCommits
 from flcluster.store import MEMORY, NodeIdentity, PartialSumState, StoreRole, Transition, open_sqlite_store
 
 IDENTITY = NodeIdentity(StoreRole.SERVER, "s1", "Lenet", 2)
@@ -96,3 +96,48 @@ async def test_a_failed_commit_fails_every_fold_waiting_and_later(autojump_clock
     with pytest.raises(StoreWriteError):
         await commits.commit(1, "d")
     assert store.calls == 1  # nothing committed after the failure stands in for what it lost
+
+
+async def test_a_commit_waits_for_the_folds_already_on_their_way(autojump_clock: trio.abc.Clock) -> None:
+    sums = Sums()
+    on_the_way = {"n": 0}
+    async with open_sqlite_store(MEMORY, IDENTITY) as store:
+        commits = FoldCommits(store, sums.sum_of, lambda: on_the_way["n"])
+
+        async def device(fl_id: str, delay: float) -> None:
+            on_the_way["n"] += 1  # counted at the leader, not yet folded
+            await trio.sleep(delay)
+            sums.fold(1, fl_id)
+            on_the_way["n"] -= 1
+            commits.sibling_moved()
+            await commits.commit(1, fl_id)
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for n, delay in enumerate([0.0, 0.0005, 0.001, 0.0015]):
+                nursery.start_soon(device, f"d{n}", delay)
+        assert trio.current_time() - start < COMMIT_DELAY_S  # no wait beyond the last sibling's fold
+        partial = (await store.load()).partial
+    assert commits.transactions == 1 and partial is not None and len(partial.fl_ids) == 4
+
+
+async def test_the_wait_for_siblings_is_bounded(autojump_clock: trio.abc.Clock) -> None:
+    sums = Sums()
+    async with open_sqlite_store(MEMORY, IDENTITY) as store:
+        commits = FoldCommits(store, sums.sum_of, lambda: 1)  # a sibling that never folds
+        start = trio.current_time()
+        sums.fold(1, "d0")
+        await commits.commit(1, "d0")
+        waited = trio.current_time() - start
+        partial = (await store.load()).partial
+    assert waited == pytest.approx(COMMIT_DELAY_S) and partial is not None and partial.fl_ids == ("d0",)
+
+
+async def test_no_sibling_no_wait(autojump_clock: trio.abc.Clock) -> None:
+    sums = Sums()
+    async with open_sqlite_store(MEMORY, IDENTITY) as store:
+        commits = FoldCommits(store, sums.sum_of, lambda: 0)
+        start = trio.current_time()
+        sums.fold(1, "d0")
+        await commits.commit(1, "d0")
+        assert trio.current_time() == start
