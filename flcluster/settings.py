@@ -132,8 +132,17 @@ def server_settings(
 
 def iteration_config(ctx: FLContext) -> IterationConfig:
     """The numbers every iteration is held against, from a validated context."""
+    from flcluster.core.cipher import CipherConfig, CipherMode
     from flcluster.core.iteration import IterationConfig
 
+    cipher = None
+    if ctx.encrypt_type in (CipherMode.PW, CipherMode.STABLE_PW):
+        cipher = CipherConfig(
+            mode=ctx.encrypt_type,
+            share_secrets_ratio=ctx.share_secrets_ratio,
+            cipher_time_window=ctx.cipher_time_window,
+            reconstruct_secrets_threshold=ctx.reconstruct_secrets_threshold,
+        )
     return IterationConfig(
         start_fl_job_threshold=ctx.start_fl_job_threshold,
         update_model_ratio=ctx.update_model_ratio,
@@ -142,6 +151,7 @@ def iteration_config(ctx: FLContext) -> IterationConfig:
         global_iteration_time_window=ctx.global_iteration_time_window,
         fl_iteration_num=ctx.fl_iteration_num,
         min_retry_delay_ms=ctx.min_retry_delay_ms,
+        cipher=cipher,
     )
 
 

@@ -643,7 +643,7 @@ class CipherRounds:
         self._k.add(ev.fl_id)
         keys = tuple(self._u1[f] for f in sorted(self._u1))
         step = _answer(ResponseCode.SUCCEED, REASON_SUCCESS, keys=keys)
-        if first and len(self._k) == self.thresholds.get_keys:
+        if first and len(self._k) == self.thresholds.get_keys and not self._u2_closed:
             after = CipherRound.SHARE_SECRETS.value if self.pw else UPDATE_MODEL_WINDOW
             step = step.then(Step(disarm=(CipherRound.GET_KEYS.value,), arm=(after,)))
         return step

@@ -304,7 +304,7 @@ class IterationConfig:
     global_iteration_time_window: int
     fl_iteration_num: int
     min_retry_delay_ms: int
-    cipher: CipherConfig | None = attrs.field(default=None, converter=_cipher_config)
+    cipher: CipherConfig | None = attrs.field(converter=_cipher_config)
 
     @property
     def update_model_threshold(self) -> int:
@@ -1532,6 +1532,8 @@ class IterationMachine:
         assert cfg.cipher is not None
         for name in step.arm:
             kind = WindowKind(name)
+            if self._phase is Phase.UNMASKING and kind not in _UNMASKING_WINDOWS:
+                continue  # a late fetch of a round the iteration has moved past arms nothing
             if kind not in self._windows:
                 window = (
                     cfg.update_model_time_window
@@ -1613,6 +1615,8 @@ _CIPHER_WINDOWS = (
     WindowKind.GET_CLIENT_LIST,
     WindowKind.RECONSTRUCT_SECRETS,
 )
+#: The windows an unmasking iteration may arm.
+_UNMASKING_WINDOWS = frozenset((WindowKind.GET_CLIENT_LIST, WindowKind.RECONSTRUCT_SECRETS))
 #: The cipher windows of the rounds before updateModel, disarmed when the unmasking starts.
 _BEFORE_UNMASKING = frozenset(_CIPHER_WINDOWS[:4])
 #: exchangeKeys / shareSecrets after their round (the unmasking) began.
@@ -1734,9 +1738,11 @@ def _check_snapshot(s: IterationSnapshot) -> None:
                 1 <= n_dev <= cfg.start_fl_job_threshold,
                 f"a running iteration has 1..{cfg.start_fl_job_threshold} devices, got {n_dev}",
             )
+            stable = cfg.cipher is not None and cfg.cipher.mode is CipherMode.STABLE_PW
             rule(
-                n_upd < cfg.update_model_threshold,
-                f"a running iteration has fewer than {cfg.update_model_threshold} updates, got {n_upd}",
+                n_upd < cfg.update_model_threshold or (stable and n_upd < n_dev),
+                f"a running iteration has fewer than {cfg.update_model_threshold} updates (STABLE_PW: fewer "
+                f"than its devices), got {n_upd}",
             )
             rule(WindowKind.GLOBAL in armed, "a running iteration has its global window armed")
             rule(
@@ -1846,7 +1852,10 @@ def snapshot_from_json(text: str) -> IterationSnapshot:
         if not isinstance(data, dict):
             raise ValueError(f"an IterationSnapshot must be a JSON object, got {text!r:.80}")
         d = dict(data)
-        d["config"] = _record(IterationConfig, d.get("config"))
+        config = d.get("config")
+        if isinstance(config, dict):
+            config = {"cipher": None, **config}  # a snapshot written before the cipher rounds existed
+        d["config"] = _record(IterationConfig, config)
         d["windows"] = tuple(_record(ArmedWindow, w) for w in d.get("windows", ()))
         d["devices"] = tuple(_record(DeviceMeta, x) for x in d.get("devices", ()))
         d["reserved"] = tuple(_record(Reservation, x) for x in d.get("reserved", ()))

@@ -156,7 +156,7 @@ def test_the_sources_table_names_every_field() -> None:
     not_from_context = {
         SchedulerSettings: {"node_id", "store_path"},
         ServerSettings: {"node_id", "store_path"},
-        IterationConfig: set(),
+        IterationConfig: {"cipher"},
         LeaderOptions: {"metrics_path", "participation_levels"},
     }
     for record, sources in SOURCES.items():
@@ -302,3 +302,22 @@ def test_flcluster_server_refuses_before_launching_any_server(
         "encrypt_type='SIGNDS' is refused: SignDS (SIGNDS) is not implemented yet" in capsys.readouterr().err
     )
     assert list(tmp_path.iterdir()) == []  # no server_<i> directory: nothing was launched
+
+
+def test_iteration_config_carries_the_cipher_rounds_of_pw_encrypt() -> None:
+    from flcluster.core.cipher import CipherConfig
+
+    assert iteration_config(FLContext()).cipher is None
+    ctx = FLContext.from_kwargs(
+        encrypt_type="PW_ENCRYPT",
+        start_fl_job_threshold=8,
+        share_secrets_ratio=0.75,
+        cipher_time_window=1234,
+        reconstruct_secrets_threshold=3,
+    )
+    assert iteration_config(ctx).cipher == CipherConfig(
+        mode="PW_ENCRYPT", share_secrets_ratio=0.75, cipher_time_window=1234, reconstruct_secrets_threshold=3
+    )
+    stable = iteration_config(ctx.evolve(encrypt_type="STABLE_PW_ENCRYPT")).cipher
+    assert stable is not None and stable.mode == "STABLE_PW_ENCRYPT"
+    assert iteration_config(ctx.evolve(encrypt_type="DP_ENCRYPT")).cipher is None
