@@ -55,9 +55,11 @@ __all__ = [
     "UPDATE_MODEL_WINDOW",
     "CipherAnswer",
     "CipherConfig",
+    "CipherDevice",
     "CipherEvent",
     "CipherMode",
     "CipherRounds",
+    "CipherSnapshot",
     "CipherState",
     "CipherThresholds",
     "DeviceKeys",
@@ -450,8 +452,112 @@ class Step:
 
 @final
 @attrs.frozen
+class CipherDevice:
+    """What the cipher lists hold about one device: its part of the leader's device row (spec §R6).
+
+    Attributes:
+        fl_id: The device.
+        keys: Its exchangeKeys keys (in U1), or None.
+        got_keys: It fetched U1 (in K).
+        shares: The encrypted shares it sent, sorted by addressee (in U2), or None.
+        got_secrets: It fetched its shares (in S).
+        got_clients: It fetched U3 (in L).
+        reconstruction: The shares it sent back, sorted by owner (in R), or None.
+    """
+
+    fl_id: str = attrs.field(validator=_str)
+    keys: DeviceKeys | None = None
+    got_keys: bool = False
+    shares: tuple[Share, ...] | None = None
+    got_secrets: bool = False
+    got_clients: bool = False
+    reconstruction: tuple[Share, ...] | None = None
+
+    @property
+    def empty(self) -> bool:
+        """The device is in none of the lists."""
+        return (
+            self.keys is None
+            and self.shares is None
+            and self.reconstruction is None
+            and not (self.got_keys or self.got_secrets or self.got_clients)
+        )
+
+    def to_json_value(self) -> list[object]:
+        """The record as a JSON value (bytes as hex; ``fl_id`` is the row's key and is left out)."""
+        k = self.keys
+        return [
+            None if k is None else [b.hex() for b in (k.c_pk, k.s_pk, k.ind_iv, k.pw_iv, k.pw_salt)],
+            self.got_keys,
+            None if self.shares is None else [[x.fl_id, x.share.hex(), x.index] for x in self.shares],
+            self.got_secrets,
+            self.got_clients,
+            None
+            if self.reconstruction is None
+            else [[x.fl_id, x.share.hex(), x.index] for x in self.reconstruction],
+        ]
+
+    @classmethod
+    def from_json_value(cls, fl_id: str, value: object) -> CipherDevice:
+        """The record :meth:`to_json_value` wrote for ``fl_id``.
+
+        Raises:
+            ValueError: ``value`` is not such a record (the message says what is wrong).
+        """
+        try:
+            keys, got_keys, shares, got_secrets, got_clients, reconstruction = value  # type: ignore[misc]
+            return cls(
+                fl_id,
+                None if keys is None else DeviceKeys(fl_id, *(bytes.fromhex(h) for h in keys)),
+                _flag(got_keys),
+                _shares_from_json(shares),
+                _flag(got_secrets),
+                _flag(got_clients),
+                _shares_from_json(reconstruction),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not the cipher record of {fl_id!r}: {exc}") from None
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r:.40}")
+    return value
+
+
+def _shares_from_json(value: object) -> tuple[Share, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise TypeError(f"shares must be a list, got {value!r:.40}")
+    return tuple(Share(f, bytes.fromhex(h), i) for f, h, i in value)
+
+
+@final
+@attrs.frozen
+class CipherSnapshot:
+    """The cipher lists as plain records, for the leader's store (spec §R6).
+
+    The header of the leader's store carries the flags (``devices`` empty); each device's row carries its
+    :class:`CipherDevice` (:mod:`flcluster.core.device_rows`).
+
+    Attributes:
+        lost: The lists of the running iteration were lost (a store written before they were kept).
+        u1_closed: U1 is frozen.
+        u2_closed: U2 is frozen.
+        devices: Every device in some list, sorted by fl_id.
+    """
+
+    lost: bool = False
+    u1_closed: bool = False
+    u2_closed: bool = False
+    devices: tuple[CipherDevice, ...] = ()
+
+
+@final
+@attrs.frozen
 class CipherState:
-    """The lists of the running iteration as plain records (for tests and logs; not persisted, §R6)."""
+    """The lists of the running iteration as plain records (for tests and logs)."""
 
     lost: bool
     u1: tuple[str, ...]
@@ -543,6 +649,72 @@ class CipherRounds:
             l=tuple(sorted(self._l)),
             r=tuple(sorted(self._r)),
         )
+
+    def device_ids(self) -> set[str]:
+        """Every device in some list."""
+        return set(self._u1) | self._k | set(self._u2) | self._s | self._l | set(self._r)
+
+    def device(self, fl_id: str) -> CipherDevice | None:
+        """What the lists hold about ``fl_id`` (None when it is in none of them)."""
+        record = CipherDevice(
+            fl_id,
+            self._u1.get(fl_id),
+            fl_id in self._k,
+            self._u2.get(fl_id),
+            fl_id in self._s,
+            fl_id in self._l,
+            self._r.get(fl_id),
+        )
+        return None if record.empty else record
+
+    def snapshot(self, *, devices: bool = True) -> CipherSnapshot:
+        """The lists as plain records (``devices=False``: the flags only, the header's part)."""
+        records: tuple[CipherDevice, ...] = ()
+        if devices:
+            found = (self.device(f) for f in sorted(self.device_ids()))
+            records = tuple(r for r in found if r is not None)
+        return CipherSnapshot(self._lost, self._u1_closed, self._u2_closed, records)
+
+    def restore(self, snapshot: CipherSnapshot) -> None:
+        """Replace the lists with the snapshot's (a leader rebuilt from its store).
+
+        Raises:
+            ValueError: the snapshot breaks a rule no run can break (K ⊆ U1, U2 ⊆ K, S ⊆ U2, R ⊆ L).
+        """
+        self.reset()
+        self._lost = snapshot.lost
+        self._u1_closed = snapshot.u1_closed
+        self._u2_closed = snapshot.u2_closed
+        for d in snapshot.devices:
+            if d.keys is not None:
+                self._u1[d.fl_id] = d.keys
+            if d.got_keys:
+                self._k.add(d.fl_id)
+            if d.shares is not None:
+                self._u2[d.fl_id] = d.shares
+            if d.got_secrets:
+                self._s.add(d.fl_id)
+            if d.got_clients:
+                self._l.add(d.fl_id)
+            if d.reconstruction is not None:
+                self._r[d.fl_id] = d.reconstruction
+        problems = [
+            f"{name} holds {sorted(a - b)[:3]!r}, not in {outer}"
+            for name, a, outer, b in (
+                ("K", self._k, "U1", set(self._u1)),
+                ("U2", set(self._u2), "K", self._k),
+                ("S", self._s, "U2", set(self._u2)),
+                ("R", set(self._r), "L", self._l),
+            )
+            if a - b
+        ]
+        if (self._k or self._u2) and not self._u1_closed:
+            problems.append("K or U2 is not empty but U1 is not frozen")
+        if self._s and not self._u2_closed:
+            problems.append("S is not empty but U2 is not frozen")
+        if problems:
+            self.reset()
+            raise ValueError("inconsistent cipher lists: " + "; ".join(problems))
 
     def serves(self, round_: CipherRound) -> bool:
         """True when this mode runs ``round_``."""

@@ -56,9 +56,11 @@ from flcluster.core.cipher import (
     UPDATE_MODEL_WINDOW,
     CipherAnswer,
     CipherConfig,
+    CipherDevice,
     CipherEvent,
     CipherMode,
     CipherRounds,
+    CipherSnapshot,
     CipherState,
     CipherThresholds,
     ExchangeKeysReceived,
@@ -97,7 +99,9 @@ __all__ = [
     "AggregationFailed",
     "ArmWindow",
     "ArmedWindow",
+    "DeviceChanges",
     "DeviceMeta",
+    "DeviceRecord",
     "DisableRequested",
     "DisarmWindow",
     "DiscardPartials",
@@ -137,6 +141,7 @@ __all__ = [
     "reason_updates_lost",
     "reason_wrong_iteration",
     "snapshot_from_json",
+    "snapshot_part_from_json",
     "snapshot_to_json",
     "update_model_threshold",
 ]
@@ -402,6 +407,68 @@ class Holding:
 
     fl_id: str = attrs.field(validator=_str)
     server: str = attrs.field(validator=_str)
+
+
+@final
+@attrs.frozen
+class DeviceRecord:
+    """Everything the leader's machine holds about one device of the iteration: one row of its store.
+
+    The leader's store keeps the machine as a small header (:meth:`IterationMachine.snapshot_without_devices`)
+    plus one of these per device (spec/recovery.md §3.3), so a transaction writes only the devices it
+    changed. A record with nothing in it (:attr:`empty`) says that the device's row is to go.
+
+    Attributes:
+        fl_id: The device.
+        meta: Its startFLJob, if accepted in this iteration.
+        reservation: Its accepted updateModel not yet confirmed, if any.
+        holder: The Server whose sum holds its counted update (``""``: counted with no Server named;
+            ``None``: not counted).
+        last_completed: Its update was counted in the previous iteration, which completed.
+        cipher: Its part of the cipher rounds' lists (secure-aggregation §R6), if any.
+    """
+
+    fl_id: str = attrs.field(validator=_str)
+    meta: DeviceMeta | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(DeviceMeta))
+    )
+    reservation: Reservation | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Reservation))
+    )
+    holder: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
+    )
+    last_completed: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    cipher: CipherDevice | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(CipherDevice))
+    )
+
+    @property
+    def empty(self) -> bool:
+        """Nothing is held about the device (its row is deleted)."""
+        return (
+            self.meta is None
+            and self.reservation is None
+            and self.holder is None
+            and not self.last_completed
+            and self.cipher is None
+        )
+
+
+@final
+@attrs.frozen
+class DeviceChanges:
+    """The per-device records changed since the last :meth:`IterationMachine.take_device_changes`.
+
+    Attributes:
+        rewrite: The per-device state was replaced wholesale (a new or restored machine, the move to the
+            next iteration): every row stored before is stale, and ``records`` holds every device.
+        records: The changed devices' records, an :attr:`~DeviceRecord.empty` one for a device whose row
+            is to go.
+    """
+
+    rewrite: bool
+    records: tuple[DeviceRecord, ...]
 
 
 @final
@@ -798,6 +865,8 @@ class IterationSnapshot:
     ``aggregation_deadline_ms`` is the aggregation's deadline while aggregating.
     ``last_completed_updated`` (sorted) are the updates counted in the previous iteration when it
     completed: a device whose SUCCEED was lost learns from a late retry that its update is in that model.
+    ``cipher`` holds the cipher rounds' lists (None without cipher rounds, or in a snapshot written before
+    they were kept; spec/secure-aggregation.md §R6).
     """
 
     config: IterationConfig
@@ -817,6 +886,7 @@ class IterationSnapshot:
     holders: tuple[Holding, ...] = ()
     aggregation_deadline_ms: int | None = None
     last_completed_updated: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    cipher: CipherSnapshot | None = None
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -843,7 +913,9 @@ class IterationMachine:
         "_levels",
         "_phase",
         "_reserved",
+        "_rewrite",
         "_started_at_ms",
+        "_touched",
         "_updated",
         "_visits",
         "_windows",
@@ -880,10 +952,14 @@ class IterationMachine:
         #: The updates counted in the previous iteration, when it completed (empty after a failure).
         self._last_completed_updated: frozenset[str] = frozenset()
         thresholds = config.cipher_thresholds
-        #: The cipher rounds' lists of this iteration (None without cipher rounds); not in the snapshot.
+        #: The cipher rounds' lists of this iteration (None without cipher rounds).
         self._cipher = (
             None if config.cipher is None or thresholds is None else CipherRounds(config.cipher, thresholds)
         )
+        #: The per-device change log (:meth:`take_device_changes`): the fl_ids whose records changed since
+        #: the last take, or ``_rewrite`` when the per-device state was replaced wholesale.
+        self._touched: set[str] = set()
+        self._rewrite = True
 
     # ---------------------------------------------------------------------------------- queries
 
@@ -956,7 +1032,7 @@ class IterationMachine:
         return frozenset(self._updated.values()) | frozenset(r.server for r in self._reserved.values())
 
     def cipher_state(self) -> CipherState | None:
-        """The cipher rounds' lists of the current iteration (None without cipher rounds; not persisted)."""
+        """The cipher rounds' lists of the current iteration (None without cipher rounds)."""
         return None if self._cipher is None else self._cipher.state()
 
     def armed_windows(self) -> tuple[ArmedWindow, ...]:
@@ -987,31 +1063,44 @@ class IterationMachine:
             reserved=tuple(self._reserved[f] for f in sorted(self._reserved)),
             holders=tuple(Holding(f, self._updated[f]) for f in sorted(self._updated)),
             last_completed_updated=tuple(sorted(self._last_completed_updated)),
+            cipher=None if self._cipher is None else self._cipher.snapshot(),
         )
 
-    def snapshot_json(self) -> str:
-        """``snapshot_to_json(self.snapshot())``, built straight from the machine's state.
+    def take_device_changes(self) -> DeviceChanges:
+        """The per-device records changed since the last take; the log starts afresh.
 
-        The leader commits this once per transaction (spec/recovery.md §4), and the per-device parts grow
-        with the devices of the iteration: they are written out here without building a record per
-        device first. The text is the same as :func:`snapshot_to_json`'s (a property test checks it).
+        The leader calls this once per store transaction (spec/recovery.md §3.3, §4) and writes the
+        records beside :meth:`snapshot_without_devices`, so the cost of a commit grows with the devices
+        it changed, not with the devices of the iteration. It changes no rule state: two machines that
+        differ only in what was taken are equal.
         """
-        data = _json_value(self.snapshot_without_devices())
-        assert isinstance(data, dict)
-        meta, reservation = _field_names(DeviceMeta), _field_names(Reservation)
-        assert meta is not None and reservation is not None
-        data["devices"] = [{n: getattr(self._devices[f], n) for n in meta} for f in sorted(self._devices)]
-        updated = sorted(self._updated)
-        data["updated"] = updated
-        data["holders"] = [{"fl_id": f, "server": self._updated[f]} for f in updated]
-        data["reserved"] = [
-            {n: getattr(self._reserved[f], n) for n in reservation} for f in sorted(self._reserved)
-        ]
-        data["last_completed_updated"] = sorted(self._last_completed_updated)
-        return json.dumps(data, separators=(",", ":"))
+        if self._rewrite:
+            ids: set[str] | frozenset[str] = self._devices.keys() | self._reserved.keys()
+            ids = ids | self._updated.keys() | self._last_completed_updated
+            if self._cipher is not None:
+                ids = ids | self._cipher.device_ids()
+        else:
+            ids = self._touched
+        records = tuple(self.device_record(f) for f in sorted(ids))
+        changes = DeviceChanges(self._rewrite, records)
+        self._rewrite = False
+        self._touched = set()
+        return changes
+
+    def device_record(self, fl_id: str) -> DeviceRecord:
+        """What the machine holds about ``fl_id`` (an empty record for a device it knows nothing of)."""
+        return DeviceRecord(
+            fl_id,
+            self._devices.get(fl_id),
+            self._reserved.get(fl_id),
+            self._updated.get(fl_id),
+            fl_id in self._last_completed_updated,
+            None if self._cipher is None else self._cipher.device(fl_id),
+        )
 
     def snapshot_without_devices(self) -> IterationSnapshot:
-        """The snapshot with its per-device parts empty (what :meth:`snapshot_json` fills in itself)."""
+        """The snapshot with its per-device parts empty: the header the leader's store keeps beside its
+        device rows (:meth:`take_device_changes`; spec/recovery.md §3.3)."""
         return IterationSnapshot(
             config=self._config,
             iteration=self._iteration,
@@ -1027,6 +1116,7 @@ class IterationMachine:
             visits=self._visits,
             participation_levels=self._levels,
             aggregation_deadline_ms=self._agg_deadline,
+            cipher=None if self._cipher is None else self._cipher.snapshot(devices=False),
         )
 
     @classmethod
@@ -1054,9 +1144,12 @@ class IterationMachine:
         machine._failed = list(snapshot.failed)
         machine._visits = snapshot.visits
         machine._last_completed_updated = frozenset(snapshot.last_completed_updated)
-        if machine._cipher is not None and snapshot.phase is not Phase.WAITING:
-            # The cipher lists are not in the snapshot (secure-aggregation §R6): this iteration lost them.
-            machine._cipher = CipherRounds(machine._cipher.config, machine._cipher.thresholds, lost=True)
+        if machine._cipher is not None:
+            if snapshot.cipher is not None:
+                machine._cipher.restore(snapshot.cipher)
+            elif snapshot.phase is not Phase.WAITING:
+                # A store written before the lists were kept (secure-aggregation §R6): this iteration lost them.
+                machine._cipher = CipherRounds(machine._cipher.config, machine._cipher.thresholds, lost=True)
         return machine
 
     def __eq__(self, other: object) -> bool:
@@ -1222,6 +1315,7 @@ class IterationMachine:
         # Accepted. Nothing above changed anything.
         now = ev.now_ms
         self._devices[ev.fl_id] = DeviceMeta(ev.fl_id, ev.data_size, now)
+        self._touched.add(ev.fl_id)
         round_closes = len(self._devices) >= threshold
         if self._phase is Phase.WAITING:
             # The first accepted startFLJob starts the iteration (reference §3.2, §3.3 step 1). When it
@@ -1286,10 +1380,12 @@ class IterationMachine:
             self._reserved[ev.fl_id] = Reservation(
                 ev.fl_id, ev.server, now, ev.upload_loss, ev.upload_accuracy
             )
+            self._touched.add(ev.fl_id)
             if WindowKind.UPDATE_MODEL not in self._windows:
                 self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
         else:
             self._updated[ev.fl_id] = ""
+            self._touched.add(ev.fl_id)
             if self._updates_complete():
                 self._updates_reached(ev, out)
             elif WindowKind.UPDATE_MODEL not in self._windows:
@@ -1311,6 +1407,7 @@ class IterationMachine:
                 continue  # not reserved for this Server: stale, or already counted
             del self._reserved[fl_id]
             self._updated[fl_id] = server
+            self._touched.add(fl_id)
             self._count_counted(r)
         if self._phase is Phase.RUNNING and self._updates_complete():
             self._updates_reached(ev, out)
@@ -1323,6 +1420,7 @@ class IterationMachine:
         held = set(ev.fl_ids) if ev.iteration == self._iteration else set()
         for fl_id in [f for f, r in self._reserved.items() if r.server == ev.server and f not in held]:
             del self._reserved[fl_id]
+            self._touched.add(fl_id)
             self._count_rejected_reservation()
         lost = sorted(f for f, s in self._updated.items() if s == ev.server and f not in held)
         if lost and self._phase is not Phase.WAITING:
@@ -1389,7 +1487,7 @@ class IterationMachine:
 
     def _resumed(self, ev: Resumed, out: list[Instruction]) -> None:
         cipher = self._cipher
-        # Rebuilt from the store mid-iteration: the keys and shares are gone (secure-aggregation §R6).
+        # Rebuilt from a store that did not keep the keys and shares (secure-aggregation §R6).
         # STABLE_PW needs none of them once aggregating: its masks cancel in the sums the Servers hold.
         if (
             cipher is not None
@@ -1501,6 +1599,7 @@ class IterationMachine:
             case _:
                 assert_never(ev)
         reply = self._cipher_answer(ev, step)
+        self._touched.add(ev.fl_id)  # its row is rewritten: the same text when nothing changed
         self._apply_step(step, ev, out)
         return reply
 
@@ -1598,6 +1697,8 @@ class IterationMachine:
         self._devices.clear()
         self._updated.clear()
         self._reserved.clear()
+        self._rewrite = True
+        self._touched.clear()
         self._agg_deadline = None
         self._visits = Visits()
         if self._cipher is not None:
@@ -1653,6 +1754,10 @@ def _check_snapshot(s: IterationSnapshot) -> None:
         f"iteration must be an int >= 1, got {s.iteration!r}",
     )
     rule(s.consecutive_failures >= 0, f"consecutive_failures must be >= 0, got {s.consecutive_failures!r}")
+    rule(
+        s.cipher is None or cfg.cipher is not None,
+        "the snapshot holds cipher lists but its config runs no cipher rounds",
+    )
     ended = sorted((*s.completed, *s.failed))
     rule(
         isinstance(s.iteration, int) and ended == list(range(1, s.iteration)),
@@ -1818,6 +1923,8 @@ def _json_value(value: object) -> object:
         return value.value
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
+    if isinstance(value, CipherDevice):
+        return [value.fl_id, *value.to_json_value()]
     names = _field_names(type(value))
     if names is None:
         return value
@@ -1841,11 +1948,33 @@ def _record(cls: type[_R], data: object) -> _R:
 _R = typing.TypeVar("_R")
 
 
+def _cipher_snapshot(data: object) -> CipherSnapshot | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"cipher must be a JSON object, got {data!r:.80}")
+    d = dict(data)
+    d["devices"] = tuple(CipherDevice.from_json_value(x[0], x[1:]) for x in d.get("devices", ()))
+    return _record(CipherSnapshot, d)
+
+
 def snapshot_from_json(text: str) -> IterationSnapshot:
     """The snapshot :func:`snapshot_to_json` wrote (checked as :meth:`IterationMachine.from_snapshot` does).
 
     Raises:
         ValueError: the text is not such a snapshot (the message says what is wrong).
+    """
+    snapshot = snapshot_part_from_json(text)
+    _check_snapshot(snapshot)
+    return snapshot
+
+
+def snapshot_part_from_json(text: str) -> IterationSnapshot:
+    """The records of :func:`snapshot_to_json`'s text, without the checks of a whole snapshot: for a
+    header whose per-device parts are kept elsewhere (:mod:`flcluster.core.device_rows`).
+
+    Raises:
+        ValueError: the text is not such a snapshot's JSON (the message says what is wrong).
     """
     try:
         data = json.loads(text)
@@ -1865,8 +1994,7 @@ def snapshot_from_json(text: str) -> IterationSnapshot:
         d["visits"] = _record(Visits, visits)
         for key in ("updated", "completed", "failed", "participation_levels"):
             d[key] = tuple(d.get(key, ()))
-        snapshot = _record(IterationSnapshot, d)
+        d["cipher"] = _cipher_snapshot(d.get("cipher"))
+        return _record(IterationSnapshot, d)
     except (TypeError, KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"not an IterationSnapshot: {exc}") from None
-    _check_snapshot(snapshot)
-    return snapshot

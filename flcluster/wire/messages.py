@@ -170,9 +170,13 @@ class Finished:
 @register
 @attrs.frozen
 class FinishCluster:
-    """Operator tool → Scheduler: finish the whole cluster gracefully."""
+    """Operator tool → Scheduler: finish the whole cluster gracefully.
+
+    ``token`` is the management access token (``""`` when the cluster has none; spec/management-api.md).
+    """
 
     TYPE: ClassVar[str] = "finish_cluster"
+    token: str = attrs.field(repr=False)
 
 
 @register
@@ -235,6 +239,10 @@ class LeaderCall:
     iteration: int
     upload_loss: float
     upload_accuracy: float
+    # pki_verify (spec/device-protocol.md "Client verification"); "" without it. Base64 for bytes.
+    timestamp: str = ""
+    signature: str = ""
+    device_key: str = ""
 
 
 @register

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import attrs
 import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
@@ -54,9 +55,11 @@ from flcluster.core.iteration import (
     WindowClosed,
     WindowKind,
     snapshot_from_json,
+    snapshot_to_json,
 )
 from flcluster.errors import ConfigError, IllegalEvent
 from flcluster.settings import iteration_config
+from tests.unit.stored_machine import StoredMachine
 
 T0 = 1_700_000_000_000
 CW = 5_000  # cipher_time_window (ms)
@@ -475,10 +478,43 @@ def test_disabling_while_unmasking_fails_the_iteration() -> None:
     assert any(isinstance(i, IterationFailed) for i in run.instructions)
 
 
-def test_a_leader_restarted_from_its_store_fails_the_iteration_it_lost_the_lists_of() -> None:
+def test_a_leader_restarted_from_its_store_keeps_the_lists_and_finishes_the_iteration() -> None:
+    run = Run(config())
+    stored = StoredMachine()
+    for d in DEVICES:
+        run.start(d)
+        stored.commit(run.m)
+    for step in (run.exchange, run.get_keys, run.share, run.get_secrets):
+        for d in DEVICES:
+            ok(step(d))
+            stored.commit(run.m)
+    rebuilt = stored.restored()
+    assert rebuilt == run.m and rebuilt.cipher_state() == run.m.cipher_state()
+    resumed = rebuilt.handle(Resumed("r", run.now)).instructions
+    assert resumed and not any(isinstance(i, IterationFailed) for i in resumed)
+    run.m = rebuilt
+    for d in DEVICES[:3]:
+        assert isinstance(run.update(d), Accepted)
+    for d in DEVICES[:3]:
+        ok(run.client_list(d))
+        stored.commit(run.m)
+    run.m = stored.restored()
+    assert ok(run.reconstruct(DEVICES[0])).reason.startswith("Success, but")
+    stored.commit(run.m)
+    run.m = stored.restored()
+    for d in DEVICES[1:3]:
+        ok(run.reconstruct(d))
+    (aggregate,) = [i for i in run.instructions if isinstance(i, AggregateIteration)]
+    unmask = aggregate.unmask
+    assert unmask is not None and unmask.u3 == tuple(DEVICES[:3]) and len(unmask.keys) == len(DEVICES)
+    assert unmask.shares[0].shares[0].share == f"d1@{DEVICES[0]}".encode()
+
+
+def test_a_store_without_the_lists_fails_the_iteration_they_were_lost_from() -> None:
     run = Run(config())
     through_secrets(run)
-    snapshot = snapshot_from_json(run.m.snapshot_json())
+    # A snapshot written before the cipher lists were kept has none.
+    snapshot = attrs.evolve(snapshot_from_json(snapshot_to_json(run.m.snapshot())), cipher=None)
     rebuilt = IterationMachine.from_snapshot(snapshot)
     assert rebuilt.cipher_state().lost  # type: ignore[union-attr]
     out = rebuilt.handle(Resumed("r", run.now))
@@ -497,7 +533,8 @@ def test_unmasking_snapshot_is_consistent() -> None:
         run.update(d)
     snapshot = run.m.snapshot()
     assert snapshot.phase is Phase.UNMASKING
-    assert snapshot_from_json(run.m.snapshot_json()) == snapshot
+    assert snapshot_from_json(snapshot_to_json(snapshot)) == snapshot
+    assert snapshot.cipher is not None and len(snapshot.cipher.devices) == len(DEVICES)
 
 
 # ----------------------------------------------------------------------------------------------- STABLE_PW
@@ -570,6 +607,7 @@ class CipherRules(RuleBasedStateMachine):
         self.frozen_u2: tuple[str, ...] | None = None
         self.frozen_u3: tuple[str, ...] | None = None
         self.iteration = 1
+        self.stored = StoredMachine()
 
     @initialize(
         mode=st.sampled_from(["PW_ENCRYPT", "STABLE_PW_ENCRYPT"]),
@@ -585,6 +623,7 @@ class CipherRules(RuleBasedStateMachine):
             cfg = config(mode, start_fl_job_threshold=threshold, update_model_ratio=1.0,
                          share_secrets_ratio=1.0, reconstruct_secrets_threshold=1)  # fmt: skip
         self.run = Run(cfg)
+        self.stored = StoredMachine()
 
     @property
     def m(self) -> IterationMachine:
@@ -705,8 +744,8 @@ class CipherRules(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        rebuilt = IterationMachine.from_snapshot(snapshot_from_json(self.m.snapshot_json()))
-        assert rebuilt == self.m
+        rebuilt = self.stored.restored()
+        assert rebuilt == self.m and rebuilt.cipher_state() == self.m.cipher_state()
         self.run.m = rebuilt
         self.run.feed(Resumed(self.run.cause(), self.run.now))
 
@@ -750,6 +789,9 @@ class CipherRules(RuleBasedStateMachine):
     def snapshot_round_trips(self) -> None:
         snapshot = self.m.snapshot()
         assert IterationMachine.from_snapshot(snapshot).snapshot() == snapshot
+        # The store's header and device rows, committed after every step, rebuild the same machine.
+        self.stored.commit(self.m)
+        assert self.stored.restored() == self.m
 
 
 TestCipherRules = CipherRules.TestCase
