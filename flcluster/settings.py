@@ -180,6 +180,12 @@ def leader_options(ctx: FLContext, cluster_config: ClusterConfig | None = None) 
     )
 
 
+def _job_prime(ctx: FLContext) -> bytes:
+    from flcluster.secure.job_prime import job_prime_bytes
+
+    return job_prime_bytes(ctx.fl_name)
+
+
 def fl_plan(ctx: FLContext) -> FLPlanParams:
     """The FLPlan sent to devices at startFLJob, from a validated context."""
     from flcluster.wire.records import FLPlanParams
@@ -193,6 +199,8 @@ def fl_plan(ctx: FLContext) -> FLPlanParams:
         lr=ctx.client_learning_rate,
         encrypt_type=ctx.encrypt_type,
         pw_t=ctx.reconstruct_secrets_threshold,
+        # spec/secure-aggregation.md §1.1: one prime per job, the same on every Server.
+        pw_prime=_job_prime(ctx) if ctx.encrypt_type in ("PW_ENCRYPT", "STABLE_PW_ENCRYPT") else bytes(33),
         dp_eps=ctx.dp_eps,
         dp_delta=ctx.dp_delta,
         dp_norm_clip=ctx.dp_norm_clip,

@@ -505,7 +505,9 @@ class CipherDevice:
             ValueError: ``value`` is not such a record (the message says what is wrong).
         """
         try:
-            keys, got_keys, shares, got_secrets, got_clients, reconstruction = value  # type: ignore[misc]
+            if not isinstance(value, list) or len(value) != 6:
+                raise ValueError(f"expected a list of 6, got {value!r:.80}")
+            keys, got_keys, shares, got_secrets, got_clients, reconstruction = value
             return cls(
                 fl_id,
                 None if keys is None else DeviceKeys(fl_id, *(bytes.fromhex(h) for h in keys)),
