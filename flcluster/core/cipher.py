@@ -45,7 +45,7 @@ from flcluster.wire.codes import (
     CIPHER_ROUNDS_STABLE_PW,
     IV_BYTES,
     KEY_BYTES,
-    MAX_SALT_BYTES,
+    SALT_BYTES,
     CipherRound,
     ResponseCode,
 )
@@ -942,8 +942,8 @@ class CipherRounds:
             size = len(getattr(keys, name))
             if size != IV_BYTES:
                 problems.append(f"{name} has {size} bytes, expected {IV_BYTES}")
-        if not 1 <= len(keys.pw_salt) <= MAX_SALT_BYTES:
-            problems.append(f"pw_salt has {len(keys.pw_salt)} bytes, expected 1..{MAX_SALT_BYTES}")
+        if len(keys.pw_salt) != SALT_BYTES:
+            problems.append(f"pw_salt has {len(keys.pw_salt)} bytes, expected {SALT_BYTES}")
         return "; ".join(problems)
 
     @staticmethod

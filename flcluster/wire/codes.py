@@ -43,6 +43,7 @@ __all__ = [
     "MAX_WEIGHT_NAME_BYTES",
     "NOT_READY_TEXT",
     "SAFEMODE_TEXT",
+    "SALT_BYTES",
     "CipherRound",
     "CompressType",
     "DeviceRound",
@@ -164,3 +165,5 @@ MAX_CIPHER_CLIENTS: Final = 16_384
 KEY_BYTES: Final = 32
 #: The exact length of ``ind_iv`` and ``pw_iv`` (one AES block), the only one the leader takes.
 IV_BYTES: Final = 16
+#: The exact length of ``pw_salt`` the leader takes (the original's devices send 32; unmasking needs it).
+SALT_BYTES: Final = 32
