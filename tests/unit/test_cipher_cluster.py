@@ -169,3 +169,41 @@ async def test_stable_pw_encrypt_publishes_fedavg_within_the_bound() -> None:
             for name, value in uploads.seen[f"st-{i}"].items():
                 assert np.mean(np.abs(value - trainers.clear[f"st-{i}"][name])) > 0.05
         assert_within_bound(model, [trainers.clear[f"st-{i}"] for i in range(4)], sizes, m=4)
+
+
+async def _simulated(ctx: Any, devices: int, **options: Any) -> tuple[Any, Model, list[str]]:
+    from flcluster.client.simulator import SimulatorConfig, simulate
+
+    async with open_cluster(2, lambda: job_settings(ctx)) as cluster, httpx.AsyncClient(timeout=60) as client:
+        config = SimulatorConfig(
+            servers=tuple(cluster.urls), num_devices=devices, mode="synthetic", iterations=1, seed=7,
+            progress=False, policy=POLICY, fl_name=FL_NAME, **options,
+        )  # fmt: skip
+        with trio.fail_after(STEP_TIMEOUT):
+            report = await simulate(config)
+        return report, await published(cluster.urls, client, 1), list(cluster.urls)
+
+
+def _synthetic(model: Model, indices: list[int]) -> list[Model]:
+    from flcluster.client.simulator import synthetic_update
+
+    sizes = {name: int(value.size) for name, value in model.items()}
+    return [synthetic_update(sizes, data_size=32, seed=(7, i, 1)) for i in indices]
+
+
+async def test_the_simulator_runs_stable_pw_encrypt() -> None:
+    ctx = lenet_context(4, 1).evolve(encrypt_type="STABLE_PW_ENCRYPT", cipher_time_window=60_000)
+    report, model, _ = await _simulated(ctx, 4)
+    assert report.iterations[0].completed == 4
+    assert_within_bound(model, _synthetic(model, [0, 1, 2, 3]), [32] * 4, m=4)
+
+
+async def test_the_simulator_runs_pw_encrypt_with_drop_outs() -> None:
+    ctx = pw_context(
+        6, update_model_ratio=0.8, share_secrets_ratio=0.8, reconstruct_secrets_threshold=2,
+        cipher_time_window=60_000,
+    )  # fmt: skip
+    report, model, _ = await _simulated(ctx, 6, drop_after_share_secrets=1, drop_after_update_model=1)
+    summary = report.iterations[0]
+    assert (summary.completed, summary.failed) == (4, 2)
+    assert_within_bound(model, _synthetic(model, [1, 2, 3, 4, 5]), [32] * 5, m=6)
