@@ -24,6 +24,7 @@ tensors. An upload without every tensor cannot be masked (the Servers refuse it 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 import numpy.typing as npt
 

@@ -95,14 +95,6 @@ from flcluster.errors import (
 )
 from flcluster.verify.identity import DeviceIdentity
 from flcluster.verify.pki import start_fl_job_signed_data, update_model_signed_data
-from flcluster.wire.client_codec import (
-    decode_get_model_response,
-    decode_start_fl_job_response,
-    decode_update_model_response,
-    encode_get_model_request,
-    encode_start_fl_job_request,
-    encode_update_model_request,
-)
 from flcluster.wire.cipher_client_codec import (
     decode_ack,
     decode_client_list_response,
@@ -113,6 +105,14 @@ from flcluster.wire.cipher_client_codec import (
     encode_shares_request,
 )
 from flcluster.wire.cipher_records import CipherAck, ClientListResponse, KeysResponse, SecretsResponse
+from flcluster.wire.client_codec import (
+    decode_get_model_response,
+    decode_start_fl_job_response,
+    decode_update_model_response,
+    encode_get_model_request,
+    encode_start_fl_job_request,
+    encode_update_model_request,
+)
 from flcluster.wire.codes import CipherRound, DeviceRound, ResponseCode, ServerText
 from flcluster.wire.records import FLPlanParams, GetModelResponse, StartFLJobResponse, UpdateModelResponse
 
@@ -601,7 +601,12 @@ class Device:
         return _decode(url, answer, "ResponseGetModel", decode_get_model_response)
 
     async def cipher_request(
-        self, round_: CipherRound, iteration: int, *, keys: DeviceKeys | None = None, shares: Sequence[Share] = ()
+        self,
+        round_: CipherRound,
+        iteration: int,
+        *,
+        keys: DeviceKeys | None = None,
+        shares: Sequence[Share] = (),
     ) -> CipherAck | KeysResponse | SecretsResponse | ClientListResponse | ServerText:
         """Send one secure-aggregation request to ``/<round_>`` (spec/secure-aggregation.md §R1).
 
@@ -633,7 +638,9 @@ class Device:
                 answer = functools.partial(decode_ack, round_)
                 table = "ResponseShareSecrets" if round_ is CipherRound.SHARE_SECRETS else "ReconstructSecret"
             case CipherRound.GET_KEYS | CipherRound.GET_SECRETS | CipherRound.GET_CLIENT_LIST:
-                body = encode_fetch_request(round_, fl_id=self._fl_id, iteration=iteration, timestamp=timestamp)
+                body = encode_fetch_request(
+                    round_, fl_id=self._fl_id, iteration=iteration, timestamp=timestamp
+                )
                 answer, table = _FETCH_DECODERS[round_]
             case _:
                 assert_never(round_)

@@ -3,8 +3,9 @@
 FLContext represents every parameter of the original, including features flcluster has not implemented:
 the list signatures of PW_ENCRYPT under ``pki_verify`` (every ``encrypt_type`` runs: spec/privacy.md,
 spec/secure-aggregation.md). Their cross-field rules still hold in FLContext. A role, however, must never
-start with one of them turned on: its operator would believe in a protection it does not have. (TLS, ``enable_ssl``, is implemented: :mod:`flcluster.tls` checks its files
-when a role starts; so is ``pki_verify``: :mod:`flcluster.verify` checks its files when a Server starts.)
+start with one of them turned on: its operator would believe in a protection it does not have. (TLS,
+``enable_ssl``, is implemented: :mod:`flcluster.tls` checks its files when a role starts; so is
+``pki_verify``: :mod:`flcluster.verify` checks its files when a Server starts.)
 :func:`refuse_unimplemented` is called once per role when its
 settings are derived (:mod:`flcluster.settings`), and refuses with a message that names the parameter, the
 value, says the feature is not implemented yet, and says what to set instead (``spec/configuration.md`` §2.4).
@@ -16,6 +17,7 @@ from flcluster.config.context import FLContext
 from flcluster.errors import ConfigError
 
 __all__ = ["refuse_unimplemented"]
+
 
 def refuse_unimplemented(ctx: FLContext) -> None:
     """Refuse a context that turns on a feature flcluster does not implement yet.

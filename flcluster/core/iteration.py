@@ -1148,7 +1148,7 @@ class IterationMachine:
             if snapshot.cipher is not None:
                 machine._cipher.restore(snapshot.cipher)
             elif snapshot.phase is not Phase.WAITING:
-                # A store written before the lists were kept (secure-aggregation §R6): this iteration lost them.
+                # A store written before the lists were kept (secure-aggregation §R6): they are lost.
                 machine._cipher = CipherRounds(machine._cipher.config, machine._cipher.thresholds, lost=True)
         return machine
 

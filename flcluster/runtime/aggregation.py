@@ -155,7 +155,7 @@ class Aggregator:
             )
         _latest, previous = self._rounds.store.latest()
         if ins.unmask is not None:
-            # PW_ENCRYPT: the masks cancel only in the total; the noise removes the rest (secure-aggregation §R6).
+            # PW_ENCRYPT: the masks cancel only in the total; the noise removes the rest (§R6).
             prime = field_prime(self._rounds.plan.pw_prime)
             return await trio.to_thread.run_sync(unmasked_model, total, ins.unmask, prime)
         return await trio.to_thread.run_sync(finalize, total, previous)

@@ -41,10 +41,13 @@ from flcluster.core.cipher import (
 )
 from flcluster.core.iteration import PlainText
 from flcluster.errors import AggregationError, CipherInputError, SchemaError, UnmaskError
-from flcluster.secure import ClientShare, PublicKeys, check_reconstruction_shares, unmask_noise
-from flcluster.secure import shamir
+from flcluster.secure import ClientShare, PublicKeys, check_reconstruction_shares, shamir, unmask_noise
 from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, SharesRequest
-from flcluster.wire.cipher_server_codec import decode_cipher_request, encode_cipher_answer, encode_cipher_error
+from flcluster.wire.cipher_server_codec import (
+    decode_cipher_request,
+    encode_cipher_answer,
+    encode_cipher_error,
+)
 from flcluster.wire.codes import CipherRound, ResponseCode
 
 __all__ = ["CipherRefused", "cipher_event", "encode_refusal", "encode_reply", "unmasked_model"]
@@ -58,9 +61,7 @@ class CipherRefused(Exception):
         self.reason = reason
 
 
-def cipher_event(
-    round_: CipherRound, body: bytes, *, cause: str, now_ms: int, prime: int
-) -> CipherEvent:
+def cipher_event(round_: CipherRound, body: bytes, *, cause: str, now_ms: int, prime: int) -> CipherEvent:
     """The core's event for one cipher request body.
 
     Raises:
@@ -118,7 +119,9 @@ def encode_reply(reply: object) -> bytes | str:
 
 def _public_keys(inputs: UnmaskInputs) -> dict[str, PublicKeys]:
     try:
-        return {k.fl_id: PublicKeys(k.fl_id, k.c_pk, k.s_pk, k.ind_iv, k.pw_iv, k.pw_salt) for k in inputs.keys}
+        return {
+            k.fl_id: PublicKeys(k.fl_id, k.c_pk, k.s_pk, k.ind_iv, k.pw_iv, k.pw_salt) for k in inputs.keys
+        }
     except CipherInputError as exc:
         raise UnmaskError(f"unmasking refused: a device's keys are unusable: {exc}") from None
 

@@ -5,8 +5,8 @@ Theory of operation
 A follower runs a :class:`FollowerSession` over its link to the leader. It forwards the counting part
 of device requests as pipelined ``leader_call`` frames (many in flight, matched by ``call_id``) and
 forwards cipher-round bodies as pipelined ``cipher_call`` frames (answered ``cipher_answer``, the
-response table as payload), and carries out what the leader pushes: the iteration status (applied to this Server's
-:class:`~flcluster.runtime.rounds.RoundService`), models to install (answered ``model_installed``),
+response table as payload), and carries out what the leader pushes: the iteration status (applied to this
+Server's :class:`~flcluster.runtime.rounds.RoundService`), models to install (answered ``model_installed``),
 requests for this Server's partial sums of an iteration (with the fl_ids they hold), and partial sums
 to drop. After each committed fold it sends the leader an ``updates_committed`` confirmation
 (pipelined, unanswered; spec/recovery.md §4). The session counts
@@ -30,10 +30,10 @@ import logging
 import trio
 
 from flcluster.core.iteration import PlainText
+from flcluster.http.device import DeviceAnswer
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.runtime.peer_wire import call_of, reply_of, view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
-from flcluster.http.device import DeviceAnswer
 from flcluster.wire.codes import SAFEMODE_TEXT, CipherRound
 from flcluster.wire.messages import (
     CipherCall,

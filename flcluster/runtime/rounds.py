@@ -560,8 +560,10 @@ class RoundService:
         maps = [(m.name, m.data) for m in req.feature_maps]
         if kind is UploadKind.DENSE:
             checked = self.spec.check_update(maps)
-            if runs_cipher_rounds(self.plan.encrypt_type) and len({n for n, _ in maps}) != len(self.spec.names):
-                # The masks cover the whole model (spec/secure-aggregation.md §2.1): a part cannot be unmasked.
+            if runs_cipher_rounds(self.plan.encrypt_type) and len({n for n, _ in maps}) != len(
+                self.spec.names
+            ):
+                # The masks cover the whole model (spec/secure-aggregation.md §2.1): no part can be unmasked.
                 raise UpdateRejected(
                     f"{self.plan.encrypt_type} needs every tensor of the model in an update (the masks cover "
                     f"them all); got {len(maps)} of {len(self.spec.names)}"

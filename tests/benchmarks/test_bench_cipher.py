@@ -40,11 +40,17 @@ async def _train(task: TrainingTask) -> TrainResult:
     return TrainResult(feature_maps=upload, loss=0.0)
 
 
+async def _one(device: Device, reports: list[Any]) -> None:
+    reports.append(await device.run_iteration(_train, data_size=32))
+
+
 async def _iterations(urls: list[str]) -> list[float]:
     times = []
     async with httpx.AsyncClient(timeout=120) as client:
         devices = [
-            Device(f"bench-{i:02d}", urls[i % 4 :] + urls[: i % 4], fl_name="Lenet", client=client, policy=POLICY)
+            Device(
+                f"bench-{i:02d}", urls[i % 4 :] + urls[: i % 4], fl_name="Lenet", client=client, policy=POLICY
+            )
             for i in range(DEVICES)
         ]
         for _ in range(ITERATIONS):
@@ -52,11 +58,7 @@ async def _iterations(urls: list[str]) -> list[float]:
             began = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for d in devices:
-
-                    async def one(d: Device = d) -> None:
-                        reports.append(await d.run_iteration(_train, data_size=32))
-
-                    nursery.start_soon(one)
+                    nursery.start_soon(_one, d, reports)
             times.append(time.perf_counter() - began)
             assert all(r.outcome is IterationOutcome.COMPLETED for r in reports), [r.reason for r in reports]
     return times
@@ -74,7 +76,9 @@ def _run(tmp_path: Path, encrypt_type: str) -> list[float]:
         f"--config_file_path={mobile / 'config.json'}",
     ]
     try:
-        sched = run_script(mobile, "run_mobile_sched.py", [*common, f"--scheduler_manage_port={free_ports(1)[0]}"])
+        sched = run_script(
+            mobile, "run_mobile_sched.py", [*common, f"--scheduler_manage_port={free_ports(1)[0]}"]
+        )
         servers = run_script(
             mobile,
             "run_mobile_server.py",
@@ -89,7 +93,9 @@ def _run(tmp_path: Path, encrypt_type: str) -> list[float]:
         )
         assert len(started_pids(sched.stdout) + started_pids(servers.stdout)) == 5, servers.stderr
         for i in range(4):
-            wait_for_log_line(mobile / f"server_{i}" / "server.log", "Server started successfully.", timeout=180)
+            wait_for_log_line(
+                mobile / f"server_{i}" / "server.log", "Server started successfully.", timeout=180
+            )
         return trio.run(_iterations, [f"http://127.0.0.1:{fl_port + i}" for i in range(4)])
     finally:
         kill_leftovers(sched_port)
@@ -100,7 +106,8 @@ def test_bench_pw_encrypt_against_no_encryption(tmp_path: Path) -> None:
     print()
     for mode, times in figures.items():
         print(
-            f"{mode:12s} one iteration, {DEVICES} devices, 4 Servers: median {statistics.median(times):.2f} s "
+            f"{mode:12s} one iteration, {DEVICES} devices, 4 Servers: "
+            f"median {statistics.median(times):.2f} s "
             f"(min {min(times):.2f}, max {max(times):.2f}; {len(times)} iterations)"
         )
     ratio = statistics.median(figures["PW_ENCRYPT"]) / statistics.median(figures["NOT_ENCRYPT"])

@@ -97,7 +97,9 @@ def test_pw_encrypt_20_devices_4_servers_with_drop_outs(tmp_path: Path, ports: t
         "--server_num=4",
         f"--config_file_path={mobile / 'config.json'}",
     ]
-    sched = run_script(mobile, "run_mobile_sched.py", [*common, f"--scheduler_manage_port={free_ports(1)[0]}"])
+    sched = run_script(
+        mobile, "run_mobile_sched.py", [*common, f"--scheduler_manage_port={free_ports(1)[0]}"]
+    )
     assert sched.returncode == 0, sched.stderr
     # S = 20, u = ceil(20 × 0.85) = 17 = the devices that upload; r = 0.85: exchangeKeys, getKeys,
     # shareSecrets and getSecrets 17; getClientList max(15, t + 1) = 15 = the devices left; R: t + 1 = 9.
@@ -160,7 +162,9 @@ async def _devices(mobile: Path, urls: list[str]) -> None:
     hooks = {"request": [on_request], "response": [on_response]}
     async with httpx.AsyncClient(timeout=120, event_hooks=hooks) as client:
         devices = [
-            Device(f"pw-{i:02d}", urls[i % 4 :] + urls[: i % 4], fl_name="Lenet", client=client, policy=POLICY)
+            Device(
+                f"pw-{i:02d}", urls[i % 4 :] + urls[: i % 4], fl_name="Lenet", client=client, policy=POLICY
+            )
             for i in range(DEVICES)
         ]
         drops = {i: "shareSecrets" for i in range(DROP_SHARE)}

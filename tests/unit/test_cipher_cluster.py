@@ -93,7 +93,9 @@ def pw_context(devices: int, **kw: Any) -> Any:
     return lenet_context(devices, 1, start=60_000, update=60_000).evolve(encrypt_type="PW_ENCRYPT", **kw)
 
 
-async def run(devices: list[Device], trainers: Trainers, sizes: list[int], drops: dict[str, str]) -> list[Any]:
+async def run(
+    devices: list[Device], trainers: Trainers, sizes: list[int], drops: dict[str, str]
+) -> list[Any]:
     reports: list[Any] = []
 
     async def one(i: int) -> None:
@@ -158,8 +160,13 @@ async def test_stable_pw_encrypt_publishes_fedavg_within_the_bound() -> None:
         httpx.AsyncClient(timeout=60, event_hooks={"response": [uploads.hook]}) as client,
     ):
         devices = [
-            Device(f"st-{i}", cluster.urls[i % 2 :] + cluster.urls[: i % 2], fl_name=FL_NAME, client=client,
-                   policy=POLICY)  # fmt: skip
+            Device(
+                f"st-{i}",
+                cluster.urls[i % 2 :] + cluster.urls[: i % 2],
+                fl_name=FL_NAME,
+                client=client,
+                policy=POLICY,
+            )
             for i in range(4)
         ]
         reports = await run(devices, trainers, sizes, {})

@@ -32,7 +32,13 @@ from tests.helpers import FL_NAME, lenet_context, open_cluster
 
 
 def keys(fl_id: str, **bad: bytes) -> DeviceKeys:
-    fields = {"c_pk": b"c" * 32, "s_pk": b"s" * 32, "ind_iv": b"i" * 16, "pw_iv": b"p" * 16, "pw_salt": b"t" * 32}
+    fields = {
+        "c_pk": b"c" * 32,
+        "s_pk": b"s" * 32,
+        "ind_iv": b"i" * 16,
+        "pw_iv": b"p" * 16,
+        "pw_salt": b"t" * 32,
+    }
     return DeviceKeys(fl_id, **{**fields, **bad})
 
 
@@ -50,12 +56,16 @@ class Cluster:
         return response.content
 
     async def start(self, fl_id: str) -> None:
-        body = encode_start_fl_job_request(fl_name=FL_NAME, fl_id=fl_id, iteration=1, data_size=10, timestamp="1")
+        body = encode_start_fl_job_request(
+            fl_name=FL_NAME, fl_id=fl_id, iteration=1, data_size=10, timestamp="1"
+        )
         await self.post(self.follower_url, "startFLJob", body)
 
     async def exchange(self, k: DeviceKeys, url: str | None = None) -> Any:
         body = encode_exchange_keys_request(keys=k, iteration=1, timestamp="1")
-        return decode_ack(CipherRound.EXCHANGE_KEYS, await self.post(url or self.follower_url, "exchangeKeys", body))
+        return decode_ack(
+            CipherRound.EXCHANGE_KEYS, await self.post(url or self.follower_url, "exchangeKeys", body)
+        )
 
     def state(self) -> Any:
         m = self.leader.machine
@@ -73,7 +83,9 @@ async def test_refused_repeated_and_out_of_order_requests_change_nothing() -> No
     async with pw_cluster(cipher_time_window=60_000) as c:
         # Malformed body: refused by the follower it reached (RequestError), never forwarded.
         before = c.state()
-        answer = decode_ack(CipherRound.EXCHANGE_KEYS, await c.post(c.follower_url, "exchangeKeys", b"\x00" * 24))
+        answer = decode_ack(
+            CipherRound.EXCHANGE_KEYS, await c.post(c.follower_url, "exchangeKeys", b"\x00" * 24)
+        )
         assert answer.retcode == ResponseCode.RequestError
         assert "RequestExchangeKeys" in answer.reason
         # Out of order: exchangeKeys before the device's startFLJob.
@@ -106,15 +118,23 @@ async def test_refused_repeated_and_out_of_order_requests_change_nothing() -> No
         assert got.retcode == ResponseCode.SucNotReady and got.keys == ()
         # A submit of a later round from a device not entitled to it.
         shares = [Share("d1", b"blob")]
-        body = encode_shares_request(CipherRound.SHARE_SECRETS, fl_id="d0", iteration=1, timestamp="1", shares=shares)
+        body = encode_shares_request(
+            CipherRound.SHARE_SECRETS, fl_id="d0", iteration=1, timestamp="1", shares=shares
+        )
         answer = decode_ack(CipherRound.SHARE_SECRETS, await c.post(c.follower_url, "shareSecrets", body))
         assert answer.retcode == ResponseCode.RequestError
         # A reconstruction share not below the job's prime: refused at the leader before the machine.
         big = (job_prime(FL_NAME) + 1).to_bytes(33, "big")
         body = encode_shares_request(
-            CipherRound.RECONSTRUCT_SECRETS, fl_id="d0", iteration=1, timestamp="1", shares=[Share("d1", big, 1)]
+            CipherRound.RECONSTRUCT_SECRETS,
+            fl_id="d0",
+            iteration=1,
+            timestamp="1",
+            shares=[Share("d1", big, 1)],
         )
-        answer = decode_ack(CipherRound.RECONSTRUCT_SECRETS, await c.post(c.follower_url, "reconstructSecrets", body))
+        answer = decode_ack(
+            CipherRound.RECONSTRUCT_SECRETS, await c.post(c.follower_url, "reconstructSecrets", body)
+        )
         assert answer.retcode == ResponseCode.RequestError
         assert "not below the prime" in answer.reason
         assert c.state() == before
@@ -126,8 +146,7 @@ async def test_a_cipher_round_that_misses_its_threshold_fails_the_iteration() ->
             await c.start(d)
         assert (await c.exchange(keys("d0"))).retcode == ResponseCode.SUCCEED
         with trio.fail_after(30):
-            while 1 not in c.leader.machine.failed:
-                await trio.sleep(0.05)
+            assert not await c.leader.wait_ended(1)  # failed: U1 below its threshold when its window ended
         assert c.leader.machine.current_iteration == 2
         assert c.leader.machine.cipher_state().u1 == ()  # type: ignore[union-attr]
         # The iteration is over: its requests get the round's OutOfTime.
