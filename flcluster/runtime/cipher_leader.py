@@ -50,28 +50,20 @@ from flcluster.wire.cipher_server_codec import (
 )
 from flcluster.wire.codes import CipherRound, ResponseCode
 
-__all__ = ["CipherRefused", "cipher_event", "encode_refusal", "encode_reply", "unmasked_model"]
-
-
-class CipherRefused(Exception):
-    """A cipher request refused before the machine sees it (its ``reason`` goes back as RequestError)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+__all__ = ["cipher_event", "encode_refusal", "encode_reply", "unmasked_model"]
 
 
 def cipher_event(round_: CipherRound, body: bytes, *, cause: str, now_ms: int, prime: int) -> CipherEvent:
     """The core's event for one cipher request body.
 
     Raises:
-        CipherRefused: the body is not the round's table (spec §R7), or a reconstructSecrets share has an
+        CipherInputError: the body is not the round's table (spec §R7), or a reconstructSecrets share has an
             index outside ``[1, 2**31)`` or a value not below the prime (spec §2.3).
     """
     try:
         request = decode_cipher_request(round_, body)
     except SchemaError as exc:
-        raise CipherRefused(str(exc)) from None
+        raise CipherInputError(str(exc)) from None
     match request:
         case ExchangeKeysRequest(keys=keys, iteration=iteration):
             return ExchangeKeysReceived(cause, keys, iteration, now_ms)
@@ -91,7 +83,7 @@ def cipher_event(round_: CipherRound, body: bytes, *, cause: str, now_ms: int, p
                     fl_id, [ClientShare(s.fl_id, s.share, s.index) for s in shares], owners, prime
                 )
             except CipherInputError as exc:
-                raise CipherRefused(f"reconstructSecrets shares are malformed: {exc}") from None
+                raise CipherInputError(f"reconstructSecrets shares are malformed: {exc}") from None
             return ReconstructSecretsReceived(cause, fl_id, iteration, shares, now_ms)
     raise AssertionError(f"no event for {request!r}")  # pragma: no cover - the match is exhaustive
 

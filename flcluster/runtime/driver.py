@@ -80,7 +80,6 @@ from flcluster.errors import CipherInputError, IllegalEvent
 from flcluster.http.device import DeviceAnswer
 from flcluster.runtime.aggregation import Aggregator
 from flcluster.runtime.cipher_leader import (
-    CipherRefused,
     cipher_event,
     encode_refusal,
     encode_reply,
@@ -333,10 +332,9 @@ class Leader:
                 round_, body, cause=self._cause(f"{round_.value}@{server}"), now_ms=now, prime=self._prime
             )
             reply = self.feed(event)
-        except (CipherRefused, IllegalEvent, CipherInputError) as exc:
-            reason = exc.reason if isinstance(exc, CipherRefused) else str(exc)
+        except (IllegalEvent, CipherInputError) as exc:
             return encode_refusal(
-                round_, reason, iteration=m.current_iteration, next_req_time_ms=m.next_req_time_ms(now)
+                round_, str(exc), iteration=m.current_iteration, next_req_time_ms=m.next_req_time_ms(now)
             )
         await self._wait_durable()
         return encode_reply(reply)

@@ -14,9 +14,9 @@ random coefficients, which stay random.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
+
+from cryptography.hazmat.primitives import hashes
 
 from flcluster.secure import shamir
 
@@ -25,16 +25,28 @@ __all__ = ["job_prime", "job_prime_bytes"]
 _DOMAIN = b"flcluster PW_ENCRYPT field prime\x00"
 
 
-@functools.cache
+_CACHE: dict[str, int] = {}
+
+
+def _sha256(data: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize()
+
+
 def job_prime(fl_name: str) -> int:
     """The job's 264-bit safe prime, a pure function of ``fl_name`` (about 0.2 s, then cached)."""
+    if fl_name not in _CACHE:
+        _CACHE[fl_name] = _derive(fl_name)
+    return _CACHE[fl_name]
+
+
+def _derive(fl_name: str) -> int:
     seed = _DOMAIN + fl_name.encode("utf-8")
     bits = shamir.PRIME_BITS - 1
     counter = 0
     while True:
-        block = b"".join(
-            hashlib.sha256(seed + (counter * 2 + i).to_bytes(8, "big")).digest() for i in range(2)
-        )
+        block = b"".join(_sha256(seed + (counter * 2 + i).to_bytes(8, "big")) for i in range(2))
         counter += 1
         q = int.from_bytes(block, "big") >> (8 * len(block) - bits)
         q |= (1 << (bits - 1)) | 1
