@@ -9,6 +9,7 @@ Server; and that what the Servers received is masked.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,11 +20,12 @@ from flcluster.client.device import Device, DevicePolicy, IterationOutcome, Trai
 from flcluster.secure.bound import model_error_bound
 from flcluster.settings import job_settings
 from flcluster.wire.client_codec import decode_update_model_response
-from flcluster.wire.codes import ResponseCode
+from flcluster.wire.codes import ResponseCode, ServerText
 from flcluster.wire.server_codec import decode_update_model
 from tests.helpers import FL_NAME, lenet_context, open_cluster
 
 Model = dict[str, np.ndarray[Any, Any]]
+TEXTS = {t.value.encode() for t in ServerText}
 POLICY = DevicePolicy(wait_interval=0.05, max_wait_tries=2000)
 STEP_TIMEOUT = 180
 
@@ -38,6 +40,8 @@ class Uploads:
         if not response.request.url.path.endswith("/updateModel"):
             return
         await response.aread()
+        if response.content in TEXTS:
+            return  # a plain-text answer (safemode while the Servers re-link): not acknowledged
         if decode_update_model_response(response.content).retcode != ResponseCode.SUCCEED:
             return
         req = decode_update_model(response.request.content)
@@ -214,3 +218,75 @@ async def test_the_simulator_runs_pw_encrypt_with_drop_outs() -> None:
     summary = report.iterations[0]
     assert (summary.completed, summary.failed) == (4, 2)
     assert_within_bound(model, _synthetic(model, [1, 2, 3, 4, 5]), [32] * 5, m=6)
+
+
+async def test_the_leader_restarted_from_its_store_in_the_cipher_rounds_finishes_the_iteration(
+    tmp_path: Path,
+) -> None:
+    # The devices are held before their upload (U1 and U2 frozen, the shares fetched) while the leader is
+    # killed and started again on its store: it resumes the cipher rounds (spec §R6, "Recovery").
+    from flcluster.runtime.scheduler import SchedulerNode
+    from tests.helpers import loopback_scheduler
+    from tests.unit.test_server_recovery import Cluster
+
+    ctx = lenet_context(3, 5, update=30_000).evolve(
+        encrypt_type="PW_ENCRYPT", reconstruct_secrets_threshold=1, cipher_time_window=60_000
+    )
+    held, restarted = trio.Event(), trio.Event()
+    trainers, uploads = Trainers(), Uploads()
+
+    waiting: set[str] = set()
+
+    async def hold(request: httpx.Request) -> None:
+        if request.url.path.endswith("/updateModel") and not restarted.is_set():
+            waiting.add(decode_update_model(request.content).fl_id)
+            if len(waiting) == 3:
+                held.set()  # every device is past getSecrets: no request is in flight
+            await restarted.wait()
+
+    hooks = {"request": [hold], "response": [uploads.hook]}
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=60, event_hooks=hooks) as client:
+        addrs = await nursery.start(SchedulerNode(loopback_scheduler(2)).serve)
+        c = Cluster(nursery, tmp_path, addrs.port)
+        for node_id in ("0", "1"):
+            await c.start(node_id, job_settings(ctx))
+        for node in list(c.nodes.values()):
+            with trio.fail_after(20):
+                await node.wait_started()
+        leader_id = next(i for i, n in c.nodes.items() if n.rank == 0)
+        urls = [c.url("0"), c.url("1")]
+        devices = [
+            Device(f"r-{i}", urls[i % 2 :] + urls[: i % 2], fl_name=FL_NAME, client=client, policy=POLICY)
+            for i in range(3)
+        ]
+        reports: list[Any] = []
+
+        async def one(i: int) -> None:
+            d = devices[i]
+            reports.append(await d.run_iteration(trainers.of(i, d.fl_id), data_size=4 + i))
+
+        with trio.fail_after(STEP_TIMEOUT):
+            async with trio.open_nursery() as run:
+                for i in range(3):
+                    run.start_soon(one, i)
+                await held.wait()
+                before = c.nodes[leader_id].leader
+                assert before is not None
+                lists = before.machine.cipher_state()
+                assert lists is not None and lists.u2_closed and len(lists.u2) == 3
+                c.scopes[leader_id].cancel()
+                await trio.sleep(0.2)
+                back = await c.start(leader_id, job_settings(ctx))
+                await back.wait_started()
+                assert back.leader is not None
+                assert back.leader.machine.cipher_state() == lists
+                restarted.set()
+        assert all(r.outcome is IterationOutcome.COMPLETED for r in reports), [r.reason for r in reports]
+        leader = c.nodes[leader_id].leader
+        assert leader is not None and leader.machine.completed == (1,)
+        model = c.nodes[leader_id].rounds.store.get(1)
+        assert model is not None
+        published_model = {n: model[n].numpy() for n in c.nodes[leader_id].rounds.spec.names}
+        assert sorted(uploads.seen) == ["r-0", "r-1", "r-2"]
+        assert_within_bound(published_model, [trainers.clear[f"r-{i}"] for i in range(3)], [4, 5, 6], m=3)
+        nursery.cancel_scope.cancel()
