@@ -55,6 +55,13 @@ every updateModel, each request signed anew; its timestamps then strictly increa
 requests carry the same signed data. Its ``fl_id`` must be the identity's (the SHA-256 of its equip
 certificate).
 
+Under the FLPlan's ``PW_ENCRYPT`` or ``STABLE_PW_ENCRYPT`` the iteration runs the secure-aggregation rounds
+too (spec/secure-aggregation.md §R1; :mod:`flcluster.client.cipher`): exchangeKeys and getKeys (and, PW,
+shareSecrets and getSecrets) after startFLJob, a masked updateModel, then (PW) getClientList and
+reconstructSecrets before getModel, each with the reactions above; a late device whose reconstruction is no
+longer needed (OutOfTime, or "finished" after the last iteration) goes on to getModel. ``drop_after`` (tests,
+the simulator) makes a device leave after shareSecrets or updateModel.
+
 Training is the caller's: a :data:`Trainer` receives a :class:`TrainingTask` (the global model from
 startFLJob, the FLPlan, the declared data size) and returns a :class:`TrainResult` whose feature maps are
 already multiplied by that data size, the original's upload convention (§2.6). Under the FLPlan's
