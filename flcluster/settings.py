@@ -142,8 +142,17 @@ def server_settings(
 
 def iteration_config(ctx: FLContext) -> IterationConfig:
     """The numbers every iteration is held against, from a validated context."""
+    from flcluster.core.cipher import CipherConfig, CipherMode
     from flcluster.core.iteration import IterationConfig
 
+    cipher = None
+    if ctx.encrypt_type in (CipherMode.PW, CipherMode.STABLE_PW):
+        cipher = CipherConfig(
+            mode=ctx.encrypt_type,
+            share_secrets_ratio=ctx.share_secrets_ratio,
+            cipher_time_window=ctx.cipher_time_window,
+            reconstruct_secrets_threshold=ctx.reconstruct_secrets_threshold,
+        )
     return IterationConfig(
         start_fl_job_threshold=ctx.start_fl_job_threshold,
         update_model_ratio=ctx.update_model_ratio,
@@ -152,6 +161,7 @@ def iteration_config(ctx: FLContext) -> IterationConfig:
         global_iteration_time_window=ctx.global_iteration_time_window,
         fl_iteration_num=ctx.fl_iteration_num,
         min_retry_delay_ms=ctx.min_retry_delay_ms,
+        cipher=cipher,
     )
 
 
@@ -170,6 +180,12 @@ def leader_options(ctx: FLContext, cluster_config: ClusterConfig | None = None) 
     )
 
 
+def _job_prime(ctx: FLContext) -> bytes:
+    from flcluster.secure.job_prime import job_prime_bytes
+
+    return job_prime_bytes(ctx.fl_name)
+
+
 def fl_plan(ctx: FLContext) -> FLPlanParams:
     """The FLPlan sent to devices at startFLJob, from a validated context."""
     from flcluster.wire.records import FLPlanParams
@@ -183,6 +199,8 @@ def fl_plan(ctx: FLContext) -> FLPlanParams:
         lr=ctx.client_learning_rate,
         encrypt_type=ctx.encrypt_type,
         pw_t=ctx.reconstruct_secrets_threshold,
+        # spec/secure-aggregation.md §1.1: one prime per job, the same on every Server.
+        pw_prime=_job_prime(ctx) if ctx.encrypt_type in ("PW_ENCRYPT", "STABLE_PW_ENCRYPT") else bytes(33),
         dp_eps=ctx.dp_eps,
         dp_delta=ctx.dp_delta,
         dp_norm_clip=ctx.dp_norm_clip,

@@ -8,6 +8,8 @@ Device *i* talks to Server ``i % server_num`` (port ``fl_server_port + i % serve
 trains LeNet-5 on scikit-learn's digits (or ``--data=<MNIST IDX folder | LEAF FEMNIST folder>``) split
 non-IID across the devices and prints the global model's test accuracy after each iteration;
 ``--mode=synthetic`` uploads seeded random weights for load tests. ``--plot`` writes a PNG of the accuracy.
+Against a PW_ENCRYPT cluster, ``--drop_after_share_secrets=3 --drop_after_update_model=2`` makes devices 0-2
+drop out after shareSecrets and devices 3-4 after updateModel in every iteration.
 Against a cluster with ``enable_ssl``, ``--ca_cert=ca.pem`` talks HTTPS and checks the Servers' certificates
 (``--client_cert`` and ``--client_password`` present a client certificate, for a proxy that asks for one).
 """
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--ca_cert", default="", help="CA bundle of the Servers' HTTPS certificates (enable_ssl clusters)")
     add("--client_cert", default="", help="client certificate the devices present (PKCS#12 or PEM)")
     add("--client_password", default="", help="opens --client_cert")
+    add("--drop_after_share_secrets", type=int, default=0, help="PW_ENCRYPT: devices 0..k-1 drop out then")
+    add("--drop_after_update_model", type=int, default=0, help="PW_ENCRYPT: the next k devices drop out then")
     return parser
 
 
@@ -93,6 +97,8 @@ def main() -> int:
             ca_cert=args.ca_cert,
             client_cert=args.client_cert,
             client_password=args.client_password,
+            drop_after_share_secrets=args.drop_after_share_secrets,
+            drop_after_update_model=args.drop_after_update_model,
         )
         report = trio.run(simulate, config)
     except ConfigError as exc:

@@ -55,6 +55,13 @@ every updateModel, each request signed anew; its timestamps then strictly increa
 requests carry the same signed data. Its ``fl_id`` must be the identity's (the SHA-256 of its equip
 certificate).
 
+Under the FLPlan's ``PW_ENCRYPT`` or ``STABLE_PW_ENCRYPT`` the iteration runs the secure-aggregation rounds
+too (spec/secure-aggregation.md §R1; :mod:`flcluster.client.cipher`): exchangeKeys and getKeys (and, PW,
+shareSecrets and getSecrets) after startFLJob, a masked updateModel, then (PW) getClientList and
+reconstructSecrets before getModel, each with the reactions above; a late device whose reconstruction is no
+longer needed (OutOfTime, or "finished" after the last iteration) goes on to getModel. ``drop_after`` (tests,
+the simulator) makes a device leave after shareSecrets or updateModel.
+
 Training is the caller's: a :data:`Trainer` receives a :class:`TrainingTask` (the global model from
 startFLJob, the FLPlan, the declared data size) and returns a :class:`TrainResult` whose feature maps are
 already multiplied by that data size, the original's upload convention (§2.6). Under the FLPlan's
@@ -66,13 +73,14 @@ bound once getModel has answered the new model.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, assert_never
 
 import attrs
 import httpx
@@ -80,8 +88,11 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from flcluster.client.cipher import CIPHER_TYPES, CipherSession
 from flcluster.client.privacy import DevicePrivacy
+from flcluster.core.cipher import DeviceKeys, Share
 from flcluster.errors import (
+    CipherInputError,
     ConfigError,
     DeviceHTTPError,
     DeviceTransportError,
@@ -91,6 +102,16 @@ from flcluster.errors import (
 )
 from flcluster.verify.identity import DeviceIdentity
 from flcluster.verify.pki import start_fl_job_signed_data, update_model_signed_data
+from flcluster.wire.cipher_client_codec import (
+    decode_ack,
+    decode_client_list_response,
+    decode_get_keys_response,
+    decode_get_secrets_response,
+    encode_exchange_keys_request,
+    encode_fetch_request,
+    encode_shares_request,
+)
+from flcluster.wire.cipher_records import CipherAck, ClientListResponse, KeysResponse, SecretsResponse
 from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
@@ -99,7 +120,7 @@ from flcluster.wire.client_codec import (
     encode_start_fl_job_request,
     encode_update_model_request,
 )
-from flcluster.wire.codes import DeviceRound, ResponseCode, ServerText
+from flcluster.wire.codes import CipherRound, DeviceRound, ResponseCode, ServerText
 from flcluster.wire.records import FLPlanParams, GetModelResponse, StartFLJobResponse, UpdateModelResponse
 
 __all__ = [
@@ -133,6 +154,11 @@ MAX_SLEEP_TIME_MS = 1_800_000
 FloatArray: TypeAlias = npt.NDArray[np.float32]
 
 _HEADERS = {"Content-Type": "application/octet-stream"}
+_FETCH_DECODERS: dict[CipherRound, tuple[Callable[[bytes], Any], str]] = {
+    CipherRound.GET_KEYS: (decode_get_keys_response, "ReturnExchangeKeys"),
+    CipherRound.GET_SECRETS: (decode_get_secrets_response, "ReturnShareSecrets"),
+    CipherRound.GET_CLIENT_LIST: (decode_client_list_response, "ReturnClientList"),
+}
 _EPOCH_MS = re.compile(r"[0-9]{1,18}")
 
 
@@ -316,7 +342,19 @@ class _Progress:
     plan: FLPlanParams | None = None
 
 
-_R = TypeVar("_R", StartFLJobResponse, UpdateModelResponse, GetModelResponse)
+_R = TypeVar(
+    "_R",
+    StartFLJobResponse,
+    UpdateModelResponse,
+    GetModelResponse,
+    CipherAck,
+    KeysResponse,
+    SecretsResponse,
+    ClientListResponse,
+)
+
+#: Where a simulated device drops out of a PW_ENCRYPT iteration (``run_iteration(drop_after=...)``).
+DROP_POINTS = ("shareSecrets", "updateModel")
 
 
 def _decode(url: str, body: bytes, table: str, decode: Callable[[bytes], _R]) -> _R | ServerText:
@@ -569,6 +607,110 @@ class Device:
         url, answer = await self._post(DeviceRound.GET_MODEL, body)
         return _decode(url, answer, "ResponseGetModel", decode_get_model_response)
 
+    async def cipher_request(
+        self,
+        round_: CipherRound,
+        iteration: int,
+        *,
+        keys: DeviceKeys | None = None,
+        shares: Sequence[Share] = (),
+    ) -> CipherAck | KeysResponse | SecretsResponse | ClientListResponse | ServerText:
+        """Send one secure-aggregation request to ``/<round_>`` (spec/secure-aggregation.md §R1).
+
+        Args:
+            round_: The cipher round.
+            iteration: The iteration (the server's, from startFLJob).
+            keys: exchangeKeys: this device's public keys.
+            shares: shareSecrets / reconstructSecrets: the shares to send.
+
+        Returns:
+            The decoded answer table, or the plain text the server sent.
+
+        Raises:
+            DeviceTransportError: No HTTP answer.
+            DeviceHTTPError: An HTTP status other than 200.
+            MalformedAnswer: A body that is neither a known text nor the round's table.
+        """
+        timestamp = self._timestamp()
+        answer: Callable[[bytes], CipherAck | KeysResponse | SecretsResponse | ClientListResponse]
+        match round_:
+            case CipherRound.EXCHANGE_KEYS:
+                assert keys is not None, "exchangeKeys sends the device's keys"
+                body = encode_exchange_keys_request(keys=keys, iteration=iteration, timestamp=timestamp)
+                answer, table = functools.partial(decode_ack, round_), "ResponseExchangeKeys"
+            case CipherRound.SHARE_SECRETS | CipherRound.RECONSTRUCT_SECRETS:
+                body = encode_shares_request(
+                    round_, fl_id=self._fl_id, iteration=iteration, timestamp=timestamp, shares=shares
+                )
+                answer = functools.partial(decode_ack, round_)
+                table = "ResponseShareSecrets" if round_ is CipherRound.SHARE_SECRETS else "ReconstructSecret"
+            case CipherRound.GET_KEYS | CipherRound.GET_SECRETS | CipherRound.GET_CLIENT_LIST:
+                body = encode_fetch_request(
+                    round_, fl_id=self._fl_id, iteration=iteration, timestamp=timestamp
+                )
+                answer, table = _FETCH_DECODERS[round_]
+            case _:
+                assert_never(round_)
+        url, content = await self._post(round_.value, body)
+        text = _TEXTS.get(content)
+        if text is not None:
+            return text
+        try:
+            return answer(content)
+        except SchemaError as exc:
+            raise MalformedAnswer(url, table, exc, content) from exc
+
+    async def _cipher_before_upload(
+        self, plan: FLPlanParams, iteration: int, progress: _Progress, drop_after: str | None
+    ) -> CipherSession:
+        """exchangeKeys, getKeys and (PW) shareSecrets, getSecrets; the session that masks the upload."""
+        session = CipherSession(self._fl_id, plan.encrypt_type, t=plan.pw_t, prime=plan.pw_prime)
+
+        async def ask(round_: CipherRound, **kw: Any) -> Any:
+            return await self._cipher_ask(round_, iteration, progress, **kw)
+
+        try:
+            await ask(CipherRound.EXCHANGE_KEYS, keys=session.keys())
+            got = await ask(CipherRound.GET_KEYS)
+            session.take_keys(got.keys)
+            if session.pw:
+                shares = await trio.to_thread.run_sync(session.shares)
+                await ask(CipherRound.SHARE_SECRETS, shares=shares)
+                if drop_after == "shareSecrets":
+                    raise _End(IterationOutcome.FAILED, "dropped out after shareSecrets (simulated)")
+                secrets = await ask(CipherRound.GET_SECRETS)
+                await trio.to_thread.run_sync(session.take_secrets, secrets.shares)
+        except CipherInputError as exc:
+            raise _End(IterationOutcome.FAILED, f"secure aggregation: {exc}") from None
+        return session
+
+    async def _cipher_after_upload(self, session: CipherSession, iteration: int, progress: _Progress) -> None:
+        """PW: getClientList, then reconstructSecrets with the shares U3 calls for.
+
+        The update is in already: once ``t + 1`` others have sent their shares the iteration moves on
+        without this device, and a late one is told OutOfTime, or "finished" after the last iteration.
+        Then it goes on to getModel (still served) instead of restarting.
+        """
+        try:
+            listed = await self._cipher_ask(CipherRound.GET_CLIENT_LIST, iteration, progress)
+            assert isinstance(listed, ClientListResponse)
+            try:
+                shares = session.reconstruction(listed.clients)
+            except CipherInputError as exc:
+                raise _End(IterationOutcome.FAILED, f"secure aggregation: {exc}") from None
+            await self._cipher_ask(CipherRound.RECONSTRUCT_SECRETS, iteration, progress, shares=shares)
+        except _Restart as late:
+            log.info("device %s: %s; on to getModel", self._fl_id, late)
+        except _End as end:
+            if not end.reason.endswith(ServerText.DISABLED_OR_FINISHED.value):
+                raise
+            log.info("device %s: %s; on to getModel", self._fl_id, end.reason)
+
+    async def _cipher_ask(self, round_: CipherRound, iteration: int, progress: _Progress, **kw: Any) -> Any:
+        """One cipher round until SUCCEED (the reactions of :meth:`_ask`)."""
+        send: Callable[[], Awaitable[Any]] = lambda: self.cipher_request(round_, iteration, **kw)  # noqa: E731
+        return await self._ask(round_.value, send, progress)
+
     # --- reactions ----------------------------------------------------------------------------------
 
     async def _ask(
@@ -629,13 +771,21 @@ class Device:
             return
         await trio.sleep(min(target - now, self._policy.max_sleep_ms) / 1000)
 
-    async def _attempt(self, trainer: Trainer, data_size: int, progress: _Progress) -> None:
+    async def _attempt(
+        self, trainer: Trainer, data_size: int, progress: _Progress, drop_after: str | None = None
+    ) -> None:
         start = await self._ask("startFLJob", lambda: self.start_fl_job(data_size), progress)
         self._iteration = start.iteration
         progress.iteration = start.iteration
         if start.fl_plan is None:
             raise _End(IterationOutcome.STOPPED, "startFLJob answered SUCCEED without an FLPlan")
         progress.plan = start.fl_plan
+        # spec/secure-aggregation.md §R1: the cipher rounds come before the (masked) upload.
+        cipher = (
+            await self._cipher_before_upload(start.fl_plan, start.iteration, progress, drop_after)
+            if start.fl_plan.encrypt_type in CIPHER_TYPES
+            else None
+        )
         task = TrainingTask(
             fl_id=self._fl_id,
             iteration=start.iteration,
@@ -649,11 +799,17 @@ class Device:
         upload = self._privacy.protect(
             start.fl_plan, task.model, result.feature_maps, data_size=data_size, trained=result.weights
         )
+        maps: Mapping[str, npt.ArrayLike] = upload.feature_maps
+        if cipher is not None:
+            try:
+                maps = await trio.to_thread.run_sync(cipher.mask, list(task.model), maps)
+            except CipherInputError as exc:
+                raise _End(IterationOutcome.FAILED, f"secure aggregation: {exc}") from None
         await self._ask(
             "updateModel",
             lambda: self.update_model(
                 start.iteration,
-                upload.feature_maps,
+                maps,
                 upload_loss=result.loss,
                 upload_accuracy=result.accuracy,
                 sign=upload.sign,
@@ -661,6 +817,10 @@ class Device:
             ),
             progress,
         )
+        if drop_after == "updateModel":
+            raise _End(IterationOutcome.FAILED, "dropped out after updateModel (simulated)")
+        if cipher is not None and cipher.pw:
+            await self._cipher_after_upload(cipher, start.iteration, progress)
         model = await self._ask("getModel", lambda: self.get_model(start.iteration), progress)
         progress.model_iteration = model.iteration
         self._privacy.observe(
@@ -671,7 +831,9 @@ class Device:
             iteration=start.iteration,
         )
 
-    async def run_iteration(self, trainer: Trainer, *, data_size: int) -> IterationReport:
+    async def run_iteration(
+        self, trainer: Trainer, *, data_size: int, drop_after: str | None = None
+    ) -> IterationReport:
         """Take part in one iteration: startFLJob, train, updateModel, then poll getModel for the new model.
 
         Reacts to every answer as the module docstring's table says. Errors of the trainer propagate.
@@ -680,14 +842,19 @@ class Device:
             trainer: Local training (see :data:`Trainer`).
             data_size: The data size to declare at startFLJob (the trainer multiplies its upload by it).
 
+            drop_after: Tests and the simulator: under PW_ENCRYPT, leave the iteration (FAILED) right after
+                the ``"shareSecrets"`` or the ``"updateModel"`` round succeeded, as a device that drops out.
+
         Returns:
             The report; :attr:`IterationReport.outcome` says whether it completed, failed or stopped.
 
         Raises:
-            ConfigError: ``data_size`` is not an int >= 1.
+            ConfigError: ``data_size`` is not an int >= 1, or ``drop_after`` not one of :data:`DROP_POINTS`.
         """
         if isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1:
             raise ConfigError(f"data_size must be an int >= 1, got {data_size!r}")
+        if drop_after is not None and drop_after not in DROP_POINTS:
+            raise ConfigError(f"drop_after must be None or one of {DROP_POINTS!r}, got {drop_after!r}")
         progress = _Progress(started=trio.current_time())
 
         def report(outcome: IterationOutcome, reason: str) -> IterationReport:
@@ -710,7 +877,7 @@ class Device:
             return report(IterationOutcome.STOPPED, self._stopped)
         while True:
             try:
-                await self._attempt(trainer, data_size, progress)
+                await self._attempt(trainer, data_size, progress, drop_after)
             except _Restart as restart:
                 if progress.restarts >= self._policy.max_restarts:
                     return report(

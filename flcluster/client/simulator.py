@@ -29,6 +29,10 @@ Modes:
   uniform in [0, 1) × data size, as the original's simulator) with exactly the names and sizes of the model
   startFLJob sent (LeNet-5's when it sent none). For load tests.
 
+Under PW_ENCRYPT, ``drop_after_share_secrets`` and ``drop_after_update_model`` make the first devices leave
+every iteration after those rounds (spec/secure-aggregation.md: their masks are then rebuilt from their
+shares, or their own masks removed); their reports say FAILED.
+
 Everything random (partition, split, shuffles, synthetic values, server choice with ``use_elb``, and the
 DP noise and SignDS draws of a cluster with ``encrypt_type`` ``DP_ENCRYPT`` or ``SIGNDS``, spec/privacy.md)
 derives from ``seed``, so a run can be repeated (and its noise is known to whoever knows the seed: a
@@ -235,6 +239,10 @@ class SimulatorConfig:
         identities: With ``pki_verify``: one :class:`~flcluster.verify.DeviceIdentity` per device, which
             signs its requests; device *i* is then ``identities[i].fl_id`` (``fl_id_prefix`` names only
             the evaluator). Empty: unsigned devices.
+        drop_after_share_secrets: Under PW_ENCRYPT, devices ``0 … k-1`` leave every iteration right after
+            their shareSecrets (spec/secure-aggregation.md §R1), as devices that drop out.
+        drop_after_update_model: Under PW_ENCRYPT, the next ``k`` devices leave every iteration right after
+            their updateModel.
     """
 
     servers: tuple[str, ...] = attrs.field(converter=_servers, validator=_check_servers)
@@ -264,6 +272,8 @@ class SimulatorConfig:
     client_cert: str = ""
     client_password: str = attrs.field(default="", repr=False)
     identities: tuple[DeviceIdentity, ...] = attrs.field(default=(), converter=tuple)
+    drop_after_share_secrets: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    drop_after_update_model: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
     def __attrs_post_init__(self) -> None:
         if self.identities and len(self.identities) != self.num_devices:
@@ -271,6 +281,20 @@ class SimulatorConfig:
                 f"identities must hold one identity per device: {len(self.identities)} given for "
                 f"num_devices={self.num_devices}"
             )
+        dropping = self.drop_after_share_secrets + self.drop_after_update_model
+        if dropping > self.num_devices:
+            raise ConfigError(
+                f"drop_after_share_secrets={self.drop_after_share_secrets} and drop_after_update_model="
+                f"{self.drop_after_update_model} drop more devices than num_devices={self.num_devices}"
+            )
+
+    def drop_point(self, index: int) -> str | None:
+        """Where device ``index`` drops out of each iteration (None: it does not)."""
+        if index < self.drop_after_share_secrets:
+            return "shareSecrets"
+        if index < self.drop_after_share_secrets + self.drop_after_update_model:
+            return "updateModel"
+        return None
 
 
 @attrs.frozen
@@ -547,7 +571,11 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
             )
 
             async def run_one(i: int, bar: _Bar, reports: list[IterationReport]) -> None:
-                reports.append(await devices[i].run_iteration(trainers[i], data_size=sizes[i]))
+                reports.append(
+                    await devices[i].run_iteration(
+                        trainers[i], data_size=sizes[i], drop_after=config.drop_point(i)
+                    )
+                )
                 bar.update(1)
 
             try:

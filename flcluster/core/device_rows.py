@@ -11,7 +11,8 @@ load. So the store keeps it in two parts:
   (:func:`header_json`): configuration, iteration, phase, windows, counters; a few hundred bytes,
   rewritten in every transaction;
 - one **row per device**, a :class:`~flcluster.core.iteration.DeviceRecord` as JSON
-  (:func:`record_json`), keyed by ``fl_id``: each transaction writes only the rows of the devices it
+  (:func:`record_json`), keyed by ``fl_id``, its part of the cipher rounds' lists included (keys and
+  shares in hex; spec/secure-aggregation.md §R6): each transaction writes only the rows of the devices it
   changed, as :meth:`~flcluster.core.iteration.IterationMachine.take_device_changes` reports them, and
   deletes them all when the per-device state was replaced wholesale (the move to the next iteration).
 
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from flcluster.core.cipher import CipherDevice, CipherSnapshot
 from flcluster.core.iteration import (
     DeviceMeta,
     DeviceRecord,
@@ -48,15 +50,15 @@ def header_json(header: IterationSnapshot) -> str:
 def record_json(record: DeviceRecord) -> str:
     """One device's row (``fl_id`` is the row's key, not repeated in the text)."""
     meta, r = record.meta, record.reservation
-    return json.dumps(
-        [
-            None if meta is None else [meta.data_size, meta.accepted_at_ms],
-            None if r is None else [r.server, r.at_ms, r.upload_loss, r.upload_accuracy],
-            record.holder,
-            record.last_completed,
-        ],
-        separators=(",", ":"),
-    )
+    row: list[object] = [
+        None if meta is None else [meta.data_size, meta.accepted_at_ms],
+        None if r is None else [r.server, r.at_ms, r.upload_loss, r.upload_accuracy],
+        record.holder,
+        record.last_completed,
+    ]
+    if record.cipher is not None:
+        row.append(record.cipher.to_json_value())
+    return json.dumps(row, separators=(",", ":"))
 
 
 def record_from_json(fl_id: str, text: str) -> DeviceRecord:
@@ -66,13 +68,17 @@ def record_from_json(fl_id: str, text: str) -> DeviceRecord:
         ValueError: the text is not such a row (the message names the device and what is wrong).
     """
     try:
-        meta, reservation, holder, last_completed = json.loads(text)
+        meta, reservation, holder, last_completed, *rest = json.loads(text)
+        if len(rest) > 1:
+            raise ValueError(f"{4 + len(rest)} fields, expected 4 or 5")
+        cipher = rest[0] if rest else None  # a row written before the cipher lists were kept has 4
         return DeviceRecord(
             fl_id,
             None if meta is None else DeviceMeta(fl_id, *meta),
             None if reservation is None else Reservation(fl_id, *reservation),
             holder,
             last_completed,
+            None if cipher is None else CipherDevice.from_json_value(fl_id, cipher),
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(
@@ -94,6 +100,7 @@ def snapshot_from_rows(header_text: str, rows: Iterable[tuple[str, str]]) -> Ite
     holders = {h.fl_id: h.server for h in header.holders}
     updated = {f: holders.get(f, "") for f in header.updated}
     last = set(header.last_completed_updated)
+    ciphers = {} if header.cipher is None else {c.fl_id: c for c in header.cipher.devices}
     for fl_id, text in rows:
         record = record_from_json(fl_id, text)
         if record.meta is not None:
@@ -104,6 +111,11 @@ def snapshot_from_rows(header_text: str, rows: Iterable[tuple[str, str]]) -> Ite
             updated[fl_id] = record.holder
         if record.last_completed:
             last.add(fl_id)
+        if record.cipher is not None:
+            ciphers[fl_id] = record.cipher
+    cipher: CipherSnapshot | None = header.cipher
+    if cipher is not None:
+        cipher = attrs.evolve(cipher, devices=tuple(ciphers[f] for f in sorted(ciphers)))
     return attrs.evolve(
         header,
         devices=tuple(devices[f] for f in sorted(devices)),
@@ -111,4 +123,5 @@ def snapshot_from_rows(header_text: str, rows: Iterable[tuple[str, str]]) -> Ite
         reserved=tuple(reserved[f] for f in sorted(reserved)),
         holders=tuple(Holding(f, updated[f]) for f in sorted(updated)),
         last_completed_updated=tuple(sorted(last)),
+        cipher=cipher,
     )

@@ -52,6 +52,29 @@ from typing import TypeAlias, assert_never, final
 import attrs
 
 from flcluster.core import outcome as _outcome
+from flcluster.core.cipher import (
+    UPDATE_MODEL_WINDOW,
+    CipherAnswer,
+    CipherConfig,
+    CipherDevice,
+    CipherEvent,
+    CipherMode,
+    CipherRounds,
+    CipherSnapshot,
+    CipherState,
+    CipherThresholds,
+    ExchangeKeysReceived,
+    GetClientListReceived,
+    GetKeysReceived,
+    GetSecretsReceived,
+    ReconstructSecretsReceived,
+    ShareSecretsReceived,
+    Step,
+    UnmaskInputs,
+    Verdict,
+    check_served,
+    reason_cipher_lost,
+)
 from flcluster.errors import IllegalEvent
 from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, ResponseCode
 
@@ -216,6 +239,9 @@ class Phase(enum.StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
     AGGREGATING = "aggregating"
+    #: PW_ENCRYPT only: the updateModel threshold is reached; getClientList and reconstructSecrets are
+    #: served until ``t + 1`` devices sent their shares (spec/secure-aggregation.md §R4).
+    UNMASKING = "unmasking"
 
 
 class WindowKind(enum.StrEnum):
@@ -224,6 +250,13 @@ class WindowKind(enum.StrEnum):
     START_FL_JOB = "startFLJob"
     UPDATE_MODEL = "updateModel"
     GLOBAL = "global"
+    # The cipher rounds' windows (spec/secure-aggregation.md §R3), named after their rounds.
+    EXCHANGE_KEYS = "exchangeKeys"
+    GET_KEYS = "getKeys"
+    SHARE_SECRETS = "shareSecrets"
+    GET_SECRETS = "getSecrets"
+    GET_CLIENT_LIST = "getClientList"
+    RECONSTRUCT_SECRETS = "reconstructSecrets"
 
 
 # --------------------------------------------------------------------------------------- config
@@ -237,6 +270,15 @@ def update_model_threshold(start_fl_job_threshold: int, update_model_ratio: floa
     (``7.000000000000001``) would round up to.
     """
     return math.ceil(Fraction(repr(update_model_ratio)) * start_fl_job_threshold)
+
+
+def _cipher_config(value: object) -> CipherConfig | None:
+    """``IterationConfig.cipher`` from a record, or from its JSON object (a snapshot read back)."""
+    if value is None or isinstance(value, CipherConfig):
+        return value
+    if isinstance(value, dict):
+        return CipherConfig(**value)
+    raise TypeError(f"cipher must be a CipherConfig, a JSON object of one, or None, got {value!r:.80}")
 
 
 @final
@@ -256,6 +298,8 @@ class IterationConfig:
         fl_iteration_num: Iterations in the job, failed ones included.
         min_retry_delay_ms: The least time, after ``now``, that any ``next_req_time`` names
             (flcluster's own knob; see :meth:`IterationMachine.next_req_time_ms`).
+        cipher: The secure-aggregation rounds (PW_ENCRYPT, STABLE_PW_ENCRYPT), or None
+            (spec/secure-aggregation.md).
     """
 
     start_fl_job_threshold: int
@@ -265,6 +309,7 @@ class IterationConfig:
     global_iteration_time_window: int
     fl_iteration_num: int
     min_retry_delay_ms: int
+    cipher: CipherConfig | None = attrs.field(converter=_cipher_config)
 
     @property
     def update_model_threshold(self) -> int:
@@ -273,8 +318,19 @@ class IterationConfig:
 
     @property
     def iteration_time_window(self) -> int:
-        """``start_fl_job_time_window + update_model_time_window`` (reference §2.5)."""
-        return self.start_fl_job_time_window + self.update_model_time_window
+        """``start_fl_job_time_window + update_model_time_window``, plus ``k × cipher_time_window`` with
+        cipher rounds (k = 6 for PW, 2 for STABLE_PW; reference §2.5)."""
+        windows = self.start_fl_job_time_window + self.update_model_time_window
+        if self.cipher is not None:
+            windows += self.cipher.window_count * self.cipher.cipher_time_window
+        return windows
+
+    @property
+    def cipher_thresholds(self) -> CipherThresholds | None:
+        """The cipher rounds' thresholds (spec/secure-aggregation.md §R2), or None without cipher rounds."""
+        if self.cipher is None:
+            return None
+        return CipherThresholds.of(self.cipher, self.start_fl_job_threshold, self.update_model_threshold)
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -369,6 +425,7 @@ class DeviceRecord:
         holder: The Server whose sum holds its counted update (``""``: counted with no Server named;
             ``None``: not counted).
         last_completed: Its update was counted in the previous iteration, which completed.
+        cipher: Its part of the cipher rounds' lists (secure-aggregation §R6), if any.
     """
 
     fl_id: str = attrs.field(validator=_str)
@@ -382,12 +439,19 @@ class DeviceRecord:
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
     )
     last_completed: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    cipher: CipherDevice | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(CipherDevice))
+    )
 
     @property
     def empty(self) -> bool:
         """Nothing is held about the device (its row is deleted)."""
         return (
-            self.meta is None and self.reservation is None and self.holder is None and not self.last_completed
+            self.meta is None
+            and self.reservation is None
+            and self.holder is None
+            and not self.last_completed
+            and self.cipher is None
         )
 
 
@@ -601,6 +665,12 @@ Event = (
     | DisableRequested
     | EnableRequested
     | Resumed
+    | ExchangeKeysReceived
+    | GetKeysReceived
+    | ShareSecretsReceived
+    | GetSecretsReceived
+    | GetClientListReceived
+    | ReconstructSecretsReceived
 )
 
 # ----------------------------------------------------------------------------------------- replies
@@ -656,7 +726,7 @@ class OperatorAnswer:
     changed: bool
 
 
-Reply = Accepted | Rejected | PlainText | OperatorAnswer
+Reply = Accepted | Rejected | PlainText | OperatorAnswer | CipherAnswer
 
 # ------------------------------------------------------------------------------------ instructions
 
@@ -696,6 +766,8 @@ class AggregateIteration:
     (spec/recovery.md §4). ``deadline_ms`` (epoch ms) is when the iteration's windows would have closed:
     an aggregation that waits for a Server that is down gives up then, and reports
     :class:`AggregationFailed`. Report :class:`AggregationDone` or :class:`AggregationFailed`.
+    ``unmask`` (PW_ENCRYPT) is what the unmasking of the summed masked updates needs
+    (spec/secure-aggregation.md §R6): add the noise it gives to the total before dividing.
     """
 
     cause: str
@@ -703,6 +775,7 @@ class AggregateIteration:
     updates: tuple[DeviceMeta, ...]
     total_data_size: int
     deadline_ms: int | None = None
+    unmask: UnmaskInputs | None = None
 
 
 @final
@@ -792,6 +865,8 @@ class IterationSnapshot:
     ``aggregation_deadline_ms`` is the aggregation's deadline while aggregating.
     ``last_completed_updated`` (sorted) are the updates counted in the previous iteration when it
     completed: a device whose SUCCEED was lost learns from a late retry that its update is in that model.
+    ``cipher`` holds the cipher rounds' lists (None without cipher rounds, or in a snapshot written before
+    they were kept; spec/secure-aggregation.md §R6).
     """
 
     config: IterationConfig
@@ -811,6 +886,7 @@ class IterationSnapshot:
     holders: tuple[Holding, ...] = ()
     aggregation_deadline_ms: int | None = None
     last_completed_updated: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    cipher: CipherSnapshot | None = None
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -825,6 +901,7 @@ class IterationMachine:
 
     __slots__ = (
         "_agg_deadline",
+        "_cipher",
         "_completed",
         "_config",
         "_consecutive_failures",
@@ -874,6 +951,11 @@ class IterationMachine:
         self._consecutive_failures = 0
         #: The updates counted in the previous iteration, when it completed (empty after a failure).
         self._last_completed_updated: frozenset[str] = frozenset()
+        thresholds = config.cipher_thresholds
+        #: The cipher rounds' lists of this iteration (None without cipher rounds).
+        self._cipher = (
+            None if config.cipher is None or thresholds is None else CipherRounds(config.cipher, thresholds)
+        )
         #: The per-device change log (:meth:`take_device_changes`): the fl_ids whose records changed since
         #: the last take, or ``_rewrite`` when the per-device state was replaced wholesale.
         self._touched: set[str] = set()
@@ -949,6 +1031,10 @@ class IterationMachine:
         """The Servers named by a counted or reserved update of the current iteration."""
         return frozenset(self._updated.values()) | frozenset(r.server for r in self._reserved.values())
 
+    def cipher_state(self) -> CipherState | None:
+        """The cipher rounds' lists of the current iteration (None without cipher rounds)."""
+        return None if self._cipher is None else self._cipher.state()
+
     def armed_windows(self) -> tuple[ArmedWindow, ...]:
         """The windows armed now, in :class:`WindowKind` order."""
         return tuple(ArmedWindow(k, self._windows[k]) for k in WindowKind if k in self._windows)
@@ -977,6 +1063,7 @@ class IterationMachine:
             reserved=tuple(self._reserved[f] for f in sorted(self._reserved)),
             holders=tuple(Holding(f, self._updated[f]) for f in sorted(self._updated)),
             last_completed_updated=tuple(sorted(self._last_completed_updated)),
+            cipher=None if self._cipher is None else self._cipher.snapshot(),
         )
 
     def take_device_changes(self) -> DeviceChanges:
@@ -990,6 +1077,8 @@ class IterationMachine:
         if self._rewrite:
             ids: set[str] | frozenset[str] = self._devices.keys() | self._reserved.keys()
             ids = ids | self._updated.keys() | self._last_completed_updated
+            if self._cipher is not None:
+                ids = ids | self._cipher.device_ids()
         else:
             ids = self._touched
         records = tuple(self.device_record(f) for f in sorted(ids))
@@ -1006,6 +1095,7 @@ class IterationMachine:
             self._reserved.get(fl_id),
             self._updated.get(fl_id),
             fl_id in self._last_completed_updated,
+            None if self._cipher is None else self._cipher.device(fl_id),
         )
 
     def snapshot_without_devices(self) -> IterationSnapshot:
@@ -1026,6 +1116,7 @@ class IterationMachine:
             visits=self._visits,
             participation_levels=self._levels,
             aggregation_deadline_ms=self._agg_deadline,
+            cipher=None if self._cipher is None else self._cipher.snapshot(devices=False),
         )
 
     @classmethod
@@ -1053,6 +1144,12 @@ class IterationMachine:
         machine._failed = list(snapshot.failed)
         machine._visits = snapshot.visits
         machine._last_completed_updated = frozenset(snapshot.last_completed_updated)
+        if machine._cipher is not None:
+            if snapshot.cipher is not None:
+                machine._cipher.restore(snapshot.cipher)
+            elif snapshot.phase is not Phase.WAITING:
+                # A store written before the lists were kept (secure-aggregation §R6): they are lost.
+                machine._cipher = CipherRounds(machine._cipher.config, machine._cipher.thresholds, lost=True)
         return machine
 
     def __eq__(self, other: object) -> bool:
@@ -1115,6 +1212,15 @@ class IterationMachine:
             case Resumed():
                 self._resumed(event, out)
                 reply = None
+            case (
+                ExchangeKeysReceived()
+                | GetKeysReceived()
+                | ShareSecretsReceived()
+                | GetSecretsReceived()
+                | GetClientListReceived()
+                | ReconstructSecretsReceived()
+            ):
+                reply = self._cipher_request(event, out)
             case _:
                 assert_never(event)
         if self._instance is not before:
@@ -1176,6 +1282,9 @@ class IterationMachine:
             return PlainText(JOB_NOT_AVAILABLE_TEXT)
         if self._phase is Phase.AGGREGATING:
             return PlainText(SAFEMODE_TEXT)
+        if self._phase is Phase.UNMASKING:
+            # The devices of this iteration are unmasking its sum: nobody new can join it.
+            return self._reject(REASON_START_FL_JOB_THRESHOLD, ev.now_ms)
         threshold = self._config.start_fl_job_threshold
         known = self._devices.get(ev.fl_id)
         if (
@@ -1218,9 +1327,12 @@ class IterationMachine:
             self._arm(WindowKind.GLOBAL, now + self._config.global_iteration_time_window, ev, out)
         if round_closes:
             self._disarm(WindowKind.START_FL_JOB, ev, out)
+            if self._cipher is not None:
+                # The cipher rounds come first: their chain of windows starts here (secure-aggregation §R3).
+                self._apply_step(self._cipher.start_round_closed(), ev, out)
             # Improvement over reference §8.3: the updateModel window also starts when the startFLJob
             # round closes, so a stall before the first upload fails within that window.
-            if WindowKind.UPDATE_MODEL not in self._windows:
+            elif WindowKind.UPDATE_MODEL not in self._windows:
                 self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
         return Accepted(
             self._iteration, ev.data_size, self.next_req_time_ms(now), REASON_START_FL_JOB_SUCCESS
@@ -1234,7 +1346,7 @@ class IterationMachine:
             # Its update is counted: say so, even while aggregating (a device whose SUCCEED was lost,
             # spec/recovery.md §5, learns it is in; F-old would add the weights a second time, §8.1).
             return self._reject(reason_repeated_update(ev.fl_id), ev.now_ms)
-        if self._phase is Phase.AGGREGATING:
+        if self._phase in (Phase.AGGREGATING, Phase.UNMASKING):
             # The counter is full: no updateModel can count until the next iteration.
             return self._reject(REASON_UPDATE_MODEL_ENOUGH, ev.now_ms)
         if ev.iteration == self._iteration - 1 and ev.fl_id in self._last_completed_updated:
@@ -1257,6 +1369,9 @@ class IterationMachine:
             # sum. "Retry later" (the device sends the same request again); once the Server confirms
             # it the retry is a repeat, once the Server re-syncs without it the retry is accepted.
             return PlainText(SAFEMODE_TEXT)
+        if self._cipher is not None and not self._cipher.may_upload(ev.fl_id):
+            # Its update is masked against the devices it got the secrets (or keys) of (§R5).
+            return self._reject(self._cipher.upload_refusal(ev.fl_id), ev.now_ms)
 
         # Accepted: reserved for the Server that folds it; it counts once that Server confirms
         # (UpdatesConfirmed). An update that names no Server is counted at once.
@@ -1271,8 +1386,8 @@ class IterationMachine:
         else:
             self._updated[ev.fl_id] = ""
             self._touched.add(ev.fl_id)
-            if len(self._updated) >= self._config.update_model_threshold:
-                self._begin_aggregation(ev, out)
+            if self._updates_complete():
+                self._updates_reached(ev, out)
             elif WindowKind.UPDATE_MODEL not in self._windows:
                 # The first accepted updateModel starts its window (reference §3.3 step 2).
                 self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
@@ -1294,8 +1409,8 @@ class IterationMachine:
             self._updated[fl_id] = server
             self._touched.add(fl_id)
             self._count_counted(r)
-        if self._phase is Phase.RUNNING and len(self._updated) >= self._config.update_model_threshold:
-            self._begin_aggregation(ev, out)
+        if self._phase is Phase.RUNNING and self._updates_complete():
+            self._updates_reached(ev, out)
 
     def _resynced(self, ev: ServerResynced, out: list[Instruction]) -> None:
         if ev.iteration == self._iteration:
@@ -1320,6 +1435,10 @@ class IterationMachine:
         if ev.iteration < self._iteration or ev.kind not in self._windows:
             return  # stale: the timer raced a threshold or an earlier failure
         del self._windows[ev.kind]
+        if self._cipher is not None and ev.kind in _CIPHER_WINDOWS:
+            # A submit round closes on its quorum, or the iteration fails (secure-aggregation §R3).
+            self._apply_step(self._cipher.window_closed(ev.kind.value), ev, out)
+            return
         if ev.kind is WindowKind.GLOBAL:
             reason = reason_global_timeout(self._iteration)
         else:
@@ -1351,7 +1470,7 @@ class IterationMachine:
         if self._instance is InstanceState.DISABLED:
             return OperatorAnswer(MESSAGE_DISABLED, changed=False)
         self._instance = InstanceState.DISABLED
-        if self._phase is Phase.RUNNING:
+        if self._phase in (Phase.RUNNING, Phase.UNMASKING):
             # Drop the running iteration (reference §3.8). A WAITING iteration has nothing to drop and
             # is kept, so disabling does not burn one of fl_iteration_num. An AGGREGATING one already
             # holds its threshold of acknowledged updates and is left to finish.
@@ -1367,6 +1486,17 @@ class IterationMachine:
         return OperatorAnswer(MESSAGE_ENABLED, changed=True)
 
     def _resumed(self, ev: Resumed, out: list[Instruction]) -> None:
+        cipher = self._cipher
+        # Rebuilt from a store that did not keep the keys and shares (secure-aggregation §R6).
+        # STABLE_PW needs none of them once aggregating: its masks cancel in the sums the Servers hold.
+        if (
+            cipher is not None
+            and cipher.lost
+            and self._phase is not Phase.WAITING
+            and not (self._phase is Phase.AGGREGATING and not cipher.pw)
+        ):
+            self._fail(reason_cipher_lost(), ev, out)
+            return
         for w in self.armed_windows():
             out.append(ArmWindow(ev.cause, w.kind, self._iteration, w.deadline_ms))
         if self._phase is Phase.AGGREGATING:
@@ -1384,7 +1514,10 @@ class IterationMachine:
         cfg = self._config
         bound = started + min(cfg.iteration_time_window, cfg.global_iteration_time_window)
         update_deadline = self._windows.get(WindowKind.UPDATE_MODEL)
-        return bound if update_deadline is None else min(bound, update_deadline)
+        if update_deadline is None or self._cipher is not None:
+            # With cipher rounds, getClientList and reconstructSecrets may follow updateModel (§R3).
+            return bound
+        return min(bound, update_deadline)
 
     def _arm(self, kind: WindowKind, deadline_ms: int, ev: Event, out: list[Instruction]) -> None:
         self._windows[kind] = deadline_ms
@@ -1400,14 +1533,125 @@ class IterationMachine:
 
     def _aggregate_instruction(self, cause: str) -> AggregateIteration:
         updates = tuple(self._devices[f] for f in sorted(self._updated))
+        cipher = self._cipher
+        unmask = cipher.unmask_inputs(self._updated) if cipher is not None and cipher.pw else None
         return AggregateIteration(
-            cause, self._iteration, updates, sum(d.data_size for d in updates), self._agg_deadline
+            cause, self._iteration, updates, sum(d.data_size for d in updates), self._agg_deadline, unmask
         )
+
+    def _updates_complete(self) -> bool:
+        """Whether the counted updates end the updateModel round (STABLE_PW: all of U1, §R2)."""
+        cipher = self._cipher
+        if cipher is not None and not cipher.pw:
+            target = cipher.stable_target()
+            return target is not None and len(self._updated) >= target
+        return len(self._updated) >= self._config.update_model_threshold
+
+    def _updates_reached(self, ev: Event, out: list[Instruction]) -> None:
+        """The updateModel round is over: aggregate, or (PW) unmask first (secure-aggregation §R4)."""
+        cipher = self._cipher
+        if cipher is None or not cipher.pw:
+            self._begin_aggregation(ev, out)
+            return
+        self._phase = Phase.UNMASKING
+        for kind in (WindowKind.START_FL_JOB, *(k for k in _CIPHER_WINDOWS if k in _BEFORE_UNMASKING)):
+            self._disarm(kind, ev, out)
+        self._apply_step(cipher.unmasking_began(), ev, out)
+
+    def _final_u3(self) -> tuple[str, ...] | None:
+        """U3 once no upload is still being folded (secure-aggregation §R1), while unmasking; else None."""
+        if self._phase not in (Phase.UNMASKING, Phase.AGGREGATING) or self._reserved:
+            return None
+        return tuple(sorted(self._updated))
+
+    def _cipher_request(self, ev: CipherEvent, out: list[Instruction]) -> Reply:
+        """A cipher round's request (spec/secure-aggregation.md §R5): the shared checks, then its rules."""
+        cipher = check_served(self._cipher, ev.round)
+        if self._instance is not InstanceState.RUNNING:
+            return PlainText(JOB_NOT_AVAILABLE_TEXT)
+        if ev.iteration != self._iteration:
+            return self._cipher_answer(ev, Step(_verdict_out_of_time(cipher.wrong_iteration(ev.round))))
+        aggregating = self._phase is Phase.AGGREGATING
+        if aggregating and not isinstance(ev, ReconstructSecretsReceived):
+            return PlainText(SAFEMODE_TEXT)
+        running = self._phase in (Phase.WAITING, Phase.RUNNING)
+        match ev:
+            case ExchangeKeysReceived():
+                step = (
+                    cipher.exchange_keys(ev, self._devices, self._start_round_closed())
+                    if running
+                    else Step(_verdict_out_of_time(REASON_EXCHANGE_ENOUGH_AFTER))
+                )
+            case GetKeysReceived():
+                step = cipher.get_keys(ev)
+            case ShareSecretsReceived():
+                step = (
+                    cipher.share_secrets(ev)
+                    if running
+                    else Step(_verdict_out_of_time(REASON_SHARE_ENOUGH_AFTER))
+                )
+            case GetSecretsReceived():
+                step = cipher.get_secrets(ev)
+            case GetClientListReceived():
+                step = cipher.get_client_list(ev, self._final_u3())
+            case ReconstructSecretsReceived():
+                step = cipher.reconstruct_secrets(ev, self._final_u3(), aggregating=aggregating)
+            case _:
+                assert_never(ev)
+        reply = self._cipher_answer(ev, step)
+        self._touched.add(ev.fl_id)  # its row is rewritten: the same text when nothing changed
+        self._apply_step(step, ev, out)
+        return reply
+
+    def _cipher_answer(self, ev: CipherEvent, step: Step) -> CipherAnswer:
+        verdict = step.verdict
+        assert verdict is not None, "a cipher request always gets a verdict"
+        return CipherAnswer(
+            ev.round,
+            verdict.retcode,
+            verdict.reason,
+            self._iteration,
+            self.next_req_time_ms(ev.now_ms),
+            verdict.keys,
+            verdict.shares,
+            verdict.clients,
+        )
+
+    def _start_round_closed(self) -> bool:
+        return self._phase is not Phase.WAITING and len(self._devices) >= self._config.start_fl_job_threshold
+
+    def _apply_step(self, step: Step, ev: Event, out: list[Instruction]) -> None:
+        """Carry out a cipher step's effects on the iteration: windows, failure, aggregation."""
+        for name in step.disarm:
+            self._disarm(WindowKind(name), ev, out)
+        if step.fail is not None:
+            self._fail(step.fail, ev, out)
+            return
+        cfg = self._config
+        assert cfg.cipher is not None
+        for name in step.arm:
+            kind = WindowKind(name)
+            if self._phase is Phase.UNMASKING and kind not in _UNMASKING_WINDOWS:
+                continue  # a late fetch of a round the iteration has moved past arms nothing
+            if kind not in self._windows:
+                window = (
+                    cfg.update_model_time_window
+                    if name == UPDATE_MODEL_WINDOW
+                    else cfg.cipher.cipher_time_window
+                )
+                self._arm(kind, ev.now_ms + window, ev, out)
+        if step.aggregate:
+            self._begin_aggregation(ev, out)
 
     def _begin_aggregation(self, ev: Event, out: list[Instruction]) -> None:
         # Threshold reached (reference §3.3 step 2): stop every timer, enter safemode, aggregate. The
         # aggregation may wait for a Server that is down until the windows would have closed.
-        bounded = (WindowKind.UPDATE_MODEL, WindowKind.GLOBAL)
+        bounded = (
+            WindowKind.UPDATE_MODEL,
+            WindowKind.GLOBAL,
+            WindowKind.GET_CLIENT_LIST,
+            WindowKind.RECONSTRUCT_SECRETS,
+        )
         deadlines = [self._windows[k] for k in bounded if k in self._windows]
         self._agg_deadline = min(deadlines) if deadlines else None
         self._disarm_all(ev, out)
@@ -1457,8 +1701,32 @@ class IterationMachine:
         self._touched.clear()
         self._agg_deadline = None
         self._visits = Visits()
+        if self._cipher is not None:
+            self._cipher.reset()
         if ended >= self._config.fl_iteration_num:
             self._instance = InstanceState.FINISHED
+
+
+#: The windows of the cipher rounds (spec/secure-aggregation.md §R3).
+_CIPHER_WINDOWS = (
+    WindowKind.EXCHANGE_KEYS,
+    WindowKind.GET_KEYS,
+    WindowKind.SHARE_SECRETS,
+    WindowKind.GET_SECRETS,
+    WindowKind.GET_CLIENT_LIST,
+    WindowKind.RECONSTRUCT_SECRETS,
+)
+#: The windows an unmasking iteration may arm.
+_UNMASKING_WINDOWS = frozenset((WindowKind.GET_CLIENT_LIST, WindowKind.RECONSTRUCT_SECRETS))
+#: The cipher windows of the rounds before updateModel, disarmed when the unmasking starts.
+_BEFORE_UNMASKING = frozenset(_CIPHER_WINDOWS[:4])
+#: exchangeKeys / shareSecrets after their round (the unmasking) began.
+REASON_EXCHANGE_ENOUGH_AFTER = "Current amount for exchangeKey is enough. Please retry later."
+REASON_SHARE_ENOUGH_AFTER = "Current amount for ShareSecretsKernel is enough."
+
+
+def _verdict_out_of_time(reason: str) -> Verdict:
+    return Verdict(ResponseCode.OutOfTime, reason)
 
 
 def _check_levels(levels: tuple[int, int]) -> None:
@@ -1486,6 +1754,10 @@ def _check_snapshot(s: IterationSnapshot) -> None:
         f"iteration must be an int >= 1, got {s.iteration!r}",
     )
     rule(s.consecutive_failures >= 0, f"consecutive_failures must be >= 0, got {s.consecutive_failures!r}")
+    rule(
+        s.cipher is None or cfg.cipher is not None,
+        "the snapshot holds cipher lists but its config runs no cipher rounds",
+    )
     ended = sorted((*s.completed, *s.failed))
     rule(
         isinstance(s.iteration, int) and ended == list(range(1, s.iteration)),
@@ -1571,9 +1843,11 @@ def _check_snapshot(s: IterationSnapshot) -> None:
                 1 <= n_dev <= cfg.start_fl_job_threshold,
                 f"a running iteration has 1..{cfg.start_fl_job_threshold} devices, got {n_dev}",
             )
+            stable = cfg.cipher is not None and cfg.cipher.mode is CipherMode.STABLE_PW
             rule(
-                n_upd < cfg.update_model_threshold,
-                f"a running iteration has fewer than {cfg.update_model_threshold} updates, got {n_upd}",
+                n_upd < cfg.update_model_threshold or (stable and n_upd < n_dev),
+                f"a running iteration has fewer than {cfg.update_model_threshold} updates (STABLE_PW: fewer "
+                f"than its devices), got {n_upd}",
             )
             rule(WindowKind.GLOBAL in armed, "a running iteration has its global window armed")
             rule(
@@ -1581,9 +1855,14 @@ def _check_snapshot(s: IterationSnapshot) -> None:
                 "the startFLJob window is armed exactly while its round is open",
             )
             rule(
-                (WindowKind.UPDATE_MODEL in armed)
+                cfg.cipher is not None
+                or (WindowKind.UPDATE_MODEL in armed)
                 >= (n_upd > 0 or n_res > 0 or n_dev >= cfg.start_fl_job_threshold),
                 "the updateModel window is armed once an update was accepted or startFLJob closed",
+            )
+            rule(
+                cfg.cipher is not None or not armed & set(_CIPHER_WINDOWS),
+                f"only a job with cipher rounds arms their windows, got {kinds!r}",
             )
         case Phase.AGGREGATING:
             rule(not finished, "a finished instance has no aggregating iteration")
@@ -1597,6 +1876,23 @@ def _check_snapshot(s: IterationSnapshot) -> None:
                 f"an aggregating iteration has at most {cfg.start_fl_job_threshold} devices, got {n_dev}",
             )
             rule(not armed, f"an aggregating iteration has no armed window, got {kinds!r}")
+        case Phase.UNMASKING:
+            pw = cfg.cipher is not None and cfg.cipher.mode is CipherMode.PW
+            rule(pw, "only a PW_ENCRYPT job has an unmasking phase")
+            rule(
+                not finished and s.instance_state is not InstanceState.DISABLED,
+                f"only a running instance unmasks, got {s.instance_state.value!r}",
+            )
+            rule(s.started_at_ms is not None, "an unmasking iteration has a start time")
+            rule(
+                n_upd >= cfg.update_model_threshold,
+                f"an unmasking iteration has at least {cfg.update_model_threshold} updates, got {n_upd}",
+            )
+            rule(
+                armed <= {WindowKind.GLOBAL, WindowKind.GET_CLIENT_LIST, WindowKind.RECONSTRUCT_SECRETS},
+                f"an unmasking iteration arms only the global, getClientList and reconstructSecrets windows, "
+                f"got {kinds!r}",
+            )
         case _:
             assert_never(s.phase)
     if problems:
@@ -1627,6 +1923,8 @@ def _json_value(value: object) -> object:
         return value.value
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
+    if isinstance(value, CipherDevice):
+        return [value.fl_id, *value.to_json_value()]
     names = _field_names(type(value))
     if names is None:
         return value
@@ -1648,6 +1946,16 @@ def _record(cls: type[_R], data: object) -> _R:
 
 
 _R = typing.TypeVar("_R")
+
+
+def _cipher_snapshot(data: object) -> CipherSnapshot | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"cipher must be a JSON object, got {data!r:.80}")
+    d = dict(data)
+    d["devices"] = tuple(CipherDevice.from_json_value(x[0], x[1:]) for x in d.get("devices", ()))
+    return _record(CipherSnapshot, d)
 
 
 def snapshot_from_json(text: str) -> IterationSnapshot:
@@ -1673,7 +1981,10 @@ def snapshot_part_from_json(text: str) -> IterationSnapshot:
         if not isinstance(data, dict):
             raise ValueError(f"an IterationSnapshot must be a JSON object, got {text!r:.80}")
         d = dict(data)
-        d["config"] = _record(IterationConfig, d.get("config"))
+        config = d.get("config")
+        if isinstance(config, dict):
+            config = {"cipher": None, **config}  # a snapshot written before the cipher rounds existed
+        d["config"] = _record(IterationConfig, config)
         d["windows"] = tuple(_record(ArmedWindow, w) for w in d.get("windows", ()))
         d["devices"] = tuple(_record(DeviceMeta, x) for x in d.get("devices", ()))
         d["reserved"] = tuple(_record(Reservation, x) for x in d.get("reserved", ()))
@@ -1683,6 +1994,7 @@ def snapshot_part_from_json(text: str) -> IterationSnapshot:
         d["visits"] = _record(Visits, visits)
         for key in ("updated", "completed", "failed", "participation_levels"):
             d[key] = tuple(d.get(key, ()))
+        d["cipher"] = _cipher_snapshot(d.get("cipher"))
         return _record(IterationSnapshot, d)
     except (TypeError, KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"not an IterationSnapshot: {exc}") from None

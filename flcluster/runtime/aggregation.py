@@ -13,7 +13,8 @@ leader's driver runs one :meth:`Aggregator.aggregate` task, which:
    update counted for that Server and may add only that Server's reservations (acknowledged updates
    whose confirmation was still on its way; they are confirmed now), so the aggregate is FedAvg over
    exactly the acknowledged updates;
-3. finalises FedAvg with torch in a worker thread (off the event loop).
+3. finalises FedAvg with torch in a worker thread (off the event loop); in a PW_ENCRYPT iteration it
+   unmasks the total there first (flcluster/runtime/cipher_leader.py ``unmasked_model``).
 
 It never feeds the machine itself: it returns an :class:`Aggregated` record with the new weights, and
 the driver commits, publishes and feeds ``AggregationDone`` (or ``AggregationFailed``).
@@ -32,6 +33,7 @@ from flcluster.aggregation.checkpoint import save_checkpoint
 from flcluster.core.iteration import AggregateIteration
 from flcluster.crashpoints import crash_point
 from flcluster.errors import FrameError
+from flcluster.runtime.cipher_leader import field_prime, unmasked_model
 from flcluster.runtime.links import LinkClosed
 from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_leader import FollowerLeft, PeerHub
@@ -152,6 +154,10 @@ class Aggregator:
                 f"({len(set(ids))} distinct); each acknowledged update is in exactly one sum"
             )
         _latest, previous = self._rounds.store.latest()
+        if ins.unmask is not None:
+            # PW_ENCRYPT: the masks cancel only in the total; the noise removes the rest (§R6).
+            prime = field_prime(self._rounds.plan.pw_prime)
+            return await trio.to_thread.run_sync(unmasked_model, total, ins.unmask, prime)
         return await trio.to_thread.run_sync(finalize, total, previous)
 
     def save_checkpoint(self, iteration: int, weights: ModelWeights) -> None:

@@ -76,7 +76,15 @@ from flcluster.core.iteration import (
     WindowKind,
 )
 from flcluster.crashpoints import crash_point
+from flcluster.errors import CipherInputError, IllegalEvent
+from flcluster.http.device import DeviceAnswer
 from flcluster.runtime.aggregation import Aggregator
+from flcluster.runtime.cipher_leader import (
+    cipher_event,
+    encode_refusal,
+    encode_reply,
+    field_prime,
+)
 from flcluster.runtime.clock import EpochClock
 from flcluster.runtime.links import FramedLink
 from flcluster.runtime.options import LeaderOptions
@@ -85,7 +93,7 @@ from flcluster.runtime.peer_wire import view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
 from flcluster.store import DeviceRows, RecoveryStore, ServerState, StoredModel, Transition
 from flcluster.verify import ClientVerifier, PublicKey, VerificationFailed
-from flcluster.wire.codes import SAFEMODE_TEXT, ResponseCode
+from flcluster.wire.codes import SAFEMODE_TEXT, CipherRound, ResponseCode
 from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, IterationStatus
 from flcluster.wire.model_bytes import weights_to_bytes
 
@@ -165,6 +173,7 @@ class Leader:
         self._ended = trio.Event()
         self._metrics = MetricsWriter(self.options.metrics_path) if self.options.metrics_path else None
         self._instance_name = self.options.instance_name or f"instance_{time.strftime('%Y%m%d_%H%M%S')}"
+        self._prime: int | None = None
 
     @property
     def completed(self) -> tuple[int, ...]:
@@ -304,6 +313,31 @@ class Leader:
                 self.verifier.keep_key(request.fl_id, key, iteration=reply.iteration)
             await self._wait_durable()
         return reply
+
+    async def cipher(self, round_: CipherRound, body: bytes, server: str) -> DeviceAnswer:
+        """One cipher-round request that landed on Server ``server`` (spec/secure-aggregation.md §R5, §R6).
+
+        Decoded again here, fed to the machine, answered once the machine with its effect is committed.
+        A body refused before the machine sees it (or a round this job does not run) gets the round's
+        RequestError and changes nothing.
+        """
+        now = self.clock.now_ms()
+        m = self.machine
+        if self._publishing:
+            return SAFEMODE_TEXT
+        try:
+            if self._prime is None:
+                self._prime = field_prime(self.rounds.plan.pw_prime)
+            event = cipher_event(
+                round_, body, cause=self._cause(f"{round_.value}@{server}"), now_ms=now, prime=self._prime
+            )
+            reply = self.feed(event)
+        except (IllegalEvent, CipherInputError) as exc:
+            return encode_refusal(
+                round_, str(exc), iteration=m.current_iteration, next_req_time_ms=m.next_req_time_ms(now)
+            )
+        await self._wait_durable()
+        return encode_reply(reply)
 
     def _verify(self, verifier: ClientVerifier, request: CountRequest) -> PublicKey | None:
         """The leader's client verification of one request; a startFLJob's device key to keep."""
@@ -520,6 +554,10 @@ class LocalLeaderChannel:
     async def confirm(self, iteration: int, fl_ids: tuple[str, ...]) -> None:
         """Confirm this Server's committed folds at the leader, in this process."""
         self._leader.confirm(self._leader.self_id, iteration, fl_ids)
+
+    async def cipher(self, round_: CipherRound, body: bytes) -> DeviceAnswer:
+        """A cipher-round request at the leader, in this process."""
+        return await self._leader.cipher(round_, body, self._leader.self_id)
 
 
 __all__ = ["EpochClock", "Leader", "LeaderOptions", "LocalLeaderChannel", "visited_info"]

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 A follower runs a :class:`FollowerSession` over its link to the leader. It forwards the counting part
 of device requests as pipelined ``leader_call`` frames (many in flight, matched by ``call_id``) and
-carries out what the leader pushes: the iteration status (applied to this Server's
-:class:`~flcluster.runtime.rounds.RoundService`), models to install (answered ``model_installed``),
+forwards cipher-round bodies as pipelined ``cipher_call`` frames (answered ``cipher_answer``, the
+response table as payload), and carries out what the leader pushes: the iteration status (applied to this
+Server's :class:`~flcluster.runtime.rounds.RoundService`), models to install (answered ``model_installed``),
 requests for this Server's partial sums of an iteration (with the fl_ids they hold), and partial sums
 to drop. After each committed fold it sends the leader an ``updates_committed`` confirmation
 (pipelined, unanswered; spec/recovery.md §4). The session counts
@@ -29,11 +30,14 @@ import logging
 import trio
 
 from flcluster.core.iteration import PlainText
+from flcluster.http.device import DeviceAnswer
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.runtime.peer_wire import call_of, reply_of, view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
-from flcluster.wire.codes import SAFEMODE_TEXT
+from flcluster.wire.codes import SAFEMODE_TEXT, CipherRound
 from flcluster.wire.messages import (
+    CipherCall,
+    CipherReply,
     CollectPartial,
     DropPartials,
     ErrorReply,
@@ -58,6 +62,7 @@ class FollowerSession:
         self._rounds = rounds
         self._ids = itertools.count()
         self._waiting: dict[int, trio.MemorySendChannel[LeaderReply]] = {}
+        self._cipher_waiting: dict[int, trio.MemorySendChannel[DeviceAnswer]] = {}
         self._synced = trio.Event()
         self._closed = False
 
@@ -75,6 +80,22 @@ class FollowerSession:
             return PlainText(SAFEMODE_TEXT)
         finally:
             self._waiting.pop(call_id, None)
+
+    async def cipher(self, round_: CipherRound, body: bytes) -> DeviceAnswer:
+        """Forward one cipher-round body to the leader and wait for its answer (safemode text if the link
+        drops; spec/secure-aggregation.md §R6)."""
+        if self._closed:
+            return SAFEMODE_TEXT
+        call_id = next(self._ids)
+        send, receive = trio.open_memory_channel[DeviceAnswer](1)
+        self._cipher_waiting[call_id] = send
+        try:
+            await self._link.send(CipherCall(call_id, round_), body)
+            return await receive.receive()
+        except (LinkClosed, trio.EndOfChannel):
+            return SAFEMODE_TEXT
+        finally:
+            self._cipher_waiting.pop(call_id, None)
 
     async def confirm(self, iteration: int, fl_ids: tuple[str, ...]) -> None:
         """Send the leader a confirmation of committed folds (pipelined; no answer).
@@ -107,6 +128,10 @@ class FollowerSession:
                             channel = self._waiting.get(call_id)
                             if channel is not None:
                                 channel.send_nowait(reply_of(msg))
+                        case CipherReply(call_id=call_id, plain=plain, text=text):
+                            waiting = self._cipher_waiting.get(call_id)
+                            if waiting is not None:
+                                waiting.send_nowait(text if plain else payload)
                         case IterationStatus():
                             self._rounds.apply_view(view_of(msg))
                             self._rounds.drop_sums_before(msg.iteration)
@@ -135,6 +160,8 @@ class FollowerSession:
             self._closed = True
             for channel in list(self._waiting.values()):
                 channel.close()
+            for waiting in list(self._cipher_waiting.values()):
+                waiting.close()
 
     async def _send_partial(self, iteration: int) -> None:
         partial, fl_ids = await self._rounds.collect_partial(iteration)

@@ -5,7 +5,8 @@ Theory of operation
 -------------------
 Every follower keeps one peer link to the leader. :class:`PeerHub` holds the leader's handle on each
 (:class:`FollowerLink`) and serves it: a reader that turns the follower's pipelined ``leader_call``
-frames into counting calls at the leader's driver (a :class:`LeaderDesk`) and routes the follower's
+frames into counting calls at the leader's driver (a :class:`LeaderDesk`), its ``cipher_call`` frames into
+cipher-round requests there, and routes the follower's
 ``partial_sums`` and ``model_installed`` frames to the aggregation waiting for them, and one ordered
 writer that drains the follower's outbox. Pushes (answers, iteration status, dropped partials) go
 through that outbox so a follower sees them in the order the leader made them; a follower too slow to
@@ -37,8 +38,10 @@ from flcluster.errors import FollowerLeft, FrameError, MessageError
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.peer_wire import answer_of, request_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
-from flcluster.wire.codes import ResponseCode
+from flcluster.wire.codes import CipherRound, ResponseCode
 from flcluster.wire.messages import (
+    CipherCall,
+    CipherReply,
     CollectPartial,
     DropPartials,
     ErrorReply,
@@ -61,8 +64,8 @@ COLLECT_TIMEOUT = 30.0
 #: Pushes queued for one follower before it counts as not keeping up.
 OUTBOX = 4096
 
-Push = IterationStatus | DropPartials | ErrorReply | LeaderAnswer
-"""What the leader queues for a follower (sent in order by its writer)."""
+Push = IterationStatus | DropPartials | ErrorReply | LeaderAnswer | tuple[CipherReply, bytes]
+"""What the leader queues for a follower (sent in order by its writer; a cipher answer with its payload)."""
 
 
 class LeaderDesk(Protocol):
@@ -82,6 +85,10 @@ class LeaderDesk(Protocol):
 
     def status(self) -> IterationStatus:
         """The iteration status as followers are told it."""
+        ...
+
+    async def cipher(self, round_: CipherRound, body: bytes, server: str) -> bytes | str:
+        """Run one cipher-round request that landed on Server ``server``."""
         ...
 
 
@@ -111,7 +118,10 @@ class FollowerLink:
         """Send queued pushes in order until the queue is closed."""
         async with self._queued:
             async for msg in self._queued:
-                await self.link.send(msg)
+                if isinstance(msg, tuple):
+                    await self.link.send(*msg)
+                else:
+                    await self.link.send(msg)
 
 
 class PeerHub:
@@ -225,6 +235,13 @@ class PeerHub:
                 return
             follower.post(answer_of(call.call_id, await desk.call(request, node_id)))
 
+        async def cipher_answer(call: CipherCall, body: bytes) -> None:
+            answer = await desk.cipher(call.round, body, node_id)
+            if isinstance(answer, str):
+                follower.post((CipherReply(call.call_id, True, answer), b""))
+            else:
+                follower.post((CipherReply(call.call_id, False, ""), answer))
+
         async def read() -> None:
             lost: LinkClosed | FrameError | None = None
             async with trio.open_nursery() as calls:
@@ -246,6 +263,8 @@ class PeerHub:
             match msg:
                 case LeaderCall():
                     calls.start_soon(answer, msg)
+                case CipherCall():
+                    calls.start_soon(cipher_answer, msg, payload)
                 case UpdatesCommitted(iteration=it, fl_ids=fl_ids):
                     desk.confirm(node_id, it, fl_ids)
                 case PartialSums(iteration=it):

@@ -71,11 +71,12 @@ from flcluster.core.iteration import (
 from flcluster.crashpoints import crash_point
 from flcluster.errors import SchemaError
 from flcluster.http.device import DeviceAnswer, DeviceHandler
+from flcluster.runtime.cipher_rounds import cipher_routes, runs_cipher_rounds
 from flcluster.runtime.clock import EpochClock
 from flcluster.runtime.fold_commits import FoldCommits
 from flcluster.store import RecoveryStore, ServerState, StoreContents, StoredModel, Transition
 from flcluster.verify import ClientVerification, VerificationFailed, check_update_model, verify_start_fl_job
-from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
+from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, CipherRound, DeviceRound, ResponseCode
 from flcluster.wire.messages import CountOp
 from flcluster.wire.model_bytes import weights_from_bytes, weights_to_bytes
 from flcluster.wire.records import FLPlanParams, UpdateModelRequest
@@ -131,6 +132,11 @@ class LeaderChannel(Protocol):
         """Tell the leader these folds are committed (never raises; a lost one is re-sent at re-sync)."""
         ...
 
+    async def cipher(self, round_: CipherRound, body: bytes) -> DeviceAnswer:
+        """Run one cipher-round request at the leader and return the device's answer
+        (spec/secure-aggregation.md §R6)."""
+        ...
+
 
 class LeaderLine:
     """This Server's way to the leader's counters, provided by whichever role is running now.
@@ -173,6 +179,13 @@ class LeaderLine:
         channel = self._channel
         if channel is not None:
             await channel.confirm(iteration, fl_ids)
+
+    async def cipher(self, round_: CipherRound, body: bytes) -> DeviceAnswer:
+        """A cipher-round request at the leader through the attached channel; safemode when none is."""
+        channel = self._channel
+        if channel is None:
+            return SAFEMODE_TEXT
+        return await channel.cipher(round_, body)
 
 
 class _Unfolded:
@@ -260,11 +273,17 @@ class RoundService:
     # -------------------------------------------------------------------------- device requests
 
     def routes(self) -> dict[str, DeviceHandler]:
-        """The device route table (flcluster/http/device.py ``DeviceRounds``): round name → handler."""
+        """The device route table (flcluster/http/device.py ``DeviceRounds``): round name → handler; with
+        PW_ENCRYPT or STABLE_PW_ENCRYPT the cipher rounds too (flcluster/runtime/cipher_rounds.py)."""
         return {
             DeviceRound.START_FL_JOB: self.start_fl_job,
             DeviceRound.UPDATE_MODEL: self.update_model,
             DeviceRound.GET_MODEL: self.get_model,
+            **cipher_routes(
+                self.plan.encrypt_type,
+                self.line.cipher,
+                lambda: (self.view.iteration, self.view.next_req_time_ms),
+            ),
         }
 
     async def start_fl_job(self, body: bytes) -> DeviceAnswer:
@@ -562,6 +581,14 @@ class RoundService:
         maps = [(m.name, m.data) for m in req.feature_maps]
         if kind is UploadKind.DENSE:
             checked = self.spec.check_update(maps)
+            if runs_cipher_rounds(self.plan.encrypt_type) and len({n for n, _ in maps}) != len(
+                self.spec.names
+            ):
+                # The masks cover the whole model (spec/secure-aggregation.md §2.1): no part can be unmasked.
+                raise UpdateRejected(
+                    f"{self.plan.encrypt_type} needs every tensor of the model in an update (the masks cover "
+                    f"them all); got {len(maps)} of {len(self.spec.names)}"
+                )
             return lambda _data_size: checked
         base = self.store.get(req.iteration - 1)
         if base is None:

@@ -20,16 +20,31 @@ import enum
 from typing import Final
 
 __all__ = [
+    "CIPHER_ROUNDS_PW",
+    "CIPHER_ROUNDS_STABLE_PW",
     "EMPTY_BODY_MESSAGE",
+    "IV_BYTES",
     "JOB_NOT_AVAILABLE_TEXT",
+    "KEY_BYTES",
+    "MAX_CERTIFICATES",
+    "MAX_CERTIFICATE_BYTES",
+    "MAX_CIPHER_CLIENTS",
     "MAX_COMPRESS_TYPES",
     "MAX_FEATURE_MAPS",
     "MAX_FL_ID_BYTES",
     "MAX_FL_NAME_BYTES",
+    "MAX_IV_BYTES",
+    "MAX_KEY_BYTES",
+    "MAX_SALT_BYTES",
+    "MAX_SHARES",
+    "MAX_SHARE_BYTES",
+    "MAX_SIGNATURE_BYTES",
     "MAX_SIGNDS_INDICES",
     "MAX_WEIGHT_NAME_BYTES",
     "NOT_READY_TEXT",
     "SAFEMODE_TEXT",
+    "SALT_BYTES",
+    "CipherRound",
     "CompressType",
     "DeviceRound",
     "ResponseCode",
@@ -107,3 +122,48 @@ MAX_WEIGHT_NAME_BYTES: Final = 1024
 MAX_COMPRESS_TYPES: Final = 16
 #: Most entries of a SignDS ``index_array`` (the original Server's limit; spec/privacy.md §3.3).
 MAX_SIGNDS_INDICES: Final = 100
+
+
+class CipherRound(enum.StrEnum):
+    """The secure-aggregation rounds (spec/secure-aggregation.md §R1), by the last part of their URL.
+
+    They join the device app's route table only when ``encrypt_type`` runs them
+    (:data:`CIPHER_ROUNDS_PW`, :data:`CIPHER_ROUNDS_STABLE_PW`).
+    """
+
+    EXCHANGE_KEYS = "exchangeKeys"
+    GET_KEYS = "getKeys"
+    SHARE_SECRETS = "shareSecrets"
+    GET_SECRETS = "getSecrets"
+    GET_CLIENT_LIST = "getClientList"
+    RECONSTRUCT_SECRETS = "reconstructSecrets"
+
+
+#: The cipher rounds of PW_ENCRYPT, in the device's order.
+CIPHER_ROUNDS_PW: Final = tuple(CipherRound)
+#: The cipher rounds of STABLE_PW_ENCRYPT (keys only).
+CIPHER_ROUNDS_STABLE_PW: Final = (CipherRound.EXCHANGE_KEYS, CipherRound.GET_KEYS)
+
+# Limits of the cipher bodies (spec/secure-aggregation.md §R7): the decoders' bounds, then the leader's rules.
+#: Longest ``c_pk`` / ``s_pk`` a decoder accepts, in bytes.
+MAX_KEY_BYTES: Final = 256
+#: Longest ``ind_iv`` / ``pw_iv`` / ``pw_salt`` a decoder accepts, in bytes.
+MAX_IV_BYTES: Final = 64
+MAX_SALT_BYTES: Final = 64
+#: Longest ``signature`` / ``req_signature`` a decoder accepts, in bytes (pki_verify; not read yet).
+MAX_SIGNATURE_BYTES: Final = 1024
+#: Most ``certificate_chain`` entries, and the longest one, in UTF-8 bytes (pki_verify; not read yet).
+MAX_CERTIFICATES: Final = 8
+MAX_CERTIFICATE_BYTES: Final = 16 * 1024
+#: Most shares in one request or answer.
+MAX_SHARES: Final = 16_384
+#: Longest ``ClientShare.share``, in bytes.
+MAX_SHARE_BYTES: Final = 1024
+#: Most keys or client ids in one answer.
+MAX_CIPHER_CLIENTS: Final = 16_384
+#: The exact length of an X25519 public key (raw), the only one the leader takes.
+KEY_BYTES: Final = 32
+#: The exact length of ``ind_iv`` and ``pw_iv`` (one AES block), the only one the leader takes.
+IV_BYTES: Final = 16
+#: The exact length of ``pw_salt`` the leader takes (the original's devices send 32; unmasking needs it).
+SALT_BYTES: Final = 32

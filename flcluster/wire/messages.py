@@ -25,6 +25,7 @@ import attrs
 from flcluster.core.cluster import ClusterState, Role
 from flcluster.core.iteration import InstanceState, Phase
 from flcluster.errors import MessageError
+from flcluster.wire.codes import CipherRound
 from flcluster.wire.frames import Frame
 
 MAX_STRING = 4096
@@ -266,6 +267,29 @@ class LeaderAnswer:
 
 @register
 @attrs.frozen
+class CipherCall:
+    """Follower → leader: a device's cipher-round request (payload: its body, already decoded once by the
+    follower; spec/secure-aggregation.md §R6)."""
+
+    TYPE: ClassVar[str] = "cipher_call"
+    call_id: int
+    round: CipherRound
+
+
+@register
+@attrs.frozen
+class CipherReply:
+    """Leader → follower: the answer to :class:`CipherCall` ``call_id``: the response table (payload), or
+    the plain text ``text`` when ``plain``."""
+
+    TYPE: ClassVar[str] = "cipher_answer"
+    call_id: int
+    plain: bool
+    text: str
+
+
+@register
+@attrs.frozen
 class IterationStatus:
     """Leader → followers: the iteration devices are in, its phase and the instance state."""
 
@@ -379,6 +403,8 @@ Message = (
     | PeerPing
     | LeaderCall
     | LeaderAnswer
+    | CipherCall
+    | CipherReply
     | IterationStatus
     | CollectPartial
     | PartialSums

@@ -13,28 +13,52 @@ description against the .fbs files, slot for slot.
 from __future__ import annotations
 
 from flcluster.wire.codes import (
+    MAX_CERTIFICATE_BYTES,
+    MAX_CERTIFICATES,
+    MAX_CIPHER_CLIENTS,
     MAX_COMPRESS_TYPES,
     MAX_FEATURE_MAPS,
     MAX_FL_ID_BYTES,
     MAX_FL_NAME_BYTES,
+    MAX_IV_BYTES,
+    MAX_KEY_BYTES,
+    MAX_SALT_BYTES,
+    MAX_SHARE_BYTES,
+    MAX_SHARES,
+    MAX_SIGNATURE_BYTES,
     MAX_WEIGHT_NAME_BYTES,
 )
 from flcluster.wire.verify import Field, Table
 
 __all__ = [
     "CIPHER_PUBLIC_PARAMS",
+    "CIPHER_TABLES",
+    "CLIENT_PUBLIC_KEYS",
+    "CLIENT_SHARE",
     "COMPRESS_FEATURE_MAP",
     "DP_PARAMS",
     "DS_PARAMS",
     "FEATURE_MAP",
     "FL_PLAN",
+    "GET_CLIENT_LIST",
+    "GET_EXCHANGE_KEYS",
+    "GET_SHARE_SECRETS",
     "PW_PARAMS",
+    "RECONSTRUCT_SECRET",
+    "REQUEST_EXCHANGE_KEYS",
     "REQUEST_FL_JOB",
     "REQUEST_GET_MODEL",
+    "REQUEST_SHARE_SECRETS",
     "REQUEST_UPDATE_MODEL",
+    "RESPONSE_EXCHANGE_KEYS",
     "RESPONSE_FL_JOB",
     "RESPONSE_GET_MODEL",
+    "RESPONSE_SHARE_SECRETS",
     "RESPONSE_UPDATE_MODEL",
+    "RETURN_CLIENT_LIST",
+    "RETURN_EXCHANGE_KEYS",
+    "RETURN_SHARE_SECRETS",
+    "SEND_RECONSTRUCT_SECRET",
     "TABLES",
 ]
 
@@ -173,9 +197,113 @@ RESPONSE_GET_MODEL = Table(
     ),
 )
 
+# ---- the secure-aggregation tables (spec/cipher.fbs; limits: spec/secure-aggregation.md §R7) ----
+
+_FL_ID = Field.string("fl_id", MAX_FL_ID_BYTES)
+_SIGNATURE = _V("signature", 1, MAX_SIGNATURE_BYTES)
+_CERTIFICATES = Field.strings("certificate_chain", MAX_CERTIFICATES, MAX_CERTIFICATE_BYTES)
+
+CLIENT_SHARE = Table("ClientShare", (_FL_ID, _V("share", 1, MAX_SHARE_BYTES), _S("index", 4)))
+CLIENT_PUBLIC_KEYS = Table(
+    "ClientPublicKeys",
+    (
+        _FL_ID,
+        _V("c_pk", 1, MAX_KEY_BYTES),
+        _V("s_pk", 1, MAX_KEY_BYTES),
+        _V("pw_iv", 1, MAX_IV_BYTES),
+        _V("pw_salt", 1, MAX_SALT_BYTES),
+    ),
+)
+REQUEST_EXCHANGE_KEYS = Table(
+    "RequestExchangeKeys",
+    (
+        _FL_ID,
+        _V("c_pk", 1, MAX_KEY_BYTES),
+        _V("s_pk", 1, MAX_KEY_BYTES),
+        _S("iteration", 4),
+        Field.string("timestamp"),
+        _V("ind_iv", 1, MAX_IV_BYTES),
+        _V("pw_iv", 1, MAX_IV_BYTES),
+        _V("pw_salt", 1, MAX_SALT_BYTES),
+        _SIGNATURE,
+        _CERTIFICATES,
+    ),
+)
+RESPONSE_EXCHANGE_KEYS = Table(
+    "ResponseExchangeKeys",
+    (_S("retcode", 4), Field.string("reason"), Field.string("next_req_time"), _S("iteration", 4)),
+)
+_FETCH_FIELDS = (_FL_ID, _S("iteration", 4), Field.string("timestamp"), _SIGNATURE)
+GET_EXCHANGE_KEYS = Table("GetExchangeKeys", _FETCH_FIELDS)
+RETURN_EXCHANGE_KEYS = Table(
+    "ReturnExchangeKeys",
+    (
+        _S("retcode", 4),
+        _S("iteration", 4),
+        _T("remote_publickeys", CLIENT_PUBLIC_KEYS, MAX_CIPHER_CLIENTS),
+        Field.string("next_req_time"),
+    ),
+)
+REQUEST_SHARE_SECRETS = Table(
+    "RequestShareSecrets",
+    (
+        _FL_ID,
+        _T("encrypted_shares", CLIENT_SHARE, MAX_SHARES),
+        _S("iteration", 4),
+        Field.string("timestamp"),
+        _SIGNATURE,
+    ),
+)
+RESPONSE_SHARE_SECRETS = Table(
+    "ResponseShareSecrets",
+    (_S("retcode", 4), Field.string("reason"), Field.string("next_req_time"), _S("iteration", 4)),
+)
+GET_SHARE_SECRETS = Table("GetShareSecrets", _FETCH_FIELDS)
+RETURN_SHARE_SECRETS = Table(
+    "ReturnShareSecrets",
+    (
+        _S("retcode", 4),
+        _S("iteration", 4),
+        _T("encrypted_shares", CLIENT_SHARE, MAX_SHARES),
+        Field.string("next_req_time"),
+    ),
+)
+GET_CLIENT_LIST = Table("GetClientList", _FETCH_FIELDS)
+RETURN_CLIENT_LIST = Table(
+    "ReturnClientList",
+    (
+        _S("retcode", 4),
+        Field.string("reason"),
+        Field.strings("clients", MAX_CIPHER_CLIENTS, MAX_FL_ID_BYTES),
+        _S("iteration", 4),
+        Field.string("next_req_time"),
+    ),
+)
+SEND_RECONSTRUCT_SECRET = Table(
+    "SendReconstructSecret",
+    (
+        _FL_ID,
+        _T("reconstruct_secret_shares", CLIENT_SHARE, MAX_SHARES),
+        _S("iteration", 4),
+        Field.string("timestamp"),
+        _SIGNATURE,
+    ),
+)
+RECONSTRUCT_SECRET = Table(
+    "ReconstructSecret",
+    (_S("retcode", 4), Field.string("reason"), _S("iteration", 4), Field.string("next_req_time")),
+)
+
+#: The secure-aggregation descriptions (also in :data:`TABLES`).
+CIPHER_TABLES: tuple[Table, ...] = (
+    CLIENT_SHARE, CLIENT_PUBLIC_KEYS, REQUEST_EXCHANGE_KEYS, RESPONSE_EXCHANGE_KEYS, GET_EXCHANGE_KEYS,
+    RETURN_EXCHANGE_KEYS, REQUEST_SHARE_SECRETS, RESPONSE_SHARE_SECRETS, GET_SHARE_SECRETS,
+    RETURN_SHARE_SECRETS, GET_CLIENT_LIST, RETURN_CLIENT_LIST, SEND_RECONSTRUCT_SECRET, RECONSTRUCT_SECRET,
+)  # fmt: skip
+
 #: Every description above, for tests that hold them against the schema files.
 TABLES: tuple[Table, ...] = (
     FEATURE_MAP, COMPRESS_FEATURE_MAP, PW_PARAMS, DP_PARAMS, DS_PARAMS, CIPHER_PUBLIC_PARAMS, FL_PLAN,
     REQUEST_FL_JOB, RESPONSE_FL_JOB, REQUEST_UPDATE_MODEL, RESPONSE_UPDATE_MODEL, REQUEST_GET_MODEL,
-    RESPONSE_GET_MODEL,
+    RESPONSE_GET_MODEL, *CIPHER_TABLES,
 )  # fmt: skip

@@ -194,6 +194,7 @@ def test_config_is_derived_from_the_fl_context() -> None:
         global_iteration_time_window=13,
         fl_iteration_num=14,
         min_retry_delay_ms=15,
+        cipher=None,
     )
     assert iteration_config(ctx).update_model_threshold == ctx.update_model_threshold == 3
 

@@ -44,6 +44,7 @@ CONFIG = IterationConfig(
     global_iteration_time_window=60_000,
     fl_iteration_num=50,
     min_retry_delay_ms=1_000,
+    cipher=None,
 )
 
 

@@ -19,14 +19,18 @@ REPO = EXAMPLES.parents[1]
     ("flag", "said"),
     [
         ("--enable_ssl=True", "enable_ssl=True needs config_file_path"),
-        ("--encrypt_type=STABLE_PW_ENCRYPT", "not implemented yet"),
+        (
+            "--encrypt_type=PW_ENCRYPT --pki_verify=True --start_fl_job_threshold=4 "
+            "--reconstruct_secrets_threshold=2 --root_first_ca_path=a.pem --root_second_ca_path=b.pem",
+            "not implemented yet",
+        ),
         ("--start_fl_job_threshold=-3", "start_fl_job_threshold"),
     ],
 )
 def test_a_refused_context_starts_no_process(script: str, flag: str, said: str, tmp_path: Path) -> None:
     shutil.copy(EXAMPLES / script, tmp_path / script)
     out = subprocess.run(
-        [sys.executable, script, "--scheduler_ip=127.0.0.1", "--server_num=2", flag],
+        [sys.executable, script, "--scheduler_ip=127.0.0.1", "--server_num=2", *flag.split()],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,

@@ -157,7 +157,7 @@ def test_the_sources_table_names_every_field() -> None:
         # tls and manage_token come from enable_ssl and config.json (test_tls_cluster.py, test_tls_files.py).
         SchedulerSettings: {"node_id", "store_path", "tls", "manage_token"},
         ServerSettings: {"node_id", "store_path", "tls"},
-        IterationConfig: set(),
+        IterationConfig: {"cipher"},
         LeaderOptions: {"metrics_path", "participation_levels"},
     }
     for record, sources in SOURCES.items():
@@ -252,14 +252,16 @@ def test_job_settings_from_the_context(tmp_path: Path) -> None:
 
 UNIMPLEMENTED: list[tuple[dict[str, object], str, str]] = [
     (
-        {"encrypt_type": "PW_ENCRYPT", "start_fl_job_threshold": 4, "reconstruct_secrets_threshold": 2},
-        "encrypt_type='PW_ENCRYPT'",
-        "set encrypt_type='NOT_ENCRYPT'",
-    ),
-    (
-        {"encrypt_type": "STABLE_PW_ENCRYPT"},
-        "encrypt_type='STABLE_PW_ENCRYPT'",
-        "set encrypt_type='NOT_ENCRYPT'",
+        {
+            "encrypt_type": "PW_ENCRYPT",
+            "start_fl_job_threshold": 4,
+            "reconstruct_secrets_threshold": 2,
+            "pki_verify": True,
+            "root_first_ca_path": "ca1.pem",
+            "root_second_ca_path": "ca2.pem",
+        },
+        "encrypt_type='PW_ENCRYPT' with pki_verify=True",
+        "set pki_verify=False or encrypt_type='STABLE_PW_ENCRYPT'",
     ),
 ]
 
@@ -281,7 +283,7 @@ def test_unimplemented_features_are_refused_at_start_up(
             start()
         message = str(info.value)
         assert message.startswith(f"{named} is refused: ")
-        assert "is not implemented yet" in message
+        assert "not implemented yet" in message
         assert instead in message
 
 
@@ -298,6 +300,25 @@ def test_tls_is_no_longer_refused_but_its_files_are_checked() -> None:
 def test_the_default_context_starts() -> None:
     refuse_unimplemented(FLContext())
     refuse_unimplemented(FLContext(enable_ssl=False, pki_verify=False, encrypt_type="NOT_ENCRYPT"))
+
+
+@pytest.mark.parametrize("encrypt_type", ["PW_ENCRYPT", "STABLE_PW_ENCRYPT"])
+def test_pw_and_stable_pw_start_and_the_plan_carries_the_job_prime(encrypt_type: str) -> None:
+    # spec/secure-aggregation.md §1.1: the FLPlan carries t and the job's prime, the same on every Server.
+    from flcluster.secure import check_prime
+
+    ctx = FLContext.from_kwargs(
+        encrypt_type=encrypt_type, start_fl_job_threshold=4, update_model_ratio=1.0,
+        reconstruct_secrets_threshold=2, fl_name="job-a",
+    )  # fmt: skip
+    refuse_unimplemented(ctx)
+    server_settings(ctx, "s0")
+    plan = job_settings(ctx).plan
+    assert (plan.encrypt_type, plan.pw_t) == (encrypt_type, 2)
+    assert check_prime(plan.pw_prime).bit_length() == 264
+    assert job_settings(ctx).plan.pw_prime == plan.pw_prime
+    assert job_settings(ctx.evolve(fl_name="job-b")).plan.pw_prime != plan.pw_prime
+    assert job_settings(ctx.evolve(encrypt_type="NOT_ENCRYPT")).plan.pw_prime == bytes(33)
 
 
 @pytest.mark.parametrize("encrypt_type", ["DP_ENCRYPT", "SIGNDS"])
@@ -330,11 +351,35 @@ def test_flcluster_server_refuses_before_launching_any_server(
         "--server_num=2",
         "--local_server_num=2",
         "--background",
-        "--encrypt_type=STABLE_PW_ENCRYPT",
+        "--encrypt_type=PW_ENCRYPT",
+        "--pki_verify=True",
+        "--start_fl_job_threshold=4",
+        "--reconstruct_secrets_threshold=2",
+        "--root_first_ca_path=ca1.pem",
+        "--root_second_ca_path=ca2.pem",
     ]
     assert main(argv) == 1
     assert (
-        "encrypt_type='STABLE_PW_ENCRYPT' is refused: pairwise-masked secure aggregation (STABLE_PW_ENCRYPT) "
-        "is not implemented yet" in capsys.readouterr().err
+        "encrypt_type='PW_ENCRYPT' with pki_verify=True is refused: the client-list signatures "
+        "(/pushListSign, /getListSign) are not implemented yet" in capsys.readouterr().err
     )
     assert list(tmp_path.iterdir()) == []  # no server_<i> directory: nothing was launched
+
+
+def test_iteration_config_carries_the_cipher_rounds_of_pw_encrypt() -> None:
+    from flcluster.core.cipher import CipherConfig
+
+    assert iteration_config(FLContext()).cipher is None
+    ctx = FLContext.from_kwargs(
+        encrypt_type="PW_ENCRYPT",
+        start_fl_job_threshold=8,
+        share_secrets_ratio=0.75,
+        cipher_time_window=1234,
+        reconstruct_secrets_threshold=3,
+    )
+    assert iteration_config(ctx).cipher == CipherConfig(
+        mode="PW_ENCRYPT", share_secrets_ratio=0.75, cipher_time_window=1234, reconstruct_secrets_threshold=3
+    )
+    stable = iteration_config(ctx.evolve(encrypt_type="STABLE_PW_ENCRYPT")).cipher
+    assert stable is not None and stable.mode == "STABLE_PW_ENCRYPT"
+    assert iteration_config(ctx.evolve(encrypt_type="DP_ENCRYPT")).cipher is None
