@@ -243,8 +243,8 @@ class SchedulerNode:
 
     async def _persist(self) -> None:
         """Commit the stored view if it changed (see the module docstring); nothing without a store."""
-        if self.store is None:
-            return
+        if self.store is None or not self.machine.settled:
+            return  # a scaling is committed when it has completed or rolled back (spec/recovery.md §9)
         state = stored_state(self.machine.snapshot())
         if state == self._committed or state.cluster_state == ClusterState.CLUSTER_EXIT.name:
             return
