@@ -53,6 +53,15 @@ class CountOp(enum.StrEnum):
     UPDATE_MODEL = "updateModel"
 
 
+class InstanceOp(enum.StrEnum):
+    """What an :class:`InstanceCall` asks the leader (spec/cluster-protocol.md §8)."""
+
+    NEW_INSTANCE = "new_instance"
+    QUERY_INSTANCE = "query_instance"
+    ENABLE = "enable"
+    DISABLE = "disable"
+
+
 class AnswerKind(enum.StrEnum):
     """What a :class:`LeaderAnswer` carries: an acceptance, a rejection, or a plain-text body."""
 
@@ -162,6 +171,39 @@ class Finished:
 
     TYPE: ClassVar[str] = "finished"
     node_id: str
+
+
+@register
+@attrs.frozen
+class ScalingBarrier:
+    """Leader → Scheduler: its iteration is at rest for the scaling in progress; it holds at ``iteration``."""
+
+    TYPE: ClassVar[str] = "scaling_barrier"
+    node_id: str
+    iteration: int
+
+
+@register
+@attrs.frozen
+class InstanceCall:
+    """Scheduler → leader: an instance operation (``params``: a JSON object as text)."""
+
+    TYPE: ClassVar[str] = "instance_call"
+    call_id: int
+    op: InstanceOp
+    params: str
+
+
+@register
+@attrs.frozen
+class InstanceAnswer:
+    """Leader → Scheduler: the answer to :class:`InstanceCall` ``call_id`` (``result``: JSON object text)."""
+
+    TYPE: ClassVar[str] = "instance_answer"
+    call_id: int
+    ok: bool
+    message: str
+    result: str
 
 
 # --------------------------------------------------------------------- operator tool <-> Scheduler
@@ -349,6 +391,17 @@ class UpdatesCommitted:
 
 @register
 @attrs.frozen
+class InstanceRenewedMsg:
+    """Leader → followers: a new instance applies; devices get these FLPlan values from now on."""
+
+    TYPE: ClassVar[str] = "instance_renewed"
+    epochs: int
+    mini_batch: int
+    lr: float
+
+
+@register
+@attrs.frozen
 class ErrorReply:
     """Any direction: the previous frame broke a rule; ``reason`` says which. Nothing changed."""
 
@@ -379,6 +432,10 @@ Message = (
     | ModelInstalled
     | HeldUpdates
     | UpdatesCommitted
+    | ScalingBarrier
+    | InstanceCall
+    | InstanceAnswer
+    | InstanceRenewedMsg
     | ErrorReply
 )
 
