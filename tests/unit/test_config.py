@@ -447,7 +447,7 @@ def test_field_names() -> None:
     assert names == tuple(a.name for a in attrs.fields(FLContext))
     assert names[0] == "server_mode"
     assert {"enable_fl", "node_id", "checkpoint_keep", "worker_step_num_per_iteration"} <= set(names)
-    assert len(names) == len(set(names)) == 65
+    assert len(names) == len(set(names)) == 66
 
 
 # ---------------------------------------------------------------------------------------------------------
