@@ -392,12 +392,14 @@ class UpdatesCommitted:
 @register
 @attrs.frozen
 class InstanceRenewedMsg:
-    """Leader → followers: a new instance applies; devices get these FLPlan values from now on."""
+    """Leader → followers: devices get these FLPlan values from now on; ``reset``: a new instance applies
+    now (the latest model becomes model 0; sent without it after a peer hello, for the plan only)."""
 
     TYPE: ClassVar[str] = "instance_renewed"
     epochs: int
     mini_batch: int
     lr: float
+    reset: bool
 
 
 @register
