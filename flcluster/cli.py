@@ -4,15 +4,20 @@
 
     flcluster scheduler [--<any FL context key>=<value> ...]
     flcluster server    [--<any FL context key>=<value> ...] [--local_server_num N] [--background]
-    flcluster finish    [--scheduler_ip 127.0.0.1] --scheduler_port P
-    flcluster nodes     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202]
-    flcluster state     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202]
+    flcluster finish    [--scheduler_ip 127.0.0.1] --scheduler_port P [ACCESS]
+    flcluster nodes     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202] [ACCESS]
+    flcluster state     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202] [ACCESS]
+
+    ACCESS: [--config_file_path config.json] [--enable_ssl True] [--client_password ...] (finish only)
 
 ``scheduler`` and ``server`` take every :class:`~flcluster.config.FLContext` key as a flag, exactly as
 the guide's scripts do. ``server`` with ``--local_server_num N`` (N > 1, or ``--background``) starts N
 Server processes, one per device port ``fl_server_port + i``, in ``./server_<i>/``; in the foreground
 it then waits for them and stops them on Ctrl-C, with ``--background`` it returns at once as the
 guide's ``run_mobile_server.py`` does.
+
+The operator commands send the management token (``FLCLUSTER_MANAGE_TOKEN``, else ``config.json``'s
+``manage_token``) and, with ``--enable_ssl True``, use TLS as the cluster does (:mod:`flcluster.operator`).
 """
 
 from __future__ import annotations
@@ -23,22 +28,22 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from functools import partial
 
 import httpx
-import trio
 
 from flcluster.config import (
     FLContext,
     add_context_arguments,
     build_fl_context,
     context_kwargs_from_args,
+    load_cluster_config,
     refuse_unimplemented,
 )
 from flcluster.errors import FLClusterError
 from flcluster.launch import start_servers
+from flcluster.operator import OperatorAccess, access_from_args, add_access_arguments, finish_from_args
 from flcluster.roles import configure_logging, run_role
-from flcluster.runtime.finish import finish_cluster
+from flcluster.tls import TlsRole, load_node_tls
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     finish.add_argument("--scheduler_ip", default="127.0.0.1")
     finish.add_argument("--scheduler_port", type=int, default=6667)
     finish.add_argument("--grace", type=float, default=15.0, help="seconds to wait before signalling")
+    add_access_arguments(finish, finish=True)
 
     for name, what in (
         ("nodes", "list the nodes (GET /nodes)"),
@@ -65,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         query = sub.add_parser(name, help=what)
         query.add_argument("--scheduler_manage_host", default="127.0.0.1")
         query.add_argument("--scheduler_manage_port", type=int, default=11202)
+        add_access_arguments(query, finish=False)
     return parser
 
 
@@ -74,6 +81,11 @@ def _context(args: argparse.Namespace, role: str) -> tuple[FLContext, dict[str, 
     ctx = build_fl_context(kwargs, os.environ)
     # Refused here too, before any Server process is launched in the background.
     refuse_unimplemented(ctx)
+    load_node_tls(
+        ctx,
+        load_cluster_config(ctx.config_file_path or None),
+        TlsRole.SCHEDULER if role == "MS_SCHED" else TlsRole.SERVER,
+    )
     return ctx, kwargs
 
 
@@ -104,9 +116,14 @@ def _run_servers(args: argparse.Namespace) -> int:
     return max(codes, default=0)
 
 
-def _query(host: str, port: int, path: str) -> int:
+def _query(host: str, port: int, path: str, access: OperatorAccess) -> int:
     try:
-        response = httpx.get(f"http://{host}:{port}{path}", timeout=10.0)
+        response = httpx.get(
+            f"{access.scheme}://{host}:{port}{path}",
+            headers=access.headers(),
+            verify=access.https if access.https is not None else True,
+            timeout=10.0,
+        )
     except httpx.HTTPError as exc:
         print(
             f"flcluster: the Scheduler's management port {host}:{port} did not answer: {exc}", file=sys.stderr
@@ -128,12 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "server":
                 return _run_servers(args)
             case "finish":
-                ended = trio.run(
-                    partial(finish_cluster, args.scheduler_ip, args.scheduler_port, grace=args.grace)
-                )
-                return 0 if ended else 1
+                return 0 if finish_from_args(args) else 1
             case "nodes" | "state":
-                return _query(args.scheduler_manage_host, args.scheduler_manage_port, f"/{args.command}")
+                access = access_from_args(args, finish=False)
+                return _query(
+                    args.scheduler_manage_host, args.scheduler_manage_port, f"/{args.command}", access
+                )
     except FLClusterError as exc:
         print(f"flcluster: {exc}", file=sys.stderr)
         return 1

@@ -28,11 +28,16 @@ The tree::
     │   ├── IllegalEvent              theirs  409  an event a state machine does not take in its state
     │   ├── SchemaError               theirs  400  a FlatBuffers body does not match its table
     │   ├── UpdateRejected            theirs  400  a device's update breaks a model rule
-    │   └── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
+    │   ├── CipherInputError          theirs  400  a secure-aggregation key, IV or share is malformed
+    │   ├── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
+    │   ├── VerificationFailed        theirs  400  a device's certificate, signature or timestamp fails
+    │   └── AccessRefused             theirs  401  an operator request without the right access token
     └── ClusterError                  ours    503  the cluster cannot do what was asked now
         ├── RegistrationRefused       ours    503  the Scheduler refused a Server's registration
         ├── LinkClosed                ours    503  a cluster TCP link closed or broke
+        │   └── HandshakeFailed       ours    503  a cluster link's TLS handshake failed
         ├── AggregationError          ours    500  an iteration's aggregate cannot be formed
+        │   └── UnmaskError           ours    500  the masks cannot be removed (too few or bad shares)
         ├── DeviceTransportError      ours    503  (device SDK) a request got no HTTP answer
         ├── DeviceHTTPError           ours    502  (device SDK) a server answered a status other than 200
         └── ModelUnavailable          ours    503  (device SDK) no model could be fetched
@@ -55,8 +60,10 @@ from typing import ClassVar
 __all__ = [
     "FRESH_START",
     "NEVER_RESET",
+    "AccessRefused",
     "AggregationError",
     "CheckpointError",
+    "CipherInputError",
     "ClusterError",
     "ConfigError",
     "DeviceHTTPError",
@@ -65,6 +72,7 @@ __all__ = [
     "Fault",
     "FollowerLeft",
     "FrameError",
+    "HandshakeFailed",
     "IllegalEvent",
     "LinkClosed",
     "MalformedAnswer",
@@ -82,8 +90,10 @@ __all__ = [
     "StoreTooNew",
     "StoreWriteError",
     "TransitionRefused",
+    "UnmaskError",
     "UpdateRejected",
     "ValueRefused",
+    "VerificationFailed",
 ]
 
 _EXCERPT = 200
@@ -180,6 +190,32 @@ class UpdateRejected(ProtocolError):
     """A device's update breaks a model rule (spec/aggregation.md, "Update check"); nothing was changed."""
 
 
+class VerificationFailed(ProtocolError):
+    """A device's request failed client verification (spec/device-protocol.md, "Client verification").
+
+    Its certificate chain, a signature, its timestamp or the replay check; nothing was changed.
+
+    Attributes:
+        reason: What failed and why, for the device.
+        retry_later: True when a later request may pass (a timestamp out of the window, no key kept for
+            the device yet): the original answers these ``OutOfTime`` in updateModel, the rest
+            ``RequestError``.
+    """
+
+    def __init__(self, reason: str, *, retry_later: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_later = retry_later
+
+
+class CipherInputError(ProtocolError):
+    """A secure-aggregation key, IV, salt or share is malformed (spec/secure-aggregation.md, "Primitives").
+
+    Wrong sizes, a public key X25519 refuses, a share that does not decrypt or parse: sending the same
+    input again fails again.
+    """
+
+
 def _excerpt(body: bytes) -> str:
     text = body[:_EXCERPT].decode("utf-8", errors="replace")
     return text + ("…" if len(body) > _EXCERPT else "")
@@ -204,6 +240,12 @@ class MalformedAnswer(ProtocolError):
         self.body = body
 
 
+class AccessRefused(ProtocolError):
+    """An operator request lacks the management access token, or carries a wrong one (management-api.md)."""
+
+    status_hint = 401
+
+
 # -------------------------------------------------------------------------------------------- ours
 
 
@@ -222,6 +264,13 @@ class LinkClosed(ClusterError):
     """A cluster TCP link closed: the other side closed it, or it broke (spec/cluster-protocol.md)."""
 
 
+class HandshakeFailed(LinkClosed):
+    """A cluster link's TLS handshake failed (spec/cluster-protocol.md §7.4).
+
+    The peer refused this node's certificate, this node refused the peer's, or only one side speaks TLS.
+    """
+
+
 class AggregationError(ClusterError):
     """The aggregate cannot be formed (it is not finite, or the partial sums do not fit together)."""
 
@@ -230,6 +279,14 @@ class AggregationError(ClusterError):
 
 class FollowerLeft(AggregationError):
     """A follower whose partial sums an aggregation needs has no link to the leader (it may come back)."""
+
+
+class UnmaskError(AggregationError):
+    """The masks cannot be removed (spec/secure-aggregation.md, "Masks"); the caller fails the iteration.
+
+    A peer has fewer than ``t`` shares, its shares disagree, or a rebuilt key does not match the peer's
+    public key. Nothing rebuilt is published.
+    """
 
 
 class DeviceTransportError(ClusterError):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import attrs
 
-from flcluster.config import build_fl_context, refuse_unimplemented
+from flcluster.config import build_fl_context, load_cluster_config, refuse_unimplemented
 from flcluster.runtime.addresses import advertised_address
 
 
@@ -135,15 +135,20 @@ def refuse_before_launch(
 ) -> None:
     """Check the context the launched nodes would run with, before any process starts.
 
-    The launched processes would refuse a bad context (or an unimplemented feature such as
-    ``enable_ssl=True``) themselves, but only their logs would say so while the launcher printed
-    ``started``; this refuses it here, on the operator's terminal.
+    The launched processes would refuse a bad context (an unimplemented feature such as
+    ``pki_verify=True``, or TLS files that cannot be used) themselves, but only their logs would say so
+    while the launcher printed ``started``; this refuses it here, on the operator's terminal.
 
     Raises:
-        ConfigError: a value is refused, or a feature flcluster does not implement yet is turned on.
+        ConfigError: a value is refused, a feature flcluster does not implement yet is turned on, or with
+            ``enable_ssl`` a TLS file is refused (spec/cluster-protocol.md §7.3).
     """
+    from flcluster.tls import TlsRole, load_node_tls
+
     ctx = build_fl_context({**kwargs, "ms_role": role}, os.environ if environ is None else environ)
     refuse_unimplemented(ctx)
+    cluster_config = load_cluster_config(ctx.config_file_path or None)
+    load_node_tls(ctx, cluster_config, TlsRole.SCHEDULER if role == "MS_SCHED" else TlsRole.SERVER)
 
 
 def python_command(script: Path) -> list[str]:

@@ -13,7 +13,9 @@ FLContext checked (``spec/configuration.md`` §8).
 
 :func:`scheduler_settings`, :func:`server_settings` and :func:`job_settings` are where a role starts, so they
 first call :func:`~flcluster.config.refuse_unimplemented`: a context that turns on a feature flcluster does
-not implement yet (TLS, device PKI, any ``encrypt_type`` but ``NOT_ENCRYPT``) never starts a role.
+not implement yet (pairwise masking) never starts a role. With
+``enable_ssl`` the node's TLS files are loaded and checked there too (:func:`~flcluster.tls.load_node_tls`),
+so a role whose certificates cannot be used never opens a port.
 
 The Server's records load torch and the Server runtime, so they are imported when first built, never at
 import time: a Scheduler never loads torch.
@@ -25,6 +27,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from flcluster.config import ClusterConfig, FLContext, refuse_unimplemented
+from flcluster.tls import TlsRole, load_node_tls
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,9 +37,11 @@ if TYPE_CHECKING:
     from flcluster.runtime.scheduler import SchedulerSettings
     from flcluster.runtime.server import JobSettings, ServerSettings
     from flcluster.store import StoreRole
+    from flcluster.verify import ClientVerification
     from flcluster.wire.records import FLPlanParams
 
 __all__ = [
+    "client_verification",
     "fl_plan",
     "iteration_config",
     "job_settings",
@@ -70,7 +75,8 @@ def scheduler_settings(
             per node next to ``storage_file_path``, spec/recovery.md §2), ``None`` or no section: none.
 
     Raises:
-        ConfigError: the context turns on a feature that is not implemented yet.
+        ConfigError: the context turns on a feature that is not implemented yet, or its TLS files are
+            refused (spec/cluster-protocol.md §7.3).
     """
     from flcluster.runtime.scheduler import SchedulerSettings
     from flcluster.store import StoreRole
@@ -91,6 +97,8 @@ def scheduler_settings(
         scaling_timeout=ctx.scaling_timeout,
         max_message_size=ctx.max_message_size,
         store_path=store_path,
+        tls=load_node_tls(ctx, cluster_config, TlsRole.SCHEDULER),
+        manage_token=cluster_config.manage_token if cluster_config is not None else "",
     )
 
 
@@ -106,7 +114,8 @@ def server_settings(
             (:func:`~flcluster.store.node_store_path`, spec/recovery.md §2); ``None``: no recovery.
 
     Raises:
-        ConfigError: the context turns on a feature that is not implemented yet.
+        ConfigError: the context turns on a feature that is not implemented yet, or its TLS files are
+            refused (spec/cluster-protocol.md §7.3).
     """
     from flcluster.runtime.server import ServerSettings
     from flcluster.store import StoreRole
@@ -128,6 +137,7 @@ def server_settings(
         max_message_size=ctx.max_message_size,
         max_device_body=ctx.max_device_body,
         store_path=store_path,
+        tls=load_node_tls(ctx, cluster_config, TlsRole.SERVER),
     )
 
 
@@ -185,6 +195,22 @@ def fl_plan(ctx: FLContext) -> FLPlanParams:
     )
 
 
+def client_verification(ctx: FLContext) -> ClientVerification | None:
+    """With ``pki_verify``, the trust anchors (read now) and the replay window; ``None`` without.
+
+    spec/device-protocol.md, "Client verification", "Configuration".
+
+    Raises:
+        ConfigError: A root or CRL file cannot be read or holds no certificate / CRL.
+    """
+    if not ctx.pki_verify:
+        return None
+    from flcluster.verify import ClientVerification, load_trust_anchors
+
+    trust = load_trust_anchors(ctx.root_first_ca_path, ctx.root_second_ca_path, ctx.equip_crl_path)
+    return ClientVerification(trust, ctx.replay_attack_time_diff)
+
+
 def job_settings(
     ctx: FLContext, model: nn.Module | None = None, cluster_config: ClusterConfig | None = None
 ) -> JobSettings:
@@ -224,4 +250,5 @@ def job_settings(
         device=resolve_device(ctx.aggregation_device),
         model_keep=ctx.model_keep,
         leader=leader_options(ctx, cluster_config),
+        client_verification=client_verification(ctx),
     )

@@ -18,7 +18,7 @@ from functools import partial
 import attrs
 import trio
 
-from flcluster.config import FLContext
+from flcluster.config import ClusterConfig, FLContext
 from flcluster.runtime.scheduler import SchedulerAddresses, SchedulerNode, SchedulerSettings
 from flcluster.runtime.server import JobSettings, ServerNode, ServerSettings, ServerStarted
 from flcluster.settings import job_settings, scheduler_settings, server_settings
@@ -56,23 +56,32 @@ FL_NAME = "Lenet"
 LOOPBACK = "127.0.0.1"
 
 
-def loopback_scheduler(server_num: int, **context: object) -> SchedulerSettings:
+def loopback_scheduler(
+    server_num: int, *, cluster_config: ClusterConfig | None = None, **context: object
+) -> SchedulerSettings:
     """A Scheduler's settings from an FLContext on loopback (node id ``"20"``), on ports the OS picks.
 
-    ``context`` is any other FLContext keywords. FLContext refuses port 0 (an operator names a port); the
-    runtime accepts it, so the derived settings take 0 for the cluster and management ports.
+    ``context`` is any other FLContext keywords; ``cluster_config`` stands for ``config.json`` (TLS files,
+    the management token). FLContext refuses port 0 (an operator names a port); the runtime accepts it, so
+    the derived settings take 0 for the cluster and management ports.
     """
     ctx = FLContext.from_kwargs(ms_role="MS_SCHED", server_num=server_num, scheduler_ip=LOOPBACK, **context)
-    return attrs.evolve(scheduler_settings(ctx, "20"), port=0, manage_port=0)
+    return attrs.evolve(scheduler_settings(ctx, "20", cluster_config), port=0, manage_port=0)
 
 
 def loopback_server(
-    node_id: str, server_num: int, *, scheduler_port: int, device_port: int = 0, **context: object
+    node_id: str,
+    server_num: int,
+    *,
+    scheduler_port: int,
+    device_port: int = 0,
+    cluster_config: ClusterConfig | None = None,
+    **context: object,
 ) -> ServerSettings:
     """A Server's settings from an FLContext: loopback, reconnecting every 50 ms; ``context`` is the rest.
 
     ``device_port=0`` (the default) lets the OS pick the device port; the Server reports the bound URL
-    in its :class:`~flcluster.runtime.server.ServerStarted`.
+    in its :class:`~flcluster.runtime.server.ServerStarted`. ``cluster_config`` stands for ``config.json``.
     """
     ctx = FLContext.from_kwargs(
         server_num=server_num,
@@ -83,7 +92,7 @@ def loopback_server(
         **({"fl_server_port": device_port} if device_port else {}),
         **context,
     )
-    return attrs.evolve(server_settings(ctx, node_id), device_port=device_port)
+    return attrs.evolve(server_settings(ctx, node_id, cluster_config), device_port=device_port)
 
 
 def lenet_context(threshold: int, iterations: int, **windows: int) -> FLContext:
@@ -161,6 +170,7 @@ async def open_cluster(
     job: Callable[[], JobSettings],
     *,
     scheduler_context: dict[str, object] | None = None,
+    cluster_config: ClusterConfig | None = None,
     **server_context: object,
 ) -> AsyncIterator[InProcessCluster]:
     """Run a Scheduler and ``server_num`` Servers in this process until the block ends.
@@ -169,11 +179,15 @@ async def open_cluster(
         server_num: Servers in the cluster.
         job: Makes each Server's job (called once per Server).
         scheduler_context: FLContext keywords for the Scheduler (e.g. ``max_message_size``).
+        cluster_config: Every node's ``config.json`` (e.g. TLS files: pass ``enable_ssl=True`` in both
+            contexts too).
         server_context: FLContext keywords for every Server (e.g. ``max_device_body``).
 
     Yields the cluster once every Server has logged ``Server started successfully.``.
     """
-    scheduler = SchedulerNode(loopback_scheduler(server_num, **(scheduler_context or {})))
+    scheduler = SchedulerNode(
+        loopback_scheduler(server_num, cluster_config=cluster_config, **(scheduler_context or {}))
+    )
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(scheduler.serve)
         jobs = [job() for _ in range(server_num)]
@@ -184,6 +198,7 @@ async def open_cluster(
                     server_num,
                     scheduler_port=addresses.port,
                     fl_iteration_num=jobs[i].iteration.fl_iteration_num,
+                    cluster_config=cluster_config,
                     **server_context,
                 ),
                 jobs[i],

@@ -8,6 +8,8 @@ Device *i* talks to Server ``i % server_num`` (port ``fl_server_port + i % serve
 trains LeNet-5 on scikit-learn's digits (or ``--data=<MNIST IDX folder | LEAF FEMNIST folder>``) split
 non-IID across the devices and prints the global model's test accuracy after each iteration;
 ``--mode=synthetic`` uploads seeded random weights for load tests. ``--plot`` writes a PNG of the accuracy.
+Against a cluster with ``enable_ssl``, ``--ca_cert=ca.pem`` talks HTTPS and checks the Servers' certificates
+(``--client_cert`` and ``--client_password`` present a client certificate, for a proxy that asks for one).
 """
 
 import argparse
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--plot", default="", help="write a PNG of the accuracy per iteration here (train mode)")
     add("--no_progress", action="store_true", help="no progress bar and no per-iteration lines")
     add("--log_level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add("--ca_cert", default="", help="CA bundle of the Servers' HTTPS certificates (enable_ssl clusters)")
+    add("--client_cert", default="", help="client certificate the devices present (PKCS#12 or PEM)")
+    add("--client_password", default="", help="opens --client_cert")
     return parser
 
 
@@ -64,7 +69,12 @@ def main() -> int:
         sys.exit("--plot needs --mode=train: synthetic updates are not evaluated")
     try:
         config = SimulatorConfig(
-            servers=default_servers(args.server_ip, args.fl_server_port, args.server_num),
+            servers=default_servers(
+                args.server_ip,
+                args.fl_server_port,
+                args.server_num,
+                scheme="https" if args.ca_cert or args.client_cert else "http",
+            ),
             num_devices=args.device_num,
             mode=args.mode,
             iterations=args.iterations,
@@ -80,6 +90,9 @@ def main() -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             progress=not args.no_progress,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_password=args.client_password,
         )
         report = trio.run(simulate, config)
     except ConfigError as exc:

@@ -48,9 +48,19 @@ Time: the device sleeps with :func:`trio.sleep` (so tests run on trio's ``autoju
 clock). Request ``timestamp`` fields carry ``now_ms()`` as a decimal string, which also suits servers with
 ``pki_verify``.
 
+Client verification (``pki_verify``, spec/device-protocol.md "Client verification"): a device given a
+:class:`~flcluster.verify.DeviceIdentity` sends its certificate chain and ``sign_data`` (over
+``fl_id + " " + timestamp``) with every startFLJob and a ``signature`` (over ``timestamp + iteration``) with
+every updateModel, each request signed anew; its timestamps then strictly increase, so no two of its
+requests carry the same signed data. Its ``fl_id`` must be the identity's (the SHA-256 of its equip
+certificate).
+
 Training is the caller's: a :data:`Trainer` receives a :class:`TrainingTask` (the global model from
 startFLJob, the FLPlan, the declared data size) and returns a :class:`TrainResult` whose feature maps are
-already multiplied by that data size, the original's upload convention (§2.6).
+already multiplied by that data size, the original's upload convention (§2.6). Under the FLPlan's
+``DP_ENCRYPT`` or ``SIGNDS`` the device's :class:`~flcluster.client.privacy.DevicePrivacy` then turns that
+into the clipped, noised upload or into a sign and an index array (spec/privacy.md), and adapts its DP clip
+bound once getModel has answered the new model.
 """
 
 from __future__ import annotations
@@ -70,6 +80,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from flcluster.client.privacy import DevicePrivacy
 from flcluster.errors import (
     ConfigError,
     DeviceHTTPError,
@@ -78,6 +89,8 @@ from flcluster.errors import (
     ModelUnavailable,
     SchemaError,
 )
+from flcluster.verify.identity import DeviceIdentity
+from flcluster.verify.pki import start_fl_job_signed_data, update_model_signed_data
 from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
@@ -210,11 +223,14 @@ class TrainResult:
         feature_maps: The trained weights, name → array, already multiplied by ``TrainingTask.data_size``.
         loss: Training loss, sent as ``upload_loss``.
         accuracy: Training accuracy, sent as ``upload_accuracy``.
+        weights: The same trained weights *before* the multiplication, used under ``DP_ENCRYPT`` and
+            ``SIGNDS`` (spec/privacy.md); ``None``: ``feature_maps`` divided by the data size.
     """
 
     feature_maps: Mapping[str, npt.ArrayLike]
     loss: float = 0.0
     accuracy: float = 0.0
+    weights: Mapping[str, npt.ArrayLike] | None = None
 
 
 Trainer: TypeAlias = Callable[[TrainingTask], Awaitable[TrainResult]]
@@ -345,9 +361,14 @@ class Device:
         seed: Seed of the server choice (``None``: unseeded).
         policy: Waits, restarts and sleeps; :class:`DevicePolicy` defaults when ``None``.
         now_ms: Epoch milliseconds "now", compared with ``next_req_time`` and sent as request timestamps.
+        identity: With ``pki_verify``: the key and certificates to sign requests with; ``fl_id`` must be
+            its :attr:`~flcluster.verify.DeviceIdentity.fl_id`.
+        noise_seed: Seed of the DP noise and the SignDS draws
+            (:class:`~flcluster.client.privacy.DevicePrivacy`); ``None`` seeds from the operating system. A
+            known seed makes the noise known: tests only.
 
     Raises:
-        ConfigError: A bad fl_id, fl_name, server URL or prefix.
+        ConfigError: A bad fl_id, fl_name, server URL or prefix, or an fl_id that is not the identity's.
     """
 
     def __init__(
@@ -362,9 +383,18 @@ class Device:
         seed: int | None = None,
         policy: DevicePolicy | None = None,
         now_ms: Callable[[], int] = wall_clock_ms,
+        identity: DeviceIdentity | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         if not isinstance(fl_id, str) or not fl_id:
             raise ConfigError(f"fl_id must be a non-empty string, got {fl_id!r}")
+        if identity is not None and fl_id != identity.fl_id:
+            raise ConfigError(
+                f"fl_id {fl_id!r} is not the identity's {identity.fl_id!r} (the SHA-256 of its equip "
+                "certificate, which pki_verify checks)"
+            )
+        self._identity = identity
+        self._last_timestamp = 0
         if not isinstance(fl_name, str):
             raise ConfigError(f"fl_name must be a string, got {fl_name!r}")
         if not isinstance(url_prefix, str) or (url_prefix and not url_prefix.startswith("/")):
@@ -380,6 +410,7 @@ class Device:
         self._now_ms = now_ms
         self._iteration = 0
         self._stopped: str | None = None
+        self._privacy = DevicePrivacy(noise_seed)
 
     @property
     def fl_id(self) -> str:
@@ -400,6 +431,11 @@ class Device:
     def iteration(self) -> int:
         """The server iteration of the last accepted startFLJob (0 before any)."""
         return self._iteration
+
+    @property
+    def privacy(self) -> DevicePrivacy:
+        """The device's privacy step (DP clip bound, noise) under the FLPlan's ``encrypt_type``."""
+        return self._privacy
 
     @property
     def stopped(self) -> str | None:
@@ -423,7 +459,12 @@ class Device:
         return url, response.content
 
     def _timestamp(self) -> str:
-        return str(self._now_ms())
+        now = self._now_ms()
+        if self._identity is not None:
+            # Signed requests never repeat a timestamp (the leader refuses a replay).
+            now = max(now, self._last_timestamp + 1)
+            self._last_timestamp = now
+        return str(now)
 
     async def start_fl_job(self, data_size: int, *, iteration: int | None = None) -> StartFLJobResult:
         """Send one ``RequestFLJob`` to ``/startFLJob``.
@@ -440,12 +481,24 @@ class Device:
             DeviceHTTPError: An HTTP status other than 200.
             MalformedAnswer: A body that is neither a known text nor a ``ResponseFLJob``.
         """
+        timestamp = self._timestamp()
+        identity = self._identity
+        pki: dict[str, Any] = {}
+        if identity is not None:
+            pki = {
+                "sign_data": identity.sign(start_fl_job_signed_data(self._fl_id, timestamp)),
+                "key_attestation": identity.key_attestation,
+                "equip_cert": identity.equip_cert,
+                "equip_ca_cert": identity.equip_ca_cert,
+                "root_cert": identity.root_cert,
+            }
         body = encode_start_fl_job_request(
             fl_name=self._fl_name,
             fl_id=self._fl_id,
             iteration=self._iteration if iteration is None else iteration,
             data_size=data_size,
-            timestamp=self._timestamp(),
+            timestamp=timestamp,
+            **pki,
         )
         url, answer = await self._post(DeviceRound.START_FL_JOB, body)
         return _decode(url, answer, "ResponseFLJob", decode_start_fl_job_response)
@@ -457,6 +510,8 @@ class Device:
         *,
         upload_loss: float = 0.0,
         upload_accuracy: float = 0.0,
+        sign: int = 0,
+        index_array: npt.ArrayLike = (),
     ) -> UpdateModelResult:
         """Send one ``RequestUpdateModel`` to ``/updateModel``.
 
@@ -465,6 +520,8 @@ class Device:
             feature_maps: Weight name → tensor, already multiplied by the declared data size.
             upload_loss: Training loss.
             upload_accuracy: Training accuracy.
+            sign: SignDS: −1 or +1 (0: a dense upload).
+            index_array: SignDS: the selected global indices, ascending.
 
         Returns:
             The decoded ``ResponseUpdateModel``, or the plain text the server sent.
@@ -474,14 +531,20 @@ class Device:
             DeviceHTTPError: An HTTP status other than 200.
             MalformedAnswer: A body that is neither a known text nor a ``ResponseUpdateModel``.
         """
+        timestamp = self._timestamp()
+        identity = self._identity
+        signed = update_model_signed_data(timestamp, iteration)
         body = encode_update_model_request(
             fl_name=self._fl_name,
             fl_id=self._fl_id,
             iteration=iteration,
             feature_maps=list(feature_maps.items()),
-            timestamp=self._timestamp(),
+            timestamp=timestamp,
             upload_loss=upload_loss,
             upload_accuracy=upload_accuracy,
+            signature=b"" if identity is None else identity.sign(signed),
+            sign=sign,
+            index_array=np.asarray(index_array, dtype=np.int32),
         )
         url, answer = await self._post(DeviceRound.UPDATE_MODEL, body)
         return _decode(url, answer, "ResponseUpdateModel", decode_update_model_response)
@@ -582,15 +645,31 @@ class Device:
         )
         result = await trainer(task)
         progress.loss = result.loss
+        # spec/privacy.md: DP noise or a SignDS selection, as the plan's encrypt_type says.
+        upload = self._privacy.protect(
+            start.fl_plan, task.model, result.feature_maps, data_size=data_size, trained=result.weights
+        )
         await self._ask(
             "updateModel",
             lambda: self.update_model(
-                start.iteration, result.feature_maps, upload_loss=result.loss, upload_accuracy=result.accuracy
+                start.iteration,
+                upload.feature_maps,
+                upload_loss=result.loss,
+                upload_accuracy=result.accuracy,
+                sign=upload.sign,
+                index_array=upload.index_array,
             ),
             progress,
         )
         model = await self._ask("getModel", lambda: self.get_model(start.iteration), progress)
         progress.model_iteration = model.iteration
+        self._privacy.observe(
+            start.fl_plan,
+            task.model,
+            {fm.name: fm.data for fm in model.feature_maps},
+            uploaded=tuple(upload.feature_maps),
+            iteration=start.iteration,
+        )
 
     async def run_iteration(self, trainer: Trainer, *, data_size: int) -> IterationReport:
         """Take part in one iteration: startFLJob, train, updateModel, then poll getModel for the new model.

@@ -29,8 +29,10 @@ Modes:
   uniform in [0, 1) × data size, as the original's simulator) with exactly the names and sizes of the model
   startFLJob sent (LeNet-5's when it sent none). For load tests.
 
-Everything random (partition, split, shuffles, synthetic values, server choice with ``use_elb``) derives from
-``seed``; with ``use_elb`` off, device *i* talks to ``servers[i % len(servers)]``.
+Everything random (partition, split, shuffles, synthetic values, server choice with ``use_elb``, and the
+DP noise and SignDS draws of a cluster with ``encrypt_type`` ``DP_ENCRYPT`` or ``SIGNDS``, spec/privacy.md)
+derives from ``seed``, so a run can be repeated (and its noise is known to whoever knows the seed: a
+simulator is a test tool); with ``use_elb`` off, device *i* talks to ``servers[i % len(servers)]``.
 
 Nursery tree::
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -78,6 +81,8 @@ from flcluster.client.device import (
 from flcluster.client.lenet import lenet_shapes
 from flcluster.client.training import evaluate, premultiply, train_local
 from flcluster.errors import ConfigError
+from flcluster.tls import https_client_context
+from flcluster.verify.identity import DeviceIdentity
 
 __all__ = [
     "IterationSummary",
@@ -223,6 +228,13 @@ class SimulatorConfig:
             restored afterwards); 1 suits ``train_concurrency`` trainings on as many cores. ``None`` leaves
             torch's setting alone.
         progress: Show a progress bar and print one line per iteration (needs tqdm).
+        ca_cert: CA bundle that checks the Servers' HTTPS certificates (``https://`` servers of a cluster
+            with ``enable_ssl``); ``""``: the system's trusted CAs.
+        client_cert: A client certificate the devices present (PKCS#12 or PEM with its key); ``""``: none.
+        client_password: Opens ``client_cert``.
+        identities: With ``pki_verify``: one :class:`~flcluster.verify.DeviceIdentity` per device, which
+            signs its requests; device *i* is then ``identities[i].fl_id`` (``fl_id_prefix`` names only
+            the evaluator). Empty: unsigned devices.
     """
 
     servers: tuple[str, ...] = attrs.field(converter=_servers, validator=_check_servers)
@@ -248,6 +260,17 @@ class SimulatorConfig:
     max_connections: int = attrs.field(default=32, validator=_positive_int)
     torch_threads: int | None = attrs.field(default=1, validator=_optional_positive_int)
     progress: bool = True
+    ca_cert: str = ""
+    client_cert: str = ""
+    client_password: str = attrs.field(default="", repr=False)
+    identities: tuple[DeviceIdentity, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if self.identities and len(self.identities) != self.num_devices:
+            raise ConfigError(
+                f"identities must hold one identity per device: {len(self.identities)} given for "
+                f"num_devices={self.num_devices}"
+            )
 
 
 @attrs.frozen
@@ -371,7 +394,9 @@ class _LeNetTrainer:
         )
         result = await trio.to_thread.run_sync(train, limiter=self.limiter)
         upload = premultiply(result.weights, task.data_size)
-        return TrainResult(feature_maps=upload, loss=result.loss)
+        # The weights before the multiplication, for DP_ENCRYPT and SIGNDS (spec/privacy.md).
+        trained = {name: result.weights[name].reshape(-1).numpy() for name in upload}
+        return TrainResult(feature_maps=upload, loss=result.loss, weights=trained)
 
 
 @attrs.frozen(eq=False)
@@ -478,13 +503,16 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
     limits = httpx.Limits(
         max_connections=config.max_connections, max_keepalive_connections=config.max_connections
     )
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    verify: ssl.SSLContext | bool = True
+    if config.ca_cert or config.client_cert:
+        verify = https_client_context(config.ca_cert, config.client_cert, config.client_password)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify) as client:
         n = len(config.servers)
 
-        def device(index: int, fl_id: str) -> Device:
+        def device(index: int, fl_id: str, identity: DeviceIdentity | None = None) -> Device:
             rotated = config.servers[index % n :] + config.servers[: index % n]
             return Device(
-                fl_id,
+                fl_id if identity is None else identity.fl_id,
                 rotated,
                 fl_name=config.fl_name,
                 client=client,
@@ -492,9 +520,12 @@ async def _simulate(config: SimulatorConfig) -> SimulationReport:
                 use_elb=config.use_elb,
                 seed=_derived_seed(config.seed, index, 0xE1B),
                 policy=config.policy,
+                identity=identity,
+                noise_seed=_derived_seed(config.seed, index, 0xD9),
             )
 
-        devices = [device(i, f"{config.fl_id_prefix}{i}") for i in range(config.num_devices)]
+        identities: Sequence[DeviceIdentity | None] = config.identities or [None] * config.num_devices
+        devices = [device(i, f"{config.fl_id_prefix}{i}", identities[i]) for i in range(config.num_devices)]
         trainers: list[Any] = [
             _LeNetTrainer(shards[i], limiter, config.seed, i, config.epochs, config.batch_size, config.lr)
             if config.mode == "train"

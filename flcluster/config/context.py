@@ -13,8 +13,8 @@ is ever replaced silently: where the original logs a warning and substitutes a d
 
 FLContext is the one source of truth: every role's settings record (:mod:`flcluster.settings`) is derived from
 it, field by field, and has no defaults or rules of its own. FLContext may represent features flcluster does
-not implement yet (``enable_ssl``, ``pki_verify``, an ``encrypt_type`` other than ``NOT_ENCRYPT``), so their
-cross-field rules still hold; :func:`~flcluster.config.refuse_unimplemented` refuses them when a role starts.
+not implement yet (``encrypt_type`` ``PW_ENCRYPT`` or ``STABLE_PW_ENCRYPT``), so their cross-field rules
+still hold; :func:`~flcluster.config.refuse_unimplemented` refuses them when a role starts.
 
 The module keeps the process-wide current context, as MindSpore does, behind :func:`set_fl_context` /
 :func:`get_fl_context` / :func:`reset_fl_context` (one lock), and remembers which keys were set explicitly

@@ -71,6 +71,7 @@ class ClusterConfig:
         cert_check_interval_in_hour: hours between certificate checks.
         connection_num: maximum cluster TCP connections.
         node_id: fallback node id when ``MS_NODE_ID`` is not set.
+        manage_token: the management port's access token (spec/management-api.md); empty: none. Never shown.
     """
 
     recovery: StorageConfig | None = attrs.field(default=None, validator=_optional_storage)
@@ -91,6 +92,7 @@ class ClusterConfig:
     )
     connection_num: int = attrs.field(default=10000, validator=rules.strict_int(rules.POSITIVE_INT))
     node_id: str = attrs.field(default="", validator=rules.strict_str(rules.max_chars(rules.MAX_ID_CHARS)))
+    manage_token: str = attrs.field(default="", repr=False, validator=rules.strict_str(rules.MANAGE_TOKEN))
 
     @property
     def recovery_enabled(self) -> bool:
@@ -113,6 +115,7 @@ _PLAIN_KEYS: Final = (
     "cert_check_interval_in_hour",
     "connection_num",
     "node_id",
+    "manage_token",
 )
 _LEGACY_KEYS: Final = frozenset({"server_password", "client_password", "Key_encrypt_decrypt_algorithm"})
 _STORAGE_KEYS: Final = ("storage_type", "storage_file_path", "scheduler_storage_file_path")
@@ -261,9 +264,10 @@ def load_cluster_config(path: str | os.PathLike[str] | None) -> ClusterConfig:
     try:
         config = ClusterConfig(**cast(Any, values))
     except rules.Refused as err:
+        value = data[err.parameter]
+        shown = f"<hidden {type(value).__name__}>" if err.parameter in rules.SECRET_FIELDS else repr(value)
         raise ConfigError(
-            f"config file {file!r}: key {err.parameter!r} is refused: expected {err.allowed}, "
-            f"got {data[err.parameter]!r}"
+            f"config file {file!r}: key {err.parameter!r} is refused: expected {err.allowed}, got {shown}"
         ) from err
     if config.recovery is not None and os.path.abspath(config.recovery.storage_file_path) == os.path.abspath(
         file

@@ -44,6 +44,7 @@ __all__ = [
     "FILE_STORAGE",
     "FL_NAME",
     "HOST",
+    "MANAGE_TOKEN",
     "MAX_ID_CHARS",
     "MAX_PARTICIPATION_MINUTES",
     "MILLISECONDS",
@@ -79,7 +80,7 @@ _T = TypeVar("_T")
 _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 #: Fields whose values never appear in a ``repr`` or a message.
-SECRET_FIELDS: Final = frozenset({"client_password", "server_password"})
+SECRET_FIELDS: Final = frozenset({"client_password", "server_password", "manage_token"})
 #: The original's limit on node ids and the Scheduler's address.
 MAX_ID_CHARS: Final = 100
 #: The largest participation-time threshold, in minutes (two days).
@@ -176,6 +177,10 @@ def optional(rule: Rule) -> Rule:
 
 
 POSITIVE_INT: Final = within(1, noun="an integer")
+#: ``config.json``'s ``manage_token``: none, or 16 to 4096 printable ASCII characters without spaces.
+MANAGE_TOKEN: Final = optional(
+    matches(r"[!-~]{16,4096}", "16 to 4096 printable ASCII characters without spaces (an HTTP bearer token)")
+)
 NON_NEGATIVE_INT: Final = within(0, noun="an integer")
 UINT32_COUNT: Final = within(1, UINT32_MAX, noun="an integer")
 POSITIVE: Final = within(0, lo_open=True)

@@ -80,7 +80,9 @@ __all__ = [
     "ArmWindow",
     "ArmedWindow",
     "ClientParams",
+    "DeviceChanges",
     "DeviceMeta",
+    "DeviceRecord",
     "DisableRequested",
     "DisarmWindow",
     "DiscardPartials",
@@ -123,6 +125,7 @@ __all__ = [
     "reason_updates_lost",
     "reason_wrong_iteration",
     "snapshot_from_json",
+    "snapshot_part_from_json",
     "snapshot_to_json",
     "update_model_threshold",
 ]
@@ -386,6 +389,60 @@ class PendingInstance:
     client: ClientParams | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(ClientParams))
     )
+
+
+@final
+@attrs.frozen
+class DeviceRecord:
+    """Everything the leader's machine holds about one device of the iteration: one row of its store.
+
+    The leader's store keeps the machine as a small header (:meth:`IterationMachine.snapshot_without_devices`)
+    plus one of these per device (spec/recovery.md §3.3), so a transaction writes only the devices it
+    changed. A record with nothing in it (:attr:`empty`) says that the device's row is to go.
+
+    Attributes:
+        fl_id: The device.
+        meta: Its startFLJob, if accepted in this iteration.
+        reservation: Its accepted updateModel not yet confirmed, if any.
+        holder: The Server whose sum holds its counted update (``""``: counted with no Server named;
+            ``None``: not counted).
+        last_completed: Its update was counted in the previous iteration, which completed.
+    """
+
+    fl_id: str = attrs.field(validator=_str)
+    meta: DeviceMeta | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(DeviceMeta))
+    )
+    reservation: Reservation | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Reservation))
+    )
+    holder: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
+    )
+    last_completed: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    @property
+    def empty(self) -> bool:
+        """Nothing is held about the device (its row is deleted)."""
+        return (
+            self.meta is None and self.reservation is None and self.holder is None and not self.last_completed
+        )
+
+
+@final
+@attrs.frozen
+class DeviceChanges:
+    """The per-device records changed since the last :meth:`IterationMachine.take_device_changes`.
+
+    Attributes:
+        rewrite: The per-device state was replaced wholesale (a new or restored machine, the move to the
+            next iteration): every row stored before is stale, and ``records`` holds every device.
+        records: The changed devices' records, an :attr:`~DeviceRecord.empty` one for a device whose row
+            is to go.
+    """
+
+    rewrite: bool
+    records: tuple[DeviceRecord, ...]
 
 
 @final
@@ -850,7 +907,9 @@ class IterationMachine:
         "_pending",
         "_phase",
         "_reserved",
+        "_rewrite",
         "_started_at_ms",
+        "_touched",
         "_updated",
         "_visits",
         "_windows",
@@ -888,6 +947,10 @@ class IterationMachine:
         self._last_completed_updated: frozenset[str] = frozenset()
         self._client: ClientParams | None = None
         self._pending: PendingInstance | None = None
+        #: The per-device change log (:meth:`take_device_changes`): the fl_ids whose records changed since
+        #: the last take, or ``_rewrite`` when the per-device state was replaced wholesale.
+        self._touched: set[str] = set()
+        self._rewrite = True
 
     # ---------------------------------------------------------------------------------- queries
 
@@ -999,29 +1062,38 @@ class IterationMachine:
             last_completed_updated=tuple(sorted(self._last_completed_updated)),
         )
 
-    def snapshot_json(self) -> str:
-        """``snapshot_to_json(self.snapshot())``, built straight from the machine's state.
+    def take_device_changes(self) -> DeviceChanges:
+        """The per-device records changed since the last take; the log starts afresh.
 
-        The leader commits this once per transaction (spec/recovery.md §4), and the per-device parts grow
-        with the devices of the iteration: they are written out here without building a record per
-        device first. The text is the same as :func:`snapshot_to_json`'s (a property test checks it).
+        The leader calls this once per store transaction (spec/recovery.md §3.3, §4) and writes the
+        records beside :meth:`snapshot_without_devices`, so the cost of a commit grows with the devices
+        it changed, not with the devices of the iteration. It changes no rule state: two machines that
+        differ only in what was taken are equal.
         """
-        data = _json_value(self.snapshot_without_devices())
-        assert isinstance(data, dict)
-        meta, reservation = _field_names(DeviceMeta), _field_names(Reservation)
-        assert meta is not None and reservation is not None
-        data["devices"] = [{n: getattr(self._devices[f], n) for n in meta} for f in sorted(self._devices)]
-        updated = sorted(self._updated)
-        data["updated"] = updated
-        data["holders"] = [{"fl_id": f, "server": self._updated[f]} for f in updated]
-        data["reserved"] = [
-            {n: getattr(self._reserved[f], n) for n in reservation} for f in sorted(self._reserved)
-        ]
-        data["last_completed_updated"] = sorted(self._last_completed_updated)
-        return json.dumps(data, separators=(",", ":"))
+        if self._rewrite:
+            ids: set[str] | frozenset[str] = self._devices.keys() | self._reserved.keys()
+            ids = ids | self._updated.keys() | self._last_completed_updated
+        else:
+            ids = self._touched
+        records = tuple(self.device_record(f) for f in sorted(ids))
+        changes = DeviceChanges(self._rewrite, records)
+        self._rewrite = False
+        self._touched = set()
+        return changes
+
+    def device_record(self, fl_id: str) -> DeviceRecord:
+        """What the machine holds about ``fl_id`` (an empty record for a device it knows nothing of)."""
+        return DeviceRecord(
+            fl_id,
+            self._devices.get(fl_id),
+            self._reserved.get(fl_id),
+            self._updated.get(fl_id),
+            fl_id in self._last_completed_updated,
+        )
 
     def snapshot_without_devices(self) -> IterationSnapshot:
-        """The snapshot with its per-device parts empty (what :meth:`snapshot_json` fills in itself)."""
+        """The snapshot with its per-device parts empty: the header the leader's store keeps beside its
+        device rows (:meth:`take_device_changes`; spec/recovery.md §3.3)."""
         return IterationSnapshot(
             config=self._config,
             iteration=self._iteration,
@@ -1223,6 +1295,7 @@ class IterationMachine:
         # Accepted. Nothing above changed anything.
         now = ev.now_ms
         self._devices[ev.fl_id] = DeviceMeta(ev.fl_id, ev.data_size, now)
+        self._touched.add(ev.fl_id)
         round_closes = len(self._devices) >= threshold
         if self._phase is Phase.WAITING:
             # The first accepted startFLJob starts the iteration (reference §3.2, §3.3 step 1). When it
@@ -1281,10 +1354,12 @@ class IterationMachine:
             self._reserved[ev.fl_id] = Reservation(
                 ev.fl_id, ev.server, now, ev.upload_loss, ev.upload_accuracy
             )
+            self._touched.add(ev.fl_id)
             if WindowKind.UPDATE_MODEL not in self._windows:
                 self._arm(WindowKind.UPDATE_MODEL, now + self._config.update_model_time_window, ev, out)
         else:
             self._updated[ev.fl_id] = ""
+            self._touched.add(ev.fl_id)
             if len(self._updated) >= self._config.update_model_threshold:
                 self._begin_aggregation(ev, out)
             elif WindowKind.UPDATE_MODEL not in self._windows:
@@ -1306,6 +1381,7 @@ class IterationMachine:
                 continue  # not reserved for this Server: stale, or already counted
             del self._reserved[fl_id]
             self._updated[fl_id] = server
+            self._touched.add(fl_id)
             self._count_counted(r)
         if self._phase is Phase.RUNNING and len(self._updated) >= self._config.update_model_threshold:
             self._begin_aggregation(ev, out)
@@ -1318,6 +1394,7 @@ class IterationMachine:
         held = set(ev.fl_ids) if ev.iteration == self._iteration else set()
         for fl_id in [f for f, r in self._reserved.items() if r.server == ev.server and f not in held]:
             del self._reserved[fl_id]
+            self._touched.add(fl_id)
             self._count_rejected_reservation()
         lost = sorted(f for f, s in self._updated.items() if s == ev.server and f not in held)
         if lost and self._phase is not Phase.WAITING:
@@ -1403,6 +1480,8 @@ class IterationMachine:
         self._failed.clear()
         self._consecutive_failures = 0
         self._last_completed_updated = frozenset()
+        self._rewrite = True  # the devices' last_completed marks went with the old instance
+        self._touched.clear()
         out.append(InstanceRenewed(ev.cause, config, client))
 
     def _resumed(self, ev: Resumed, out: list[Instruction]) -> None:
@@ -1492,6 +1571,8 @@ class IterationMachine:
         self._devices.clear()
         self._updated.clear()
         self._reserved.clear()
+        self._rewrite = True
+        self._touched.clear()
         self._agg_deadline = None
         self._visits = Visits()
         if ended >= self._config.fl_iteration_num:
@@ -1704,6 +1785,18 @@ def snapshot_from_json(text: str) -> IterationSnapshot:
     Raises:
         ValueError: the text is not such a snapshot (the message says what is wrong).
     """
+    snapshot = snapshot_part_from_json(text)
+    _check_snapshot(snapshot)
+    return snapshot
+
+
+def snapshot_part_from_json(text: str) -> IterationSnapshot:
+    """The records of :func:`snapshot_to_json`'s text, without the checks of a whole snapshot: for a
+    header whose per-device parts are kept elsewhere (:mod:`flcluster.core.device_rows`).
+
+    Raises:
+        ValueError: the text is not such a snapshot's JSON (the message says what is wrong).
+    """
     try:
         data = json.loads(text)
         if not isinstance(data, dict):
@@ -1727,8 +1820,6 @@ def snapshot_from_json(text: str) -> IterationSnapshot:
         d["visits"] = _record(Visits, visits)
         for key in ("updated", "completed", "failed", "participation_levels"):
             d[key] = tuple(d.get(key, ()))
-        snapshot = _record(IterationSnapshot, d)
+        return _record(IterationSnapshot, d)
     except (TypeError, KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"not an IterationSnapshot: {exc}") from None
-    _check_snapshot(snapshot)
-    return snapshot

@@ -7,13 +7,18 @@ original, the HTTP method is not checked, and bodies sent to endpoints that take
 Unlike the original, the bind address is configurable (``scheduler_manage_host``, loopback by
 default) and an unknown path gets a JSON 404 in the same error shape.
 
+**Access token** (spec/management-api.md, "Access token"). With a token, every request must carry
+``Authorization: Bearer <token>``; the check runs first, before the body is read, compares in constant
+time (:func:`hmac.compare_digest`) and answers 401 in the error shape with ``WWW-Authenticate``.
+
 The app only *reads* the cluster through a :class:`ClusterView`; it never changes membership itself.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -25,6 +30,25 @@ from flcluster.http.answers import error_for, json_error
 log = logging.getLogger("flcluster.management")
 
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+#: The answers to a request without the token, and with a wrong one.
+NO_TOKEN: Final = "The management API needs an access token: send 'Authorization: Bearer <token>'."
+WRONG_TOKEN: Final = "The management API refused the request: the access token is wrong."
+
+
+def _unauthorized(message: str) -> Response:
+    response = json_error(message, 401)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="flcluster"'
+    return response
+
+
+def _token_problem(header: str | None, token: str) -> str | None:
+    """Why ``header`` (an ``Authorization`` value) does not carry ``token``; None when it does."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return NO_TOKEN
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return WRONG_TOKEN
+    return None
 
 
 class ClusterView(Protocol):
@@ -45,16 +69,28 @@ class ClusterView(Protocol):
         ...
 
 
-def create_management_app(view: ClusterView, *, max_body: int) -> QuartTrio:
-    """Build the management app over ``view``; bodies over ``max_body`` bytes are refused."""
+def create_management_app(view: ClusterView, *, max_body: int, token: str = "") -> QuartTrio:
+    """Build the management app over ``view``.
+
+    Args:
+        view: What the app reads of the cluster.
+        max_body: Bodies over this many bytes are refused.
+        token: The access token every request must carry (``""``: none; spec/management-api.md).
+    """
     app = QuartTrio("flcluster.management")
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
     @app.before_request
-    async def read_body() -> None:
+    async def read_body() -> Response | None:
+        if token:
+            problem = _token_problem(request.headers.get("Authorization"), token)
+            if problem is not None:
+                log.warning("refused a management request to %s: %s", request.path, problem)
+                return _unauthorized(problem)
         # Read (and so bound) every body, even where it is ignored: the limit then applies to every
         # endpoint, and the keep-alive connection stays in sync for the next request.
         await request.get_data(cache=False)
+        return None
 
     @app.route("/nodes", methods=ANY_METHOD, provide_automatic_options=False)
     async def nodes() -> Response:

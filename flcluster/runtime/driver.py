@@ -21,11 +21,11 @@ union that ends in ``assert_never``, so a new instruction cannot go unhandled):
 - ``InstanceRenewed``: a new instance applies: this Server's latest model becomes model 0, the new FLPlan
   values go to every follower (``instance_renewed`` with ``reset``), and the status push says iteration 1.
 
-**Scaling barrier** (spec/cluster-protocol.md §7). While the Server sets :attr:`Leader.hold` (the
+**Scaling barrier** (spec/cluster-protocol.md §8). While the Server sets :attr:`Leader.hold` (the
 cluster is scaling), a startFLJob that would start a new iteration is answered the safemode text without
 reaching the machine; :meth:`Leader.at_rest` says when nothing is in flight, and :attr:`Leader.changed`
 wakes whoever waits for it. :meth:`Leader.follow` aligns the instance with the Scheduler's state
-(``CLUSTER_DISABLE_FLS`` disables, ``CLUSTER_READY`` enables, spec/cluster-protocol.md §8).
+(``CLUSTER_DISABLE_FLS`` disables, ``CLUSTER_READY`` enables, spec/cluster-protocol.md §9).
 
 After every event, a change of iteration, phase or instance state is pushed to every follower as
 ``iteration_status`` (through the :class:`~flcluster.runtime.peer_leader.PeerHub`).
@@ -55,22 +55,25 @@ import attrs
 import trio
 
 from flcluster.aggregation.metrics import ClientVisitedInfo, IterationMetrics, MetricsWriter
+from flcluster.core.cluster import ClusterState
+from flcluster.core.device_rows import header_json, record_json
 from flcluster.core.iteration import (
     Accepted,
     AggregateIteration,
     AggregationDone,
     AggregationFailed,
     ArmWindow,
-    DisarmWindow,
     DisableRequested,
+    DisarmWindow,
     DiscardPartials,
     EnableRequested,
     Event,
+    InstanceRenewed,
+    InstanceState,
     InstanceStateChanged,
     Instruction,
     IterationCompleted,
     IterationFailed,
-    InstanceRenewed,
     IterationMachine,
     Phase,
     PlainText,
@@ -93,10 +96,9 @@ from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_leader import PeerHub
 from flcluster.runtime.peer_wire import view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
-from flcluster.store import RecoveryStore, ServerState, StoredModel, Transition
-from flcluster.wire.codes import SAFEMODE_TEXT
-from flcluster.core.cluster import ClusterState
-from flcluster.errors import IllegalEvent
+from flcluster.store import DeviceRows, RecoveryStore, ServerState, StoredModel, Transition
+from flcluster.verify import ClientVerifier, PublicKey, VerificationFailed
+from flcluster.wire.codes import SAFEMODE_TEXT, ResponseCode
 from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, InstanceRenewedMsg, IterationStatus
 from flcluster.wire.model_bytes import weights_to_bytes
 
@@ -135,13 +137,17 @@ class Leader:
         members: Callable[[], list[tuple[int, str]]],
         options: LeaderOptions,
         store: RecoveryStore | None = None,
+        verifier: ClientVerifier | None = None,
     ) -> None:
         """Drive ``machine`` for this Server's ``rounds``; ``members`` lists (rank, node id) now.
 
         With ``store``, the machine's snapshot is committed (group commit) before any accepted count
         is answered, and model N with the move to N+1 in one transaction before it is published
-        (spec/recovery.md §3.3).
+        (spec/recovery.md §3.3). With ``verifier`` (``pki_verify``), every counted request is first
+        checked by it and an accepted startFLJob's device key is kept there
+        (spec/device-protocol.md, "Client verification").
         """
+        self.verifier = verifier
         self.machine = machine
         self.rounds = rounds
         self.clock = clock
@@ -244,11 +250,11 @@ class Leader:
         self.changed = trio.Event()
 
     def at_rest(self) -> bool:
-        """No iteration is running, aggregating or being published (the scaling barrier, spec §7)."""
+        """No iteration is running, aggregating or being published (the scaling barrier, §8)."""
         return self.machine.phase is Phase.WAITING and not self._publishing
 
     def follow(self, state: ClusterState) -> None:
-        """Align the instance with the Scheduler's state (spec/cluster-protocol.md §8)."""
+        """Align the instance with the Scheduler's state (spec/cluster-protocol.md §9)."""
         instance = self.machine.state
         if state is ClusterState.CLUSTER_DISABLE_FLS and instance is InstanceState.RUNNING:
             log.info("the cluster is CLUSTER_DISABLE_FLS: disabling the instance")
@@ -281,14 +287,26 @@ class Leader:
             self._dirty = trio.Event()
             changes = self._changes
             crash_point("leader.counting")
-            await store.commit(Transition(server=self._server_state()))
+            await store.commit(self._machine_transition())
             self._durable = max(self._durable, changes)
             self._durable_event.set()
             self._durable_event = trio.Event()
 
-    def _server_state(self) -> ServerState:
+    def _machine_transition(
+        self, *, model: StoredModel | None = None, keep_models: int | None = None
+    ) -> Transition:
+        """The machine as it is now, for the store: its header, and the rows of the devices changed since
+        the last such transition (spec/recovery.md §3.3). Submit it to the store before anything else is
+        taken from the machine: the store applies the rows in the order transitions are submitted."""
         m = self.machine
-        return ServerState(0, m.current_iteration, m.state.value, m.snapshot_json())
+        changes = m.take_device_changes()
+        rows = DeviceRows(
+            rewrite=changes.rewrite,
+            rows=tuple((r.fl_id, record_json(r)) for r in changes.records if not r.empty),
+            deleted=tuple(r.fl_id for r in changes.records if r.empty),
+        )
+        state = ServerState(0, m.current_iteration, m.state.value, header_json(m.snapshot_without_devices()))
+        return Transition(server=state, devices=rows, model=model, keep_models=keep_models)
 
     async def _wait_durable(self) -> None:
         """Wait until the machine as it is now is committed (no wait without a store)."""
@@ -319,12 +337,34 @@ class Leader:
             # Between iterations: the model of the one that ended is on its way to the followers.
             return PlainText(SAFEMODE_TEXT)
         if self.hold and request.op is CountOp.START_FL_JOB and self.machine.phase is Phase.WAITING:
-            # The scaling barrier: no new iteration starts until the scaling is done (spec §7).
+            # The scaling barrier: no new iteration starts until the scaling is done (cluster-protocol §8).
             return PlainText(SAFEMODE_TEXT)
+        key = None
+        if self.verifier is not None:
+            try:
+                key = self._verify(self.verifier, request)
+            except VerificationFailed as exc:
+                # Refused before the machine sees it: nothing changes (spec "Client verification").
+                retcode = ResponseCode.OutOfTime if exc.retry_later else ResponseCode.RequestError
+                return Rejected(retcode, exc.reason, self.machine.next_req_time_ms(self.clock.now_ms()))
         reply = self._count(request, server)
         if isinstance(reply, Accepted):
+            if key is not None and self.verifier is not None:
+                self.verifier.keep_key(request.fl_id, key, iteration=reply.iteration)
             await self._wait_durable()
         return reply
+
+    def _verify(self, verifier: ClientVerifier, request: CountRequest) -> PublicKey | None:
+        """The leader's client verification of one request; a startFLJob's device key to keep."""
+        r, now = request, self.clock.now_ms()
+        match r.op:
+            case CountOp.START_FL_JOB:
+                return verifier.admit_start_fl_job(r.fl_id, r.timestamp, r.device_key, now_ms=now)
+            case CountOp.UPDATE_MODEL:
+                verifier.admit_update_model(r.fl_id, r.iteration, r.timestamp, r.signature, now_ms=now)
+                return None
+            case _:
+                assert_never(r.op)
 
     def _count(self, request: CountRequest, server: str) -> LeaderReply:
         now = self.clock.now_ms()
@@ -479,10 +519,8 @@ class Leader:
             if self.store is not None:
                 # Model N and the move to N+1 in one transaction, before anyone sees either.
                 await self.store.commit(
-                    Transition(
-                        server=self._server_state(),
-                        model=StoredModel(iteration, payload),
-                        keep_models=self.rounds.store.keep,
+                    self._machine_transition(
+                        model=StoredModel(iteration, payload), keep_models=self.rounds.store.keep
                     )
                 )
             # The metrics line goes with the commit that completes the iteration (a leader that dies

@@ -5,6 +5,11 @@ every process of the cluster. The tool then waits for each process on this host 
 ``killed <pid>`` for it, as the guide shows; a process still there after the grace period gets
 SIGTERM, then SIGKILL. When the Scheduler cannot be reached at all, the tool falls back to the
 original's way: signal every local process whose command line names this ``--scheduler_port``.
+
+The request carries the management access token (``""`` when the cluster has none), and with
+``enable_ssl`` it goes over TLS with the operator's client certificate (spec/cluster-protocol.md §6, §7).
+A Scheduler that refuses the token is an answer, not an absence: the tool raises
+:class:`~flcluster.errors.AccessRefused` and signals nothing.
 """
 
 from __future__ import annotations
@@ -14,20 +19,26 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
 
-from flcluster.errors import ClusterError, FrameError
-from flcluster.runtime.links import FramedLink, LinkClosed
+from flcluster.errors import AccessRefused, ClusterError, FrameError
+from flcluster.runtime.links import FramedLink, LinkClosed, open_stream
 from flcluster.wire.messages import ErrorReply, FinishCluster, FinishReply, NodeProcess
 
 log = logging.getLogger("flcluster.finish")
 
 REPLY_TIMEOUT = 30.0
 FALLBACK_GRACE = 3.0
+#: The Scheduler's ``error`` reason for a ``finish_cluster`` without the right token (one home).
+ACCESS_REFUSED = (
+    "finish_cluster is refused: the cluster has a management access token (manage_token) and this request "
+    "does not carry it"
+)
 
 
 def pid_running(pid: int) -> bool:
@@ -84,17 +95,27 @@ def processes_naming_port(port: int) -> list[int]:
     return sorted(found)
 
 
-async def request_finish(host: str, port: int) -> tuple[NodeProcess, ...]:
+async def request_finish(
+    host: str, port: int, *, token: str = "", tls: ssl.SSLContext | None = None
+) -> tuple[NodeProcess, ...]:
     """Ask the Scheduler at ``host:port`` to finish the cluster; return every process it reports.
 
+    Args:
+        host: The Scheduler's address.
+        port: Its cluster port.
+        token: The management access token (``""``: none).
+        tls: The operator's cluster connector context (``enable_ssl``), or None for plain TCP.
+
     Raises:
-        ClusterError: the Scheduler refused or answered something else.
+        AccessRefused: the Scheduler refused the token.
+        ClusterError: the Scheduler refused or answered something else (a failed TLS handshake included).
         OSError: the Scheduler could not be reached.
     """
-    stream = await trio.open_tcp_stream(host, port)
+    with trio.fail_after(REPLY_TIMEOUT):
+        stream = await open_stream(host, port, tls)
     link = FramedLink(stream)
     try:
-        await link.send(FinishCluster())
+        await link.send(FinishCluster(token=token))
         with trio.fail_after(REPLY_TIMEOUT):
             msg, _ = await link.receive()
     except (LinkClosed, FrameError, trio.TooSlowError) as exc:
@@ -103,6 +124,11 @@ async def request_finish(host: str, port: int) -> tuple[NodeProcess, ...]:
         ) from None
     finally:
         await link.aclose()
+    if isinstance(msg, ErrorReply) and msg.reason == ACCESS_REFUSED:
+        raise AccessRefused(
+            f"the Scheduler at {host}:{port} refused to finish: {msg.reason}; give the token with "
+            "FLCLUSTER_MANAGE_TOKEN or --config_file_path"
+        )
     if isinstance(msg, ErrorReply):
         raise ClusterError(f"the Scheduler refused to finish: {msg.reason}")
     if not isinstance(msg, FinishReply):
@@ -146,16 +172,26 @@ async def wait_and_kill(
 
 
 async def finish_cluster(
-    host: str, port: int, *, grace: float = 15.0, report: Callable[[int], None] | None = None
+    host: str,
+    port: int,
+    *,
+    grace: float = 15.0,
+    report: Callable[[int], None] | None = None,
+    token: str = "",
+    tls: ssl.SSLContext | None = None,
 ) -> list[int]:
     """Finish the cluster whose Scheduler listens on ``host:port``; return the pids that ended.
 
-    Prints ``killed <pid>`` for each (or calls ``report``).
+    Prints ``killed <pid>`` for each (or calls ``report``). ``token`` and ``tls`` are passed to
+    :func:`request_finish`.
+
+    Raises:
+        AccessRefused: the Scheduler refused the token (nothing is signalled).
     """
     say = report or (lambda pid: print(f"killed {pid}", flush=True))
     try:
-        nodes = await request_finish(host, port)
-    except (OSError, ClusterError) as exc:
+        nodes = await request_finish(host, port, token=token, tls=tls)
+    except (OSError, ClusterError, trio.TooSlowError) as exc:
         log.warning("%s; falling back to signals for processes naming --scheduler_port=%d", exc, port)
         return await wait_and_kill(processes_naming_port(port), grace=FALLBACK_GRACE, report=say)
     local = [n.pid for n in nodes if n.role == "SCHEDULER" or is_local_address(n.host)]

@@ -11,20 +11,83 @@ Two kinds of bad input are told apart, because they call for different answers:
   closes the link;
 - a *message* error (unknown type, missing field, wrong type) leaves the stream in sync: the owner
   answers :class:`~flcluster.wire.messages.ErrorReply` and keeps reading.
+
+**TLS** (spec/cluster-protocol.md §7). :func:`open_stream` and :func:`accept_stream` are the one way a
+cluster connection is made or taken: without an SSL context they hand back the plain TCP stream; with one
+they wrap it in a :class:`trio.SSLStream` and complete the handshake before any frame is sent or read, so a
+peer that is refused (its certificate, or plain bytes on a TLS port) never reaches the frame decoder. A
+failed handshake raises :class:`~flcluster.errors.HandshakeFailed` with OpenSSL's reason. The caller owns
+the deadline (``with trio.fail_after(...)`` around either call).
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
-from flcluster.errors import FrameError
+from flcluster.errors import FrameError, HandshakeFailed
 from flcluster.errors import LinkClosed as LinkClosed  # its home is flcluster.errors
 from flcluster.wire.frames import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 from flcluster.wire.messages import Message, from_frame, to_header
 
 RECEIVE_CHUNK = 256 * 1024
+
+
+def peer_name(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the other end of a TCP (or TLS over TCP) stream, for logs; ``"?"`` if unknown."""
+    inner: object = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(inner, trio.SocketStream):
+        return "?"
+    try:
+        host, port = inner.socket.getpeername()[:2]
+    except (OSError, ValueError):
+        return "?"
+    return f"{host}:{port}"
+
+
+async def _handshake(stream: trio.SSLStream[Any], where: str) -> None:
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(stream)
+        reason = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError | OSError) else exc
+        raise HandshakeFailed(f"the TLS handshake with {where} failed: {reason}") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def open_stream(host: str, port: int, tls: ssl.SSLContext | None) -> trio.abc.Stream:
+    """Connect to a cluster listener; with ``tls``, complete the TLS handshake first.
+
+    Raises:
+        OSError: the connection could not be made.
+        HandshakeFailed: the TLS handshake failed (the stream is closed).
+    """
+    stream = await trio.open_tcp_stream(host, port)
+    if tls is None:
+        return stream
+    # Host names are not checked on cluster links (spec/cluster-protocol.md §7.1): no server_hostname.
+    secure = trio.SSLStream(stream, tls, server_hostname=None)
+    await _handshake(secure, f"{host}:{port}")
+    return secure
+
+
+async def accept_stream(stream: trio.abc.Stream, tls: ssl.SSLContext | None) -> trio.abc.Stream:
+    """Take an accepted connection; with ``tls``, complete the TLS handshake (the peer's certificate checked).
+
+    Raises:
+        HandshakeFailed: the TLS handshake failed (the stream is closed).
+    """
+    if tls is None:
+        return stream
+    where = peer_name(stream)
+    secure = trio.SSLStream(stream, tls, server_side=True)
+    await _handshake(secure, where)
+    return secure
 
 
 class FramedLink:

@@ -32,15 +32,18 @@ from typing import Protocol
 
 import trio
 
+from flcluster.core.iteration import Rejected
 from flcluster.errors import FollowerLeft, FrameError, MessageError
 from flcluster.runtime.links import FramedLink, LinkClosed, run_session
 from flcluster.runtime.peer_wire import answer_of, request_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
+from flcluster.wire.codes import ResponseCode
 from flcluster.wire.messages import (
     CollectPartial,
     DropPartials,
     ErrorReply,
     HeldUpdates,
+    InstanceRenewedMsg,
     IterationStatus,
     LeaderAnswer,
     LeaderCall,
@@ -59,7 +62,7 @@ COLLECT_TIMEOUT = 30.0
 #: Pushes queued for one follower before it counts as not keeping up.
 OUTBOX = 4096
 
-Push = IterationStatus | DropPartials | ErrorReply | LeaderAnswer
+Push = IterationStatus | DropPartials | ErrorReply | LeaderAnswer | InstanceRenewedMsg
 """What the leader queues for a follower (sent in order by its writer)."""
 
 
@@ -214,7 +217,14 @@ class PeerHub:
         desk.resync(node_id, held.iteration, held.fl_ids)
 
         async def answer(call: LeaderCall) -> None:
-            follower.post(answer_of(call.call_id, await desk.call(request_of(call), node_id)))
+            try:
+                request = request_of(call)
+            except MessageError as exc:
+                # A call with malformed bytes fields (pki_verify): refused, nothing counted.
+                refused = Rejected(ResponseCode.RequestError, str(exc), desk.status().next_req_time_ms)
+                follower.post(answer_of(call.call_id, refused))
+                return
+            follower.post(answer_of(call.call_id, await desk.call(request, node_id)))
 
         async def read() -> None:
             lost: LinkClosed | FrameError | None = None

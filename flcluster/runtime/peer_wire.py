@@ -11,9 +11,12 @@ frame codec refuses a value it does not know before anything here sees it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import assert_never
 
 from flcluster.core.iteration import Accepted, PlainText, Rejected
+from flcluster.errors import MessageError
 from flcluster.runtime.rounds import CountRequest, IterationView, LeaderReply
 from flcluster.wire.codes import SAFEMODE_TEXT, ResponseCode
 from flcluster.wire.messages import AnswerKind, IterationStatus, LeaderAnswer, LeaderCall
@@ -32,13 +35,43 @@ def view_of(status: IterationStatus) -> IterationView:
 def call_of(call_id: int, request: CountRequest) -> LeaderCall:
     """The wire form of one counting request, numbered ``call_id`` on its link."""
     r = request
-    return LeaderCall(call_id, r.op, r.fl_id, r.data_size, r.iteration, r.upload_loss, r.upload_accuracy)
+    return LeaderCall(
+        call_id,
+        r.op,
+        r.fl_id,
+        r.data_size,
+        r.iteration,
+        r.upload_loss,
+        r.upload_accuracy,
+        r.timestamp,
+        base64.b64encode(r.signature).decode("ascii"),
+        base64.b64encode(r.device_key).decode("ascii"),
+    )
+
+
+def _bytes(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise MessageError(f"leader_call.{field}: {text!r:.40} is not base64") from None
 
 
 def request_of(call: LeaderCall) -> CountRequest:
-    """The counting request a wire call carries."""
+    """The counting request a wire call carries.
+
+    Raises:
+        MessageError: ``signature`` or ``device_key`` is not base64.
+    """
     return CountRequest(
-        call.op, call.fl_id, call.data_size, call.iteration, call.upload_loss, call.upload_accuracy
+        call.op,
+        call.fl_id,
+        call.data_size,
+        call.iteration,
+        call.upload_loss,
+        call.upload_accuracy,
+        call.timestamp,
+        _bytes(call.signature, "signature"),
+        _bytes(call.device_key, "device_key"),
     )
 
 

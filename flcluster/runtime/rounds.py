@@ -8,18 +8,24 @@ steps, so that the cluster-wide rules stay in one place (the leader's
 
 1. **Local checks.** The FlatBuffer is verified and decoded (a bad body gets ``RequestError``); for
    updateModel, every uploaded tensor is checked against the model (name, size, float32, finite) so a
-   bad update never reaches the counters.
-2. **Counting at the leader.** The counting part (``fl_id``, ``data_size`` or ``iteration``) goes to the
+   bad update never reaches the counters. With ``pki_verify`` (a
+   :class:`~flcluster.verify.ClientVerification`) a startFLJob's certificate chain, signature and
+   timestamp are verified here too, and an updateModel must carry a signature and an epoch-ms timestamp
+   (spec/device-protocol.md, "Client verification"). A SignDS upload (sign and indices,
+   spec/privacy.md §3) is judged against the previous iteration's model here too, and rebuilt into a
+   dense update from it once the leader has said the device's data size.
+2. **Counting at the leader.** The counting part (``fl_id``, ``data_size`` or ``iteration``; with
+   ``pki_verify`` also the timestamp, the verified device key or the update's signature) goes to the
    leader through a :class:`LeaderChannel`: a direct call on rank 0, a pipelined call over the peer link
    on a follower. The leader answers accepted / rejected / plain text.
 3. **Local effect.** An accepted startFLJob gets the current global model; an accepted update is folded
    into this Server's running FedAvg sum for its iteration (memory does not grow with the number of
    devices). The leader's acceptance is a *reservation* for this Server (spec/recovery.md §4): the
-   Server folds the update, commits its running sum with the store's group commit
-   (:class:`~flcluster.store.FoldedUpdate`, when a recovery store is configured), answers the device
-   ``SUCCEED`` only then, and sends the leader the confirmation (pipelined) that makes it count. The
-   commit is called right after the fold, with no checkpoint between, so the store's commit order is
-   the fold order (spec/store.md, rule 3).
+   Server folds the update, commits its running sum in a group with the other folds made meanwhile
+   (:class:`~flcluster.runtime.fold_commits.FoldCommits`, when a recovery store is configured),
+   answers the device ``SUCCEED`` only then, and sends the leader the confirmation (pipelined) that
+   makes it count. The fold is recorded for its commit right after it is made, with no checkpoint
+   between, so the store's commit order is the fold order (spec/store.md, rule 3).
 
 A Server keeps the sum of iteration N (in memory and in its store) until it installs model N or is told
 N failed, so a leader that restarts while collecting can collect again; :meth:`restore` puts a restarted
@@ -34,7 +40,7 @@ locally from the last models (:class:`~flcluster.aggregation.store.ModelStore`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -52,22 +58,28 @@ from flcluster.aggregation import (
     PartialSum,
     UpdateRejected,
 )
+from flcluster.aggregation.signds import UploadKind, prepare_signds, upload_kind
 from flcluster.core.iteration import (
+    MAX_DATA_SIZE,
     Accepted,
     ClientParams,
     InstanceState,
     Phase,
     PlainText,
     Rejected,
+    reason_wrong_iteration,
 )
 from flcluster.crashpoints import crash_point
 from flcluster.errors import SchemaError
 from flcluster.http.device import DeviceAnswer, DeviceHandler
-from flcluster.store import FoldedUpdate, RecoveryStore, ServerState, StoreContents, StoredModel, Transition
+from flcluster.runtime.clock import EpochClock
+from flcluster.runtime.fold_commits import FoldCommits
+from flcluster.store import RecoveryStore, ServerState, StoreContents, StoredModel, Transition
+from flcluster.verify import ClientVerification, VerificationFailed, check_update_model, verify_start_fl_job
 from flcluster.wire.codes import JOB_NOT_AVAILABLE_TEXT, SAFEMODE_TEXT, DeviceRound, ResponseCode
 from flcluster.wire.messages import CountOp
 from flcluster.wire.model_bytes import weights_from_bytes, weights_to_bytes
-from flcluster.wire.records import FLPlanParams
+from flcluster.wire.records import FLPlanParams, UpdateModelRequest
 from flcluster.wire.server_codec import (
     decode_get_model,
     decode_start_fl_job,
@@ -93,6 +105,9 @@ class CountRequest:
         iteration: The iteration an update is for (ignored for startFLJob, as the original).
         upload_loss: The device's training loss reported with its update (for metrics.json).
         upload_accuracy: The device's accuracy reported with its update (for metrics.json).
+        timestamp: With pki_verify, the request's timestamp ("" without).
+        signature: With pki_verify, an update's signature (b"" otherwise).
+        device_key: With pki_verify, a startFLJob's verified device key, DER SubjectPublicKeyInfo.
     """
 
     op: CountOp
@@ -101,6 +116,9 @@ class CountRequest:
     iteration: int = 0
     upload_loss: float = 0.0
     upload_accuracy: float = 0.0
+    timestamp: str = ""
+    signature: bytes = b""
+    device_key: bytes = b""
 
 
 class LeaderChannel(Protocol):
@@ -189,20 +207,28 @@ class RoundService:
         keep: int = 3,
         store: RecoveryStore | None = None,
         rank: int = 0,
+        verification: ClientVerification | None = None,
+        now_ms: Callable[[], int] | None = None,
     ) -> None:
         """Hold ``initial`` as the model of iteration 0; count through ``line`` (see :class:`LeaderLine`).
 
         With ``store``, every fold and every installed model is committed there before it is
-        acknowledged (spec/recovery.md §3.2).
+        acknowledged (spec/recovery.md §3.2). With ``verification`` (``pki_verify``), requests are
+        verified as spec/device-protocol.md "Client verification" says, at ``now_ms()`` (epoch
+        milliseconds; an :class:`EpochClock` by default).
         """
+        self.verification = verification
+        self._now_ms = EpochClock().now_ms if now_ms is None else now_ms
         self.spec = spec
+        self._recovery: RecoveryStore | None = None
+        self._fold_commits: FoldCommits | None = None
         self.recovery = store
         self.rank = rank
         self._held: dict[int, list[str]] = {}
         self.plan = plan
         self._job_plan = plan
         #: True once this Server left the membership (scaled in): every device request gets the safemode
-        #: text, so devices move on to another Server (spec/cluster-protocol.md §7).
+        #: text, so devices move on to another Server (spec/cluster-protocol.md §8).
         self.retired = False
         self.store = ModelStore(keep)
         self.store.reset(initial)
@@ -237,9 +263,15 @@ class RoundService:
             req = decode_start_fl_job(body)
         except SchemaError as exc:
             return self._start_fl_job_error(ResponseCode.RequestError, str(exc))
-        reply = await self.line.call(
-            CountRequest(CountOp.START_FL_JOB, req.fl_id, req.data_size, req.iteration)
-        )
+        request = CountRequest(CountOp.START_FL_JOB, req.fl_id, req.data_size, req.iteration)
+        if self.verification is not None:
+            # spec/device-protocol.md "Client verification": chain, signature, timestamp, here and now.
+            try:
+                verified = verify_start_fl_job(req, self.verification, now_ms=self._now_ms())
+            except VerificationFailed as exc:
+                return self._start_fl_job_error(ResponseCode.RequestError, exc.reason)
+            request = attrs.evolve(request, timestamp=verified.timestamp, device_key=verified.device_key)
+        reply = await self.line.call(request)
         match reply:
             case PlainText(text=text):
                 return text
@@ -275,27 +307,43 @@ class RoundService:
                 "upload plain weights (NO_COMPRESS)",
                 next_req_time=self._next_req_time(),
             )
-        maps = [(m.name, m.data) for m in req.feature_maps]
         try:
-            checked = self.spec.check_update(maps)
+            prepared = self._prepare_update(req)
         except UpdateRejected as exc:
             return encode_update_model_response(
                 retcode=int(ResponseCode.RequestError),
                 reason=f"Verify model feature map failed: {exc}",
                 next_req_time=self._next_req_time(),
             )
+        if isinstance(prepared, Rejected):
+            return encode_update_model_response(
+                retcode=int(prepared.retcode),
+                reason=prepared.reason,
+                next_req_time=str(prepared.next_req_time_ms),
+            )
+        request = CountRequest(
+            CountOp.UPDATE_MODEL, req.fl_id, 0, req.iteration, req.upload_loss, req.upload_accuracy
+        )
+        if self.verification is not None:
+            # spec/device-protocol.md "Client verification": the leader, which keeps the keys, verifies.
+            try:
+                check_update_model(req)
+            except VerificationFailed as exc:
+                return encode_update_model_response(
+                    retcode=int(ResponseCode.RequestError),
+                    reason=exc.reason,
+                    next_req_time=self._next_req_time(),
+                )
+            request = attrs.evolve(request, timestamp=req.timestamp, signature=req.signature)
         iteration = req.iteration
         self._pending[iteration] = self._pending.get(iteration, 0) + 1
         try:
-            reply = await self.line.call(
-                CountRequest(
-                    CountOp.UPDATE_MODEL, req.fl_id, 0, iteration, req.upload_loss, req.upload_accuracy
-                )
-            )
+            reply = await self.line.call(request)
             if isinstance(reply, Accepted):
                 # Reserved at the leader for this Server. Fold and commit before acknowledging: a
                 # SUCCEED means "this update is in the committed sum" (spec/recovery.md §4).
                 crash_point("server.counted_not_folded")
+                checked = prepared(reply.data_size)
                 await self._fold(reply.iteration, req.fl_id, checked, reply.data_size)
                 crash_point("server.committed_not_acked")
                 await self.line.confirm(reply.iteration, (req.fl_id,))
@@ -316,6 +364,16 @@ class RoundService:
                 return encode_update_model_response(
                     retcode=int(ResponseCode.SUCCEED), reason=reason, next_req_time=str(next_ms)
                 )
+
+    @property
+    def recovery(self) -> RecoveryStore | None:
+        """The recovery store this Server commits its folds and models to (``None``: no recovery)."""
+        return self._recovery
+
+    @recovery.setter
+    def recovery(self, store: RecoveryStore | None) -> None:
+        self._recovery = store
+        self._fold_commits = None if store is None else FoldCommits(store, self._encoded_sum)
 
     async def get_model(self, body: bytes) -> DeviceAnswer:
         """Answer one getModel body from the models held here (reference §2.4 getModel)."""
@@ -508,6 +566,39 @@ class RoundService:
         self._dropped_below = iteration + 1
         self._start_fl_job_cache = None
 
+    def _prepare_update(self, req: UpdateModelRequest) -> Callable[[int], CheckedUpdate] | Rejected:
+        """Judge an upload before it is counted; what turns it into the update to fold, given the data size.
+
+        A dense upload is checked against the model (spec/aggregation.md §2). A SignDS upload (spec/privacy.md
+        §3.3) is judged against the model of the iteration before its own, held on every Server, from which
+        it is rebuilt once the leader has accepted it and said the device's data size; a Server that does not
+        hold that model answers OutOfTime (the iteration is not the current one).
+
+        Raises:
+            UpdateRejected: A rule of spec/aggregation.md §2 or spec/privacy.md §3.3 is broken.
+        """
+        kind = upload_kind(self.plan.encrypt_type, req.sign, int(req.index_array.size))
+        maps = [(m.name, m.data) for m in req.feature_maps]
+        if kind is UploadKind.DENSE:
+            checked = self.spec.check_update(maps)
+            return lambda _data_size: checked
+        base = self.store.get(req.iteration - 1)
+        if base is None:
+            latest, _ = self.store.latest()
+            next_ms = self.view.next_req_time_ms
+            reason = reason_wrong_iteration(req.iteration, latest + 1, next_ms, req.fl_id)
+            return Rejected(ResponseCode.OutOfTime, reason, next_ms)
+        update = prepare_signds(
+            self.spec,
+            maps,
+            sign=req.sign,
+            index_array=req.index_array,
+            base=base,
+            global_lr=self.plan.sign_global_lr,
+            max_data_size=MAX_DATA_SIZE,
+        )
+        return update.checked
+
     def _forget_sums(self, iteration: int) -> None:
         for i in [i for i in self._accumulators if i <= iteration]:
             del self._accumulators[i]
@@ -525,10 +616,15 @@ class RoundService:
         acc.add(checked, data_size)
         held = self._held.setdefault(iteration, [])
         held.append(fl_id)
-        if self.recovery is not None:
+        if self._fold_commits is not None:
             # Right after the fold, no checkpoint between: commit order is fold order (spec/store.md).
-            data = acc.partial().to_bytes()
-            await self.recovery.commit(Transition(partial=FoldedUpdate(iteration, fl_id, data, len(held))))
+            await self._fold_commits.commit(iteration, fl_id)
+
+    def _encoded_sum(self, iteration: int) -> tuple[bytes, int] | None:
+        acc = self._accumulators.get(iteration)
+        if acc is None:
+            return None
+        return acc.partial().to_bytes(), len(self._held[iteration])
 
     def _accepted_start_fl_job(self, iteration: int, reason: str, next_ms: int) -> bytes:
         """The SUCCEED answer to startFLJob, with the current model.

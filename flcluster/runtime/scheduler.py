@@ -8,6 +8,7 @@ Nursery tree (one ``trio.run`` per process)::
                ├ liveness reaper (sleeps until the next heartbeat deadline → LivenessCheck)
                ├ start-up deadline (cluster_available_timeout → StartupDeadlinePassed)
                ├ scaling deadline (sleeps until the machine's scaling deadline → ScalingDeadlinePassed)
+               ├ certificate watcher (enable_ssl only: expiry warnings every cert_check_interval_in_hour)
                └ management HTTP (hypercorn.trio.serve, quart-trio app, scheduler_manage_port)
 
 The Scheduler is the only writer of the cluster machine, and every change goes through
@@ -23,7 +24,10 @@ Cluster-wide timers that are not the machine's (``cluster_available_timeout``, `
 trio sleeps in seconds and come back as events.
 
 A connection's first frame says what it is: ``register`` opens a Server link; ``finish_cluster`` is
-the operator's ``flcluster finish``. Anything else is answered with ``error`` and closed.
+the operator's ``flcluster finish`` (refused unless it carries the management token when one is set).
+Anything else is answered with ``error`` and closed. With ``enable_ssl`` every connection first completes
+a TLS handshake with a client certificate from the cluster's CA (spec/cluster-protocol.md §7); one that
+fails is logged and closed before any frame is read, and the management port is HTTPS.
 
 **Recovery** (spec/recovery.md §3.1, §5, §6). With a store (``config.json``'s ``recovery``: the
 settings' ``store_path``; or one handed to :meth:`SchedulerNode.recover_from`), :meth:`SchedulerNode.serve`
@@ -38,7 +42,7 @@ machine back as it was before the event and raises, so nothing that depends on i
 (``CLUSTER_EXIT``) is not committed: a store keeps the last running membership, so a Scheduler started
 again after a finish gives the Servers their old ranks.
 
-**Operators** (spec/management-api.md, spec/cluster-protocol.md §7–§8). The management app calls
+**Operators** (spec/management-api.md, spec/cluster-protocol.md §8–§9). The management app calls
 :meth:`SchedulerNode.scale_out`, :meth:`~SchedulerNode.scale_in`, :meth:`~SchedulerNode.scale_out_rollback`,
 :meth:`~SchedulerNode.disable_fls`, :meth:`~SchedulerNode.enable_fls`, :meth:`~SchedulerNode.new_instance`
 and :meth:`~SchedulerNode.query_instance`; each dispatches the machine's operator event (with the number
@@ -52,6 +56,8 @@ Servers that left the membership, after the final membership has been queued to 
 from __future__ import annotations
 
 import contextlib
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -101,13 +107,15 @@ from flcluster.core.cluster import (
     StateChanged,
 )
 from flcluster.crashpoints import crash_point
-from flcluster.errors import FrameError, IllegalEvent, MessageError, StoreError
+from flcluster.errors import FrameError, HandshakeFailed, IllegalEvent, MessageError, StoreError
 from flcluster.http.management import create_management_app
 from flcluster.http.serving import serve_app
 from flcluster.runtime.clock import EpochClock
-from flcluster.runtime.links import FramedLink, LinkClosed, run_session
+from flcluster.runtime.finish import ACCESS_REFUSED
+from flcluster.runtime.links import FramedLink, LinkClosed, accept_stream, peer_name, run_session
 from flcluster.runtime.scheduler_recovery import restored_machine, scheduler_identity, stored_state
 from flcluster.store import RecoveryStore, SchedulerState, Transition, open_sqlite_store
+from flcluster.tls import NodeTls, watch_certificates
 from flcluster.wire.messages import (
     ErrorReply,
     FinishCluster,
@@ -176,6 +184,8 @@ class SchedulerSettings:
         max_message_size: Limit on cluster frames and management bodies, in bytes.
         store_path: The recovery store file (``config.json``'s ``recovery``, one file per node, see
             :func:`~flcluster.store.node_store_path`); ``""`` when recovery is off (nothing is written).
+        tls: The TLS contexts (``enable_ssl``: the cluster listener and the management HTTPS port), or None.
+        manage_token: The management access token (``config.json``'s ``manage_token``); ``""``: none.
     """
 
     node_id: str
@@ -191,6 +201,8 @@ class SchedulerSettings:
     scaling_timeout: float
     max_message_size: int
     store_path: str
+    tls: NodeTls | None
+    manage_token: str = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -279,7 +291,7 @@ class SchedulerNode:
         return reply
 
     async def scale_out(self, server_num: int) -> OperatorReply:
-        """``/scaleout``: add ``server_num`` Servers (spec/cluster-protocol.md §7)."""
+        """``/scaleout``: add ``server_num`` Servers (spec/cluster-protocol.md §8)."""
         event = ScaleOutRequested("scaleout", server_num, self.connected(), self.clock.now_ms())
         return self._operator_reply(await self.dispatch_operator(event))
 
@@ -476,11 +488,29 @@ class SchedulerNode:
             )
             port = listeners[0].socket.getsockname()[1]
             urls: list[str] = []
+            tls = self.settings.tls
+            if tls is not None:
+                nursery.start_soon(watch_certificates, tls)
             if with_management:
-                app = create_management_app(self, max_body=self.settings.max_message_size)
-                urls = await nursery.start(
-                    serve_app, app, self.settings.manage_host, self.settings.manage_port
+                app = create_management_app(
+                    self, max_body=self.settings.max_message_size, token=self.settings.manage_token
                 )
+                urls = await nursery.start(
+                    partial(
+                        serve_app,
+                        app,
+                        self.settings.manage_host,
+                        self.settings.manage_port,
+                        ssl_context=None if tls is None else tls.https,
+                    )
+                )
+                if not self.settings.manage_token and not _is_loopback(self.settings.manage_host):
+                    log.warning(
+                        "the management port is bound to %r, not loopback, and has no access token: anyone "
+                        "who reaches it can read and drive the cluster; set manage_token in config.json "
+                        "(spec/management-api.md)",
+                        self.settings.manage_host,
+                    )
             nursery.start_soon(self._reap_silent_nodes)
             nursery.start_soon(self._startup_deadline)
             nursery.start_soon(self._scaling_deadlines)
@@ -613,6 +643,23 @@ class SchedulerNode:
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming connection (a Server link or an operator request) until it closes."""
+        where = peer_name(stream)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                stream = await accept_stream(
+                    stream, None if self.settings.tls is None else self.settings.tls.listener
+                )
+        except HandshakeFailed as exc:
+            log.warning("refused a cluster connection from %s: %s", where, exc)
+            return
+        except trio.TooSlowError:
+            log.warning(
+                "refused a cluster connection from %s: no TLS handshake within %.0f s",
+                where,
+                HANDSHAKE_TIMEOUT,
+            )
+            await trio.aclose_forcefully(stream)
+            return
         link = FramedLink(stream, max_frame=self.settings.max_message_size)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -620,8 +667,14 @@ class SchedulerNode:
             match msg:
                 case Register():
                     await self._serve_server_link(link, msg)
-                case FinishCluster():
-                    await self._serve_finish(link)
+                case FinishCluster(token=token):
+                    if self._token_accepted(token):
+                        await self._serve_finish(link)
+                    else:
+                        log.warning(
+                            "refused a finish_cluster from %s: wrong or missing management token", where
+                        )
+                        await link.send(ErrorReply(reason=ACCESS_REFUSED))
                 case _:
                     await link.send(
                         ErrorReply(reason=f"expected 'register' or 'finish_cluster', got {msg.TYPE!r}")
@@ -749,6 +802,11 @@ class SchedulerNode:
             except IllegalEvent as exc:
                 server_link.post(ErrorReply(reason=str(exc)))
 
+    def _token_accepted(self, token: str) -> bool:
+        """Whether an operator request's token is the management token (any, when none is set)."""
+        expected = self.settings.manage_token
+        return not expected or hmac.compare_digest(token.encode(), expected.encode())
+
     async def _serve_finish(self, link: FramedLink) -> None:
         self._finish_requested = True
         try:
@@ -777,6 +835,15 @@ class SchedulerNode:
             await link.send(FinishReply(nodes=tuple(nodes)))
         finally:
             self._finish_replied.set()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def new_node_id() -> str:

@@ -15,6 +15,7 @@ Nursery tree (one ``trio.run`` per process)::
                │           ├ FollowerSession reader (answers, status, partial-sum requests, models)
                │           └ keep-alive pings
                │     plus a watcher that cancels the role scope when the role changes
+               ├ certificate watcher (enable_ssl only: expiry warnings every cert_check_interval_in_hour)
                └ device HTTP (hypercorn.trio.serve, quart-trio app, fl_server_port) → RoundService
 
 Start-up order is the guide's: register with the Scheduler (retrying every ``connect_interval`` until it
@@ -28,6 +29,10 @@ and address. It runs in a child scope that the supervisor cancels and restarts w
 membership changes that :class:`RoleKey`; the device HTTP port stays up throughout and answers the
 safemode text while no role is attached to the :class:`~flcluster.runtime.rounds.LeaderLine`. A
 Server that leads again keeps its :class:`~flcluster.core.iteration.IterationMachine` and resumes it.
+
+With ``enable_ssl`` (spec/cluster-protocol.md §7) the links to the Scheduler and to the leader are TLS with
+this Server's client certificate, the peer listener takes only followers with a certificate from the
+cluster's CA (a refused handshake is logged and closed), and the device port is HTTPS.
 
 The Server keeps serving when the Scheduler goes away (the Scheduler is not on the data path): the
 scheduler link just reconnects and registers again with ``recovering=True``, and the Scheduler gives
@@ -48,17 +53,27 @@ import trio
 
 from flcluster.aggregation import ModelSpec, ModelWeights
 from flcluster.core.cluster import ClusterState, Role
-from flcluster.core.iteration import IterationConfig, IterationMachine, snapshot_from_json
-from flcluster.errors import ClusterError, ConfigError, FrameError, MessageError, RegistrationRefused
+from flcluster.core.device_rows import snapshot_from_rows
+from flcluster.core.iteration import IterationConfig, IterationMachine
+from flcluster.errors import (
+    ClusterError,
+    ConfigError,
+    FrameError,
+    HandshakeFailed,
+    MessageError,
+    RegistrationRefused,
+)
 from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
 from flcluster.runtime.addresses import advertised_address
 from flcluster.runtime.driver import EpochClock, Leader, LocalLeaderChannel
-from flcluster.runtime.links import FramedLink, LinkClosed, run_session
+from flcluster.runtime.links import FramedLink, LinkClosed, accept_stream, open_stream, peer_name, run_session
 from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_follower import FollowerSession
 from flcluster.runtime.rounds import LeaderLine, RoundService
 from flcluster.store import NodeIdentity, RecoveryStore, StoreRole, open_sqlite_store
+from flcluster.tls import NodeTls, watch_certificates
+from flcluster.verify import ClientVerification, ClientVerifier
 from flcluster.wire.messages import (
     ErrorReply,
     Finished,
@@ -105,6 +120,7 @@ class ServerSettings:
         max_message_size: Limit on cluster frames, in bytes.
         max_device_body: Limit on device HTTP bodies, in bytes.
         store_path: This Server's recovery store file (spec/recovery.md §2); empty: no recovery.
+        tls: The TLS contexts (``enable_ssl``: cluster listener and connector, device HTTPS), or None.
     """
 
     node_id: str
@@ -121,6 +137,7 @@ class ServerSettings:
     max_message_size: int
     max_device_body: int
     store_path: str
+    tls: NodeTls | None
 
 
 @attrs.frozen
@@ -138,6 +155,8 @@ class JobSettings:
         device: The torch device the running sums live on.
         model_keep: Models kept in memory for getModel.
         leader: What the leader does besides counting (checkpoints).
+        client_verification: With ``pki_verify``, the trust anchors and the replay window
+            (spec/device-protocol.md, "Client verification"); ``None`` without.
     """
 
     spec: ModelSpec
@@ -147,6 +166,7 @@ class JobSettings:
     device: torch.device
     model_keep: int
     leader: LeaderOptions
+    client_verification: ClientVerification | None
 
 
 @attrs.frozen
@@ -194,6 +214,8 @@ class ServerNode:
         self.recovery: RecoveryStore | None = store
         self._given_store = store is not None
         self.line = LeaderLine()
+        #: This Server's epoch clock: the device rounds and, while it leads, the leader read the same one.
+        self.clock = EpochClock()
         self.rounds = RoundService(
             spec=job.spec,
             initial=job.initial,
@@ -201,6 +223,14 @@ class ServerNode:
             device=job.device,
             line=self.line,
             keep=job.model_keep,
+            verification=job.client_verification,
+            now_ms=self.clock.now_ms,
+        )
+        #: With pki_verify, the leader's device keys and replay memory (kept across role restarts).
+        self.client_verifier = (
+            None
+            if job.client_verification is None
+            else ClientVerifier(job.client_verification.replay_attack_time_diff)
         )
         #: The iteration machine, made the first time this Server leads and kept across role restarts.
         self.machine: IterationMachine | None = None
@@ -251,13 +281,17 @@ class ServerNode:
         if contents.server is not None:
             self.rounds.rank = contents.server.rank
             if contents.server.machine is not None:
-                self.machine = IterationMachine.from_snapshot(snapshot_from_json(contents.server.machine))
+                snapshot = snapshot_from_rows(contents.server.machine, contents.devices)
+                self.machine = IterationMachine.from_snapshot(snapshot)
                 log.info("recovered the iteration machine: %r", self.machine)
 
     async def _serve(self, *, task_status: trio.TaskStatus[ServerStarted]) -> None:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, self._handle_peer, 0, host=self.host))
             self.peer_port = listeners[0].socket.getsockname()[1]
+            tls = self.settings.tls
+            if tls is not None:
+                nursery.start_soon(watch_certificates, tls)
             await nursery.start(self._run_scheduler_link)
             await self._ready.wait()
             await nursery.start(self._supervise_role)
@@ -267,7 +301,9 @@ class ServerNode:
             )
             host, port = self.settings.device_host, self.settings.device_port
             try:
-                urls = await nursery.start(serve_app, app, host, port)
+                urls = await nursery.start(
+                    partial(serve_app, app, host, port, ssl_context=None if tls is None else tls.https)
+                )
             except* OSError as group:
                 # The operator's port is taken (or the address is not this host's): a clear refusal.
                 raise ConfigError(
@@ -291,16 +327,23 @@ class ServerNode:
 
     # -------------------------------------------------------------------------- scheduler link
 
-    async def _connect(self, host: str, port: int, what: str) -> trio.SocketStream:
-        """Connect, retrying every ``connect_interval`` until it works (start-up order is free)."""
+    async def _connect(self, host: str, port: int, what: str) -> trio.abc.Stream:
+        """Connect (TLS with ``enable_ssl``), retrying every ``connect_interval`` until it works.
+
+        Start-up order is free; a refused TLS handshake is retried like a peer that is down (the reason is
+        logged: spec/cluster-protocol.md §7.4).
+        """
+        tls = None if self.settings.tls is None else self.settings.tls.connector
         attempt = 0
         while True:
             try:
-                return await trio.open_tcp_stream(host, port)
-            except OSError as exc:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    return await open_stream(host, port, tls)
+            except (OSError, HandshakeFailed, trio.TooSlowError) as exc:
                 attempt += 1
                 if attempt == 1 or attempt % 10 == 0:
-                    log.info("waiting for the %s at %s:%d (%s); retrying", what, host, port, exc)
+                    level = logging.WARNING if isinstance(exc, HandshakeFailed) else logging.INFO
+                    log.log(level, "waiting for the %s at %s:%d (%s); retrying", what, host, port, exc)
                 await trio.sleep(self.settings.connect_interval)
 
     async def _run_scheduler_link(
@@ -462,11 +505,12 @@ class ServerNode:
         leader = Leader(
             self.machine,
             self.rounds,
-            EpochClock(),
+            self.clock,
             self_id=self.settings.node_id,
             members=lambda: [(m.rank, m.node_id) for m in self.members],
             options=self.job.leader,
             store=self.recovery,
+            verifier=self.client_verifier,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -534,6 +578,16 @@ class ServerNode:
 
     async def _handle_peer(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming peer link: a follower connecting to this leader."""
+        where = peer_name(stream)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                stream = await accept_stream(
+                    stream, None if self.settings.tls is None else self.settings.tls.listener
+                )
+        except (HandshakeFailed, trio.TooSlowError) as exc:
+            log.warning("refused a peer connection from %s: %s", where, exc or "no TLS handshake in time")
+            await trio.aclose_forcefully(stream)
+            return
         link = FramedLink(stream, max_frame=self.settings.max_message_size)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):

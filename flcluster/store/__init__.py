@@ -25,7 +25,8 @@ from flcluster.errors import (
 from flcluster.store.api import RecoveryStore, node_store_path, store_file
 from flcluster.store.memory import MemoryStore, MemoryVolume, open_memory_store
 from flcluster.store.records import (
-    FoldedUpdate,
+    DeviceRows,
+    FoldedUpdates,
     Member,
     NodeIdentity,
     PartialReset,
@@ -44,7 +45,8 @@ from flcluster.store.sqlite import MEMORY, SqliteStore, open_sqlite_store
 __all__ = [
     "MEMORY",
     "SCHEMA_VERSION",
-    "FoldedUpdate",
+    "DeviceRows",
+    "FoldedUpdates",
     "Member",
     "MemoryStore",
     "MemoryVolume",

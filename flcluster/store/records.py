@@ -190,22 +190,55 @@ class PartialReset:
     update_count: int = attrs.field(default=0, validator=_non_negative)
 
 
-@attrs.frozen
-class FoldedUpdate:
-    """``fl_id``'s update was folded into the running sum of ``iteration``, which is now ``data``.
+def _fl_ids(values: Iterable[str]) -> tuple[str, ...]:
+    ids = tuple(values)
+    if not ids or not all(isinstance(f, str) and f for f in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"fl_ids {ids!r:.120} are refused; expected one or more distinct non-empty strs")
+    return ids
 
-    ``update_count`` is the sum's count after the fold. A fold into a newer iteration than the stored
-    sum's starts that iteration's sum (the older one is dropped); a fold into an older iteration, or a
-    second fold of one fl_id into one iteration, is refused.
+
+@attrs.frozen
+class FoldedUpdates:
+    """The updates of ``fl_ids`` were folded, in that order, into the running sum of ``iteration``, which
+    is now ``data``.
+
+    ``update_count`` is the sum's count after the folds. A Server commits the folds made while its
+    previous commit was in flight together, with the sum once (spec/store.md, "Group commit"). A fold
+    into a newer iteration than the stored sum's starts that iteration's sum (the older one is dropped);
+    a fold into an older iteration, or a second fold of one fl_id into one iteration, is refused.
     """
 
     iteration: int = attrs.field(validator=_non_negative)
-    fl_id: str = attrs.field(validator=_str)
+    fl_ids: tuple[str, ...] = attrs.field(converter=_fl_ids)
     data: bytes = attrs.field(validator=_bytes, repr=lambda b: f"<{len(b)} bytes>")
     update_count: int = attrs.field(validator=_non_negative)
 
 
-PartialWrite = PartialReset | FoldedUpdate
+PartialWrite = PartialReset | FoldedUpdates
+
+
+def _rows(values: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    rows = tuple((fl_id, text) for fl_id, text in values)
+    for fl_id, text in rows:
+        if not isinstance(fl_id, str) or not fl_id or not isinstance(text, str):
+            raise ValueError(
+                f"a device row ({fl_id!r}, {text!r:.40}) is refused; expected (a non-empty str, a str)"
+            )
+    return rows
+
+
+@attrs.frozen
+class DeviceRows:
+    """A write to the leader's device rows (one row of text per ``fl_id``; spec/store.md, "Records").
+
+    ``rewrite`` deletes every stored row first; then each ``(fl_id, text)`` of ``rows`` is stored,
+    replacing that device's row, and each fl_id of ``deleted`` is removed. The store keeps the texts as
+    given (:mod:`flcluster.core.device_rows` writes and reads them).
+    """
+
+    rewrite: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    rows: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_rows)
+    deleted: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
 
 
 @attrs.frozen
@@ -218,6 +251,7 @@ class Transition:
         model: a model to store (replacing one of the same iteration).
         keep_models: after storing, keep only this many of the newest models (``None``: keep all).
         partial: a write to the running partial sum (Server stores only).
+        devices: a write to the leader's device rows (Server stores only; schema version 4).
     """
 
     scheduler: SchedulerState | None = None
@@ -225,6 +259,7 @@ class Transition:
     model: StoredModel | None = None
     keep_models: int | None = None
     partial: PartialWrite | None = None
+    devices: DeviceRows | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.keep_models is not None and (
@@ -247,6 +282,7 @@ class StoreContents:
         server: the Server's state (``None``: never written).
         models: the stored models, oldest first.
         partial: the running partial sum (``None``: never written).
+        devices: the leader's device rows ``(fl_id, text)``, sorted by fl_id.
     """
 
     identity: NodeIdentity
@@ -254,6 +290,7 @@ class StoreContents:
     server: ServerState | None = None
     models: tuple[StoredModel, ...] = ()
     partial: PartialSumState | None = None
+    devices: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_rows)
 
 
 @attrs.frozen
@@ -286,10 +323,11 @@ def check_roles(identity: NodeIdentity, transition: Transition) -> None:
                 transition.server is not None
                 or transition.model is not None
                 or transition.partial is not None
+                or transition.devices is not None
             ):
                 raise TransitionRefused(
                     f"a Scheduler's store ({identity.node_id!r}) keeps only scheduler state; the transition "
-                    f"{transition!r} writes server state, a model or a partial sum"
+                    f"{transition!r} writes server state, a model, a partial sum or device rows"
                 )
         case StoreRole.SERVER:
             if transition.scheduler is not None:
@@ -325,12 +363,12 @@ def check_partial_write(
     match write:
         case PartialReset():
             return True
-        case FoldedUpdate():
+        case FoldedUpdates():
             if write.iteration != stored_iteration:
                 return True
-            if holds(write.fl_id):
+            if held := [f for f in write.fl_ids if holds(f)]:
                 raise TransitionRefused(
-                    f"fl_id {write.fl_id!r} is refused; its update is already in the sum of iteration "
+                    f"fl_ids {held!r} are refused; their updates are already in the sum of iteration "
                     f"{write.iteration!r} (an update is folded in once)"
                 )
             return False
@@ -364,11 +402,17 @@ def apply_transition(contents: StoreContents, transition: Transition) -> StoreCo
         match write:
             case PartialReset():
                 changes["partial"] = PartialSumState(write.iteration, write.data, (), write.update_count)
-            case FoldedUpdate():
+            case FoldedUpdates():
                 before: tuple[str, ...] = () if fresh or old is None else old.fl_ids
                 changes["partial"] = PartialSumState(
-                    write.iteration, write.data, (*before, write.fl_id), write.update_count
+                    write.iteration, write.data, (*before, *write.fl_ids), write.update_count
                 )
+    if (rows := transition.devices) is not None:
+        stored = {} if rows.rewrite else dict(contents.devices)
+        stored.update(rows.rows)
+        for fl_id in rows.deleted:
+            stored.pop(fl_id, None)
+        changes["devices"] = tuple(sorted(stored.items()))
     return attrs.evolve(contents, **changes)  # type: ignore[arg-type]
 
 

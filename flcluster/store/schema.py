@@ -15,6 +15,10 @@ version, whole. Version 0 is an empty database: migration 0 creates the version 
 - **Version 3**: ``scheduler_state.fl_iteration_num`` (nullable), the ``fl_iteration_num`` the Servers
   agreed on, which a restarted Scheduler holds later registrations against (spec/recovery.md §3.1). A
   version 2 Scheduler store gets ``NULL`` (read as "not known yet").
+- **Version 4**: ``device_rows``, the leader's per-device records (one row per ``fl_id``), written beside
+  the machine's header in ``server_state.machine``, so a transaction writes only the devices it changed
+  (spec/recovery.md §3.3). A version 3 store keeps its machine whole in ``server_state.machine``, which
+  is still read as it is; the leader's next commit splits it.
 
 A file of a version above :data:`SCHEMA_VERSION` is refused (:class:`~flcluster.errors.StoreTooNew`),
 never downgraded.
@@ -31,7 +35,7 @@ import sqlite_utils
 APPLICATION_ID = 0x464C6353
 """``PRAGMA application_id`` of a store file (the bytes ``FLcS``)."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this code writes."""
 
 Migration = Callable[[sqlite_utils.Database], None]
@@ -128,7 +132,16 @@ def _to_v3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE scheduler_state ADD COLUMN fl_iteration_num INTEGER")
 
 
-MIGRATIONS: Sequence[Migration] = (_to_v1, _to_v2, _to_v3)
+def _to_v4(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE device_rows (
+            fl_id TEXT PRIMARY KEY,
+            record TEXT NOT NULL
+        )"""
+    )
+
+
+MIGRATIONS: Sequence[Migration] = (_to_v1, _to_v2, _to_v3, _to_v4)
 """``MIGRATIONS[v]`` takes a store from schema version ``v`` to ``v + 1``."""
 
 assert len(MIGRATIONS) == SCHEMA_VERSION

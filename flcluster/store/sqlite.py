@@ -42,6 +42,7 @@ does not match. Then the migrations bring it to :data:`~flcluster.store.schema.S
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import sqlite3
@@ -65,7 +66,7 @@ from flcluster.errors import (
     StoreWriteError,
 )
 from flcluster.store.records import (
-    FoldedUpdate,
+    FoldedUpdates,
     Member,
     NodeIdentity,
     PartialReset,
@@ -81,6 +82,8 @@ from flcluster.store.records import (
     identity_mismatch,
 )
 from flcluster.store.schema import APPLICATION_ID, SCHEMA_VERSION, crc32, migrate
+
+log = logging.getLogger("flcluster.store")
 
 MEMORY = ":memory:"
 """The path of a SQLite store in memory (nothing survives :meth:`SqliteStore.aclose`)."""
@@ -251,10 +254,16 @@ def _read_contents(db: sqlite_utils.Database, where: str) -> StoreContents:
                 raise ValueError(f"the partial sum of iteration {iteration!r} does not match its CRC-32")
             ids = [r[0] for r in db.execute("SELECT fl_id FROM partial_fl_ids ORDER BY seq").fetchall()]
             partial = PartialSumState(iteration, data, tuple(ids), update_count)
+        devices = tuple(db.execute("SELECT fl_id, record FROM device_rows ORDER BY fl_id").fetchall())
     except (ValueError, TypeError) as exc:
         raise StoreCorrupt(where, f"its contents are damaged: {exc}") from None
     return StoreContents(
-        identity=identity, scheduler=scheduler, server=server, models=tuple(models), partial=partial
+        identity=identity,
+        scheduler=scheduler,
+        server=server,
+        models=tuple(models),
+        partial=partial,
+        devices=devices,
     )
 
 
@@ -390,11 +399,23 @@ class _Writer:
                         self.partial_iteration = write.iteration
                         partial = (write.iteration, write.data, write.update_count)
                         match write:
-                            case FoldedUpdate():
-                                db.execute("INSERT INTO partial_fl_ids (fl_id) VALUES (?)", [write.fl_id])
-                                self.partial_ids.add(write.fl_id)
+                            case FoldedUpdates():
+                                db.conn.executemany(
+                                    "INSERT INTO partial_fl_ids (fl_id) VALUES (?)",
+                                    [(f,) for f in write.fl_ids],
+                                )
+                                self.partial_ids.update(write.fl_ids)
                             case PartialReset():
                                 pass
+                    if (rows := t.devices) is not None:
+                        if rows.rewrite:
+                            db.execute("DELETE FROM device_rows")
+                        db.conn.executemany(
+                            "INSERT OR REPLACE INTO device_rows (fl_id, record) VALUES (?, ?)", rows.rows
+                        )
+                        db.conn.executemany(
+                            "DELETE FROM device_rows WHERE fl_id = ?", [(f,) for f in rows.deleted]
+                        )
                     committed += 1
                 if scheduler is not None:
                     self._write_scheduler(db, scheduler)
@@ -640,3 +661,12 @@ async def open_sqlite_store(
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
+        stats = store.statistics()
+        log.info(
+            "recovery store %s closed: %d transitions in %d transactions (largest group %d, %d refused)",
+            where,
+            stats.transitions,
+            stats.transactions,
+            stats.largest_group,
+            stats.refused,
+        )

@@ -26,6 +26,7 @@ __all__ = [
     "MAX_FEATURE_MAPS",
     "MAX_FL_ID_BYTES",
     "MAX_FL_NAME_BYTES",
+    "MAX_SIGNDS_INDICES",
     "MAX_WEIGHT_NAME_BYTES",
     "NOT_READY_TEXT",
     "SAFEMODE_TEXT",
@@ -104,3 +105,5 @@ MAX_FEATURE_MAPS: Final = 4096
 MAX_WEIGHT_NAME_BYTES: Final = 1024
 #: A device lists the compressions it can decode; there are three, so a long list is an attack.
 MAX_COMPRESS_TYPES: Final = 16
+#: Most entries of a SignDS ``index_array`` (the original Server's limit; spec/privacy.md §3.3).
+MAX_SIGNDS_INDICES: Final = 100

@@ -54,7 +54,7 @@ class CountOp(enum.StrEnum):
 
 
 class InstanceOp(enum.StrEnum):
-    """What an :class:`InstanceCall` asks the leader (spec/cluster-protocol.md §8)."""
+    """What an :class:`InstanceCall` asks the leader (spec/cluster-protocol.md §9)."""
 
     NEW_INSTANCE = "new_instance"
     QUERY_INSTANCE = "query_instance"
@@ -212,9 +212,13 @@ class InstanceAnswer:
 @register
 @attrs.frozen
 class FinishCluster:
-    """Operator tool → Scheduler: finish the whole cluster gracefully."""
+    """Operator tool → Scheduler: finish the whole cluster gracefully.
+
+    ``token`` is the management access token (``""`` when the cluster has none; spec/management-api.md).
+    """
 
     TYPE: ClassVar[str] = "finish_cluster"
+    token: str = attrs.field(repr=False)
 
 
 @register
@@ -277,6 +281,10 @@ class LeaderCall:
     iteration: int
     upload_loss: float
     upload_accuracy: float
+    # pki_verify (spec/device-protocol.md "Client verification"); "" without it. Base64 for bytes.
+    timestamp: str = ""
+    signature: str = ""
+    device_key: str = ""
 
 
 @register

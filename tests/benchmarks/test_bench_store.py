@@ -1,7 +1,7 @@
 """Recovery store commits per second for LeNet-size running sums (266 KB), one at a time and grouped.
 
 Set-up: one store file in a temporary directory on this host's disk; every transition is a
-:class:`~flcluster.store.FoldedUpdate` carrying a fresh 266 KB running sum (what a Server commits per
+:class:`~flcluster.store.FoldedUpdates` carrying a fresh 266 KB running sum (what a Server commits per
 accepted updateModel). Measured in the same run:
 
 - baseline: plain ``sqlite3`` on the calling thread, WAL, ``synchronous=FULL``, one ``UPDATE`` of the
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from flcluster.store import FoldedUpdate, NodeIdentity, StoreRole, Transition, open_sqlite_store
+from flcluster.store import FoldedUpdates, NodeIdentity, StoreRole, Transition, open_sqlite_store
 from flcluster.store.sqlite import Synchronous
 
 pytestmark = pytest.mark.bench
@@ -75,7 +75,7 @@ async def store_run(path: Path, blobs: list[bytes], writers: int, synchronous: S
 
         async def writer() -> None:
             for n in numbers:
-                await store.commit(Transition(partial=FoldedUpdate(1, f"dev-{n}", blobs[n], n + 1)))
+                await store.commit(Transition(partial=FoldedUpdates(1, (f"dev-{n}",), blobs[n], n + 1)))
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:

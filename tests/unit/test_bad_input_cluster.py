@@ -172,9 +172,11 @@ async def test_bad_streams_get_an_error_and_hurt_nobody() -> None:
 REFUSED: dict[str, tuple[Register, list[str]]] = {
     "a third node": (register("2"), ["server_num=2", "'0'", "'1'"]),
     "a new node with another server_num": (register("2", server_num=3), ["server_num=3", "server_num=2"]),
+    # A known node id is not held to the total (scaling changes it, spec/cluster-protocol.md §3 rule 3):
+    # another process is refused because node '0' is live (rule 6).
     "a known node id with another server_num": (
         register("0", server_num=3),
-        ["server_num=3", "server_num=2"],
+        ["Node id '0' is held by a live Server"],
     ),
     "a known node id with another fl_iteration_num": (
         register("1", fl_iteration_num=21),

@@ -33,6 +33,7 @@ from flcluster.core.iteration import (
     snapshot_from_json,
     snapshot_to_json,
 )
+from tests.unit.stored_machine import StoredMachine
 
 T0 = 1_700_000_000_000
 CONFIG = IterationConfig(
@@ -128,6 +129,7 @@ class Reservations(RuleBasedStateMachine):
         #: Accepted counts each Server has not folded yet (its request task is in flight).
         self.in_flight: dict[str, set[str]] = {s: set() for s in SERVERS}
         self.aggregations: list[AggregateIteration] = []
+        self.stored = StoredMachine()
 
     def handle(self, event: object) -> None:
         iteration = self.m.current_iteration
@@ -204,8 +206,12 @@ class Reservations(RuleBasedStateMachine):
     def snapshot_round_trips(self) -> None:
         snap = self.m.snapshot()
         assert snapshot_from_json(snapshot_to_json(snap)) == snap
-        assert self.m.snapshot_json() == snapshot_to_json(snap)  # the leader's fast path
         assert IterationMachine.from_snapshot(snap) == self.m
+
+    @invariant()
+    def the_stored_header_and_device_rows_rebuild_the_machine(self) -> None:
+        self.stored.commit(self.m)  # spec/recovery.md §3.3: what was committed is the machine
+        assert self.stored.restored() == self.m
 
     @invariant()
     def aggregates_start_at_the_threshold_of_confirmed_updates(self) -> None:

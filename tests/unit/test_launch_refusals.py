@@ -18,8 +18,8 @@ REPO = EXAMPLES.parents[1]
 @pytest.mark.parametrize(
     ("flag", "said"),
     [
-        ("--enable_ssl=True", "TLS is not implemented yet"),
-        ("--encrypt_type=DP_ENCRYPT", "not implemented yet"),
+        ("--enable_ssl=True", "enable_ssl=True needs config_file_path"),
+        ("--encrypt_type=STABLE_PW_ENCRYPT", "not implemented yet"),
         ("--start_fl_job_threshold=-3", "start_fl_job_threshold"),
     ],
 )

@@ -1,6 +1,6 @@
 """Tests for flcluster.settings: every settings record is derived from FLContext, and nothing else.
 
-Also the start-up refusals (flcluster.config.refuse_unimplemented): a role never starts with TLS, device PKI
+Also the start-up refusals (flcluster.config.refuse_unimplemented): a role never starts with device PKI
 or an encrypt_type it does not implement, and the message says so.
 """
 
@@ -156,13 +156,34 @@ def test_every_field_is_taken_from_the_context(record: type) -> None:
 
 def test_the_sources_table_names_every_field() -> None:
     not_from_context = {
-        SchedulerSettings: {"node_id", "store_path"},
-        ServerSettings: {"node_id", "store_path"},
+        # tls and manage_token come from enable_ssl and config.json (test_tls_cluster.py, test_tls_files.py).
+        SchedulerSettings: {"node_id", "store_path", "tls", "manage_token"},
+        ServerSettings: {"node_id", "store_path", "tls"},
         IterationConfig: set(),
         LeaderOptions: {"metrics_path", "participation_levels"},
     }
     for record, sources in SOURCES.items():
         assert {a.name for a in attrs.fields(record)} == set(sources) | not_from_context[record], record
+
+
+def test_tls_and_the_token_come_from_enable_ssl_and_config_json(tmp_path: Any) -> None:
+    from tests.tls_material import CLIENT_PASSWORD, SERVER_PASSWORD, make_pki
+
+    pki = make_pki(tmp_path)
+    config = pki.config(manage_token="t" * 16)
+    ctx = FLContext(enable_ssl=True, server_password=SERVER_PASSWORD, client_password=CLIENT_PASSWORD)
+    scheduler = scheduler_settings(ctx, "20", config)
+    assert (
+        scheduler.tls is not None and scheduler.tls.connector is None and scheduler.manage_token == "t" * 16
+    )
+    assert "t" * 16 not in repr(scheduler)
+    server = server_settings(ctx, "0", config)
+    assert server.tls is not None and server.tls.connector is not None
+    plain = FLContext()
+    assert (
+        scheduler_settings(plain, "20", config).tls is None
+        and server_settings(plain, "0", config).tls is None
+    )
 
 
 def test_the_scheduler_store_path_comes_from_config_json_recovery(tmp_path: Any) -> None:
@@ -232,12 +253,6 @@ def test_job_settings_from_the_context(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 UNIMPLEMENTED: list[tuple[dict[str, object], str, str]] = [
-    ({"enable_ssl": True}, "enable_ssl=True", "set enable_ssl=False"),
-    (
-        {"pki_verify": True, "root_first_ca_path": "a.pem", "root_second_ca_path": "b.pem"},
-        "pki_verify=True",
-        "set pki_verify=False",
-    ),
     (
         {"encrypt_type": "PW_ENCRYPT", "start_fl_job_threshold": 4, "reconstruct_secrets_threshold": 2},
         "encrypt_type='PW_ENCRYPT'",
@@ -248,8 +263,6 @@ UNIMPLEMENTED: list[tuple[dict[str, object], str, str]] = [
         "encrypt_type='STABLE_PW_ENCRYPT'",
         "set encrypt_type='NOT_ENCRYPT'",
     ),
-    ({"encrypt_type": "DP_ENCRYPT"}, "encrypt_type='DP_ENCRYPT'", "set encrypt_type='NOT_ENCRYPT'"),
-    ({"encrypt_type": "SIGNDS"}, "encrypt_type='SIGNDS'", "set encrypt_type='NOT_ENCRYPT'"),
 ]
 
 
@@ -274,9 +287,14 @@ def test_unimplemented_features_are_refused_at_start_up(
         assert instead in message
 
 
-def test_the_tls_refusal_says_the_links_would_not_be_encrypted() -> None:
-    with pytest.raises(ConfigError, match="plain text, not encrypted"):
-        refuse_unimplemented(FLContext(enable_ssl=True))
+def test_tls_is_no_longer_refused_but_its_files_are_checked() -> None:
+    # TLS is implemented (spec/cluster-protocol.md §7): enable_ssl passes refuse_unimplemented, and a role
+    # without its certificate files is refused by the TLS layer instead, naming what is missing.
+    ctx = FLContext(enable_ssl=True)
+    refuse_unimplemented(ctx)
+    for start in (lambda: scheduler_settings(ctx, "sched"), lambda: server_settings(ctx, "s0")):
+        with pytest.raises(ConfigError, match=r"^enable_ssl=True needs config_file_path"):
+            start()
 
 
 def test_the_default_context_starts() -> None:
@@ -284,12 +302,23 @@ def test_the_default_context_starts() -> None:
     refuse_unimplemented(FLContext(enable_ssl=False, pki_verify=False, encrypt_type="NOT_ENCRYPT"))
 
 
+@pytest.mark.parametrize("encrypt_type", ["DP_ENCRYPT", "SIGNDS"])
+def test_dp_and_signds_start_and_reach_the_plan(encrypt_type: str) -> None:
+    # spec/privacy.md: both run, so a role starts with them and the FLPlan carries the type.
+    ctx = FLContext.from_kwargs(encrypt_type=encrypt_type, dp_eps=2.0, sign_global_lr=0.5)
+    refuse_unimplemented(ctx)
+    scheduler_settings(ctx, "sched")
+    server_settings(ctx, "s0")
+    plan = job_settings(ctx).plan
+    assert (plan.encrypt_type, plan.dp_eps, plan.sign_global_lr) == (encrypt_type, 2.0, 0.5)
+
+
 def test_run_role_refuses_with_one_line_and_status_1(caplog: pytest.LogCaptureFixture) -> None:
     ctx = FLContext(ms_role="MS_SCHED", enable_ssl=True)
     with caplog.at_level(logging.ERROR, logger="flcluster"):
         assert run_role(ctx) == 1
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert record.getMessage().startswith("enable_ssl=True is refused: TLS is not implemented yet")
+    assert record.getMessage().startswith("enable_ssl=True needs config_file_path")
 
 
 def test_flcluster_server_refuses_before_launching_any_server(
@@ -298,9 +327,16 @@ def test_flcluster_server_refuses_before_launching_any_server(
     from flcluster.cli import main
 
     monkeypatch.chdir(tmp_path)
-    argv = ["server", "--server_num=2", "--local_server_num=2", "--background", "--encrypt_type=SIGNDS"]
+    argv = [
+        "server",
+        "--server_num=2",
+        "--local_server_num=2",
+        "--background",
+        "--encrypt_type=STABLE_PW_ENCRYPT",
+    ]
     assert main(argv) == 1
     assert (
-        "encrypt_type='SIGNDS' is refused: SignDS (SIGNDS) is not implemented yet" in capsys.readouterr().err
+        "encrypt_type='STABLE_PW_ENCRYPT' is refused: pairwise-masked secure aggregation (STABLE_PW_ENCRYPT) "
+        "is not implemented yet" in capsys.readouterr().err
     )
     assert list(tmp_path.iterdir()) == []  # no server_<i> directory: nothing was launched

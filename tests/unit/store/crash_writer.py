@@ -17,7 +17,7 @@ import sys
 import trio
 
 from flcluster.store import (
-    FoldedUpdate,
+    FoldedUpdates,
     NodeIdentity,
     PartialReset,
     ServerState,
@@ -58,7 +58,7 @@ def transition(n: int) -> Transition:
             keep_models=3,
             partial=PartialReset(iteration, blob(n)),
         )
-    return Transition(partial=FoldedUpdate(iteration, f"dev-{n}", blob(n), n % PER_ITERATION))
+    return Transition(partial=FoldedUpdates(iteration, (f"dev-{n}",), blob(n), n % PER_ITERATION))
 
 
 async def main(path: str) -> None:

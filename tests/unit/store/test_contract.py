@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flcluster.store import (
-    FoldedUpdate,
+    DeviceRows,
+    FoldedUpdates,
     Member,
     NodeIdentity,
     PartialReset,
@@ -44,7 +45,7 @@ def needs_reopen(opener: Opener) -> None:
 
 
 def fold(iteration: int, fl_id: str, count: int) -> Transition:
-    return Transition(partial=FoldedUpdate(iteration, fl_id, weights(count), count))
+    return Transition(partial=FoldedUpdates(iteration, (fl_id,), weights(count), count))
 
 
 async def start_commit(nursery: trio.Nursery, store: RecoveryStore, transition: Transition) -> list[object]:
@@ -139,12 +140,27 @@ async def test_a_fold_into_an_older_iteration_or_a_second_fold_is_refused_and_ch
         before = await store.load()
         with pytest.raises(TransitionRefused, match=r"iteration 1 is refused; the stored sum is of .* 2"):
             await store.commit(fold(1, "f2", 2))
-        with pytest.raises(TransitionRefused, match=r"'f1' is refused; its update is already in the sum"):
+        with pytest.raises(TransitionRefused, match=r"\['f1'\] are refused; their updates are already in"):
             await store.commit(fold(2, "f1", 2))
+        with pytest.raises(TransitionRefused, match=r"\['f1'\] are refused"):  # one of several: all refused
+            await store.commit(Transition(partial=FoldedUpdates(2, ("f3", "f1"), weights(3), 3)))
         with pytest.raises(TransitionRefused):
             await store.commit(Transition(partial=PartialReset(1, weights(0))))
         assert await store.load() == before
-        assert store.statistics().refused == 3
+        assert store.statistics().refused == 4
+
+
+async def test_folds_committed_together_keep_their_order(opener: Opener) -> None:
+    async with opener.open() as store:
+        await store.commit(fold(1, "f1", 1))
+        await store.commit(Transition(partial=FoldedUpdates(1, ("f3", "f2"), weights(3), 3)))
+        assert (await store.load()).partial == PartialSumState(1, weights(3), ("f1", "f3", "f2"), 3)
+
+
+def test_a_fold_names_distinct_devices() -> None:
+    for bad in ((), ("a", "a"), ("",)):
+        with pytest.raises(ValueError, match="fl_ids"):
+            FoldedUpdates(1, bad, weights(1), 1)
 
 
 async def test_a_refused_transition_commits_none_of_its_parts(opener: Opener) -> None:
@@ -156,7 +172,7 @@ async def test_a_refused_transition_commits_none_of_its_parts(opener: Opener) ->
                 Transition(
                     server=ServerState(0, 9, "running"),
                     model=StoredModel(9, weights(9)),
-                    partial=FoldedUpdate(1, "f1", weights(2), 2),
+                    partial=FoldedUpdates(1, ("f1",), weights(2), 2),
                 )
             )
         assert await store.load() == before
@@ -193,10 +209,31 @@ async def test_each_role_writes_only_its_own_state(opener: Opener) -> None:
             Transition(server=ServerState(0, 1, "running")),
             Transition(model=StoredModel(0, b"")),
             Transition(partial=PartialReset(1, b"")),
+            Transition(devices=DeviceRows(rows=(("a", "{}"),))),
         ):
             with pytest.raises(TransitionRefused, match="keeps only scheduler state"):
                 await store.commit(wrong)
         assert await store.load() == StoreContents(identity=SCHEDULER)
+
+
+async def test_device_rows_are_replaced_by_fl_id_deleted_and_rewritten_whole(opener: Opener) -> None:
+    async with opener.open() as store:
+        await store.commit(Transition(devices=DeviceRows(rows=(("b", "b1"), ("a", "a1"), ("c", "c1")))))
+        assert (await store.load()).devices == (("a", "a1"), ("b", "b1"), ("c", "c1"))
+        await store.commit(Transition(devices=DeviceRows(rows=(("b", "b2"),), deleted=("c", "zz"))))
+        assert (await store.load()).devices == (("a", "a1"), ("b", "b2"))
+        state = ServerState(0, 2, "running", "{}")
+        await store.commit(Transition(server=state, devices=DeviceRows(rewrite=True, rows=(("d", "d1"),))))
+        contents = await store.load()
+        assert contents.devices == (("d", "d1"),) and contents.server == state
+        await store.commit(Transition(devices=DeviceRows(rewrite=True)))
+        assert (await store.load()).devices == ()
+
+
+def test_a_device_row_needs_an_fl_id_and_text() -> None:
+    for bad in ((("", "x"),), (("a", 1),), ((1, "x"),)):
+        with pytest.raises(ValueError, match="device row"):
+            DeviceRows(rows=bad)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ concurrency and grouping
@@ -245,6 +282,7 @@ async def test_everything_committed_is_there_after_a_reopen(opener: Opener) -> N
         await store.commit(Transition(server=ServerState(1, 2, "running", '{"x": 1}')))
         await store.commit(Transition(model=StoredModel(1, weights(1))))
         await store.commit(fold(2, "f1", 1))
+        await store.commit(Transition(devices=DeviceRows(rows=(("f1", "[1]"), ("f2", "[2]")))))
         written = await store.load()
     async with opener.open() as store:
         assert not store.created
@@ -316,6 +354,12 @@ _transitions = st.one_of(
         lambda r, i: Transition(server=ServerState(r, i, "running", f'{{"i": {i}}}')),
         st.integers(0, 2),
         st.integers(0, 5),
+    ),
+    st.builds(
+        lambda w, r, d: Transition(devices=DeviceRows(rewrite=w, rows=tuple(r.items()), deleted=tuple(d))),
+        st.booleans(),
+        st.dictionaries(_ids, st.sampled_from(["x", "y", "z"]), max_size=3),
+        st.lists(_ids, max_size=2),
     ),
     st.builds(
         lambda i, k: Transition(model=StoredModel(i, weights(i)), keep_models=k),

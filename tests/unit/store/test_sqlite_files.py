@@ -18,7 +18,7 @@ import trio
 
 from flcluster.store import (
     SCHEMA_VERSION,
-    FoldedUpdate,
+    FoldedUpdates,
     NodeIdentity,
     PartialSumState,
     ServerState,
@@ -54,7 +54,7 @@ async def write_store(path: Path, models: int = 3, floats: int = BIG // 4) -> St
         await store.commit(Transition(server=ServerState(0, models, "running", "{}")))
         for i in range(models):
             await store.commit(Transition(model=StoredModel(i, weights(i, floats))))
-        await store.commit(Transition(partial=FoldedUpdate(models, "f1", weights(99, floats), 1)))
+        await store.commit(Transition(partial=FoldedUpdates(models, ("f1",), weights(99, floats), 1)))
         return await store.load()
 
 
@@ -197,7 +197,7 @@ async def test_a_version_1_file_opens_with_the_current_code(tmp_path: Path) -> N
             models=tuple(StoredModel(i, w) for i, w in make_store_v1.MODELS.items()),
             partial=PartialSumState(iteration, data, tuple(fl_ids), count),
         )
-        await store.commit(Transition(partial=FoldedUpdate(iteration, "dev-4", weights(71), count + 1)))
+        await store.commit(Transition(partial=FoldedUpdates(iteration, ("dev-4",), weights(71), count + 1)))
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
@@ -252,7 +252,7 @@ async def test_commits_queued_during_a_transaction_are_committed_together(tmp_pa
     async def fold_and_commit(fl_id: str) -> None:
         nonlocal folded
         folded += 1  # the fold; the commit follows with no checkpoint between (spec/store.md)
-        await store.commit(Transition(partial=FoldedUpdate(1, fl_id, sums[folded], folded)))
+        await store.commit(Transition(partial=FoldedUpdates(1, (fl_id,), sums[folded], folded)))
 
     async with open_sqlite_store(path, SERVER) as store:
         async with trio.open_nursery() as nursery:
