@@ -335,7 +335,7 @@ async def test_management_nodes_and_state_have_the_original_shape() -> None:
 
 async def test_management_unknown_path_is_a_json_404_in_the_error_shape() -> None:
     client = create_management_app(SchedulerNode(settings()), max_body=1024).test_client()
-    response = await client.get("/scaleout")
+    response = await client.get("/metrics")  # not served yet (spec/management-api.md)
     assert response.status_code == 404
     assert response.mimetype == "application/json"
     body = await response.get_json()
