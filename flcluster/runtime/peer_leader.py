@@ -85,6 +85,10 @@ class LeaderDesk(Protocol):
         """The iteration status as followers are told it."""
         ...
 
+    def plan_message(self) -> InstanceRenewedMsg | None:
+        """The FLPlan values a new instance set, for a follower that links (None: the job's own)."""
+        ...
+
 
 class FollowerLink:
     """The leader's handle on one follower's link, with an ordered outbound queue for pushes."""
@@ -267,6 +271,9 @@ class PeerHub:
                 self._followers[node_id] = follower
                 self._linked.pop(node_id, trio.Event()).set()
                 iteration, weights = self._rounds.store.latest()
+                plan = desk.plan_message()
+                if plan is not None:
+                    await link.send(plan)  # before the status: devices get the new instance's FLPlan
                 await link.send(desk.status())
                 await link.send(
                     PublishModel(iteration=iteration), weights_to_bytes(weights, self._rounds.spec)

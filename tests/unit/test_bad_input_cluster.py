@@ -291,9 +291,14 @@ async def test_bad_management_requests_get_the_original_error_shape() -> None:
             assert response.json()["cluster_state"] == "CLUSTER_READY", what
             cluster.assert_healthy(what)
 
-        for path in ["/scaleout", "/newInstance", "/nodes/", "/nodes/0", "/", "/state/x", "/%00", "/..%2f"]:
+        for path in ["/metrics", "/scaleOut", "/nodes/", "/nodes/0", "/", "/state/x", "/%00", "/..%2f"]:
             message = assert_error_shape(await client.post(f"{url}{path}", content=b"{}"), 404, path)
             assert message.startswith("The management API has no endpoint at this path"), path
+            cluster.assert_healthy(path)
+        # The operator endpoints judge their bodies (tests/unit/test_management_operators.py has them all).
+        for path, key in (("/scaleout", "worker_num"), ("/scalein", "node_ids")):
+            message = assert_error_shape(await client.post(f"{url}{path}", content=b"{}"), 400, path)
+            assert message == f"The json is not contain the key:{key}", path
             cluster.assert_healthy(path)
 
         for method in ["GET", "POST", "PUT", "DELETE", "PATCH"]:
