@@ -28,7 +28,14 @@ import httpx
 import pytest
 import trio
 
-from recovery.checks import acknowledged_updates, check_device_log, check_models, read_metrics
+from recovery.checks import (
+    Finding,
+    acknowledged_updates,
+    check_device_log,
+    check_models,
+    compare_model,
+    read_metrics,
+)
 from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster, Node
 from recovery.devicelog import DeviceLog, read_log
 from recovery.fleet import Fleet, fetch_model
@@ -88,40 +95,65 @@ async def thread(fn: object, *args: object) -> object:
     return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
 
 
+def barrier_iteration(cluster: DrillCluster) -> int:
+    """The iteration the leader first held at (its log line ``at the scaling barrier: ...``)."""
+    found = []
+    for node in cluster.servers.values():
+        for line in node.log.read_text().splitlines():
+            if "at the scaling barrier: holding at iteration" in line:
+                found.append(int(line.rsplit(" ", 1)[1]))
+                break
+    assert found, "no Server logged the scaling barrier"
+    return min(found)
+
+
 def check_training(
-    cluster: DrillCluster, fleet: Fleet, log_path: Path, initial: object, iterations: int
+    cluster: DrillCluster, fleet: Fleet, log_path: Path, initial: object, iterations: int, joined: set[str]
 ) -> None:
-    """Every iteration completed; every live Server's models are FedAvg of the acknowledged updates."""
+    """Every iteration completed; the live Servers' models are FedAvg of the acknowledged updates.
+
+    A Server that joined in a scale-out holds the models from the one before the barrier on (for an older
+    iteration it serves its latest, as any Server without that model): its models from then on must equal
+    the others'. The others are checked against FedAvg from iteration 0.
+    """
     entries = read_log(log_path)
     acks = acknowledged_updates(entries)
     outcomes = read_metrics(cluster.metrics_path)
     assert {k: v for k, v in outcomes.items()} == {k: [True] for k in range(1, iterations + 1)}, outcomes
-    live = {n.label: n.url for n in cluster.servers.values() if wait_gone([n.pid], timeout=0)}  # still up
+    live = {n.node_id: n.url for n in cluster.servers.values() if wait_gone([n.pid], timeout=0)}  # still up
     assert len(live) >= 3, live
 
     async def served() -> dict[str, dict[int, object]]:
         out: dict[str, dict[int, object]] = {}
         async with httpx.AsyncClient(timeout=10) as client:
-            for label, url in live.items():
-                out[label] = {
+            for node_id, url in live.items():
+                out[node_id] = {
                     k: await fetch_model(client, url, FL_NAME, k, tries=5) for k in range(iterations + 1)
                 }
         return out
 
     models = trio.run(served)
+    first = barrier_iteration(cluster) - 1 if joined else 0
+    old = {n: m for n, m in models.items() if n not in joined}
     findings = check_device_log(entries, iterations)
     findings += check_models(
         fl_iteration_num=iterations,
         initial=initial,  # type: ignore[arg-type]
-        served=models,  # type: ignore[arg-type]
+        served=old,  # type: ignore[arg-type]
         acks=acks,
         outcomes=outcomes,
         seed=SEED,
     )
+    reference = next(iter(old.values()))
+    for node_id in joined & set(models):
+        for k in range(first, iterations + 1):
+            got, want = models[node_id][k], reference[k]
+            assert got is not None and want is not None, (node_id, k)
+            wrong = compare_model(got, want)  # type: ignore[arg-type]
+            findings.append(Finding(f"model {k} on joiner {node_id}", wrong is None, wrong or "same"))
     bad = [f for f in findings if not f.ok]
     assert not bad, bad
-    # No device gave up: each took part in every iteration (threshold = every device) and ended "finished"
-    # or ran to fl_iteration_num.
+    # No device gave up: each took part in every iteration (the threshold is every device).
     assert all(len(acks.get(k, ())) == fleet.devices for k in range(1, iterations + 1)), {
         k: len(v) for k, v in acks.items()
     }
@@ -229,7 +261,7 @@ def test_the_guides_scaling_commands_while_30_devices_train(tmp_path: Path) -> N
             assert "Traceback" not in text
         assert set(fleet.done.values()) <= {"finished", f"ran to iteration {iterations}"}, fleet.done
         wait_ready(cluster, 10)
-        check_training(cluster, fleet, log_path, initial, iterations)
+        check_training(cluster, fleet, log_path, initial, iterations, {"scale_node0", "scale_node1"})
         print(
             f"\nscaling figures: /scaleout (+2 Servers, their processes started by the guide's command) to "
             f"CLUSTER_READY {figures['scaleout']:.2f} s; /scalein (-2 Servers) to CLUSTER_READY "
@@ -287,6 +319,6 @@ def test_a_server_killed_during_scale_out_and_restarted_does_not_wedge_the_clust
         finally:
             device_log.close()
         wait_ready(cluster, 10)
-        check_training(cluster, fleet, log_path, initial, iterations)
+        check_training(cluster, fleet, log_path, initial, iterations, {"scale_node"})
     finally:
         cluster.cleanup()
