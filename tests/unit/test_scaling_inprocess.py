@@ -7,6 +7,7 @@ each uploading a constant (the data size is its weight), so FedAvg is known exac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import httpx
@@ -205,3 +206,75 @@ async def test_a_scale_out_nobody_joins_rolls_back_at_the_deadline(
         await devices.iteration(1, plan)
         assert await leader.leader.wait_ended(1)
         assert_fedavg(follower, 1, plan)
+
+
+async def test_instance_operations_through_the_management_port(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    autojump_clock.autojump_threshold = 0.05
+    async with open_cluster(2, job) as cluster, httpx.AsyncClient(timeout=30) as client:  # type: ignore[arg-type]
+        devices = Devices(client)
+        leader, follower = cluster.by_rank()
+        assert leader.leader is not None
+        manage = cluster.manage_url
+
+        async def post(path: str, body: object = None) -> tuple[int, object]:
+            content = b"" if body is None else json.dumps(body).encode()
+            response = await client.post(f"{manage}{path}", content=content)
+            return response.status_code, response.json()
+
+        # At iteration 1 a new instance is refused (the original's answer), HTTP 200.
+        status, answer = await post("/newInstance", {"fl_iteration_num": 3})
+        assert (status, answer) == (
+            200,
+            {
+                "code": "1",
+                "error_message": "Start new instance failed.",
+                "result": False,
+                "reason": "This is just the first iteration, do not need to new instance.",
+            },
+        )
+        plan1 = [(cluster.url_of(leader), "a", 1.0, 1), (cluster.url_of(follower), "b", 3.0, 1)]
+        await devices.iteration(1, plan1)
+        assert await leader.leader.wait_ended(1)
+
+        # A value its FLContext rule refuses, and an unknown key: refused with the rule's message.
+        status, answer = await post("/newInstance", {"start_fl_job_threshold": 0})
+        assert status == 200 and answer["result"] is False and "start_fl_job_threshold" in answer["reason"]  # type: ignore[index]
+        status, answer = await post("/newInstance", {"epochs": 3})
+        assert status == 200 and "unknown keys ['epochs']" in answer["reason"]  # type: ignore[index]
+
+        status, answer = await post("/newInstance", {"fl_iteration_num": 3.0, "client_epoch_num": 2})
+        assert (status, answer) == (
+            200,
+            {"code": "0", "message": "Start new instance successful.", "result": True},
+        )
+        await wait_state(cluster, ClusterState.CLUSTER_READY)
+        status, answer = await post("/queryInstance")
+        assert status == 200
+        result = answer["result"]  # type: ignore[index]
+        assert result["fl_iteration_num"] == 3 and result["client_epoch_num"] == 2, result
+        assert leader.leader.machine.current_iteration == 1
+        # The follower got the new FLPlan: a device there is told 2 epochs, iteration 1 of the new instance.
+        await until(lambda: follower.rounds.plan.epochs == 2, "the follower's new FLPlan")
+        body = encode_start_fl_job_request(
+            fl_name=FL_NAME, fl_id="c", iteration=1, data_size=1, timestamp="t"
+        )
+        start = decode_start_fl_job_response(
+            (await client.post(f"{cluster.url_of(follower)}/startFLJob", content=body)).content
+        )
+        assert start.retcode == ResponseCode.SUCCEED and start.iteration == 1
+        assert start.fl_plan is not None and start.fl_plan.epochs == 2
+
+        # Disable fails the running iteration; devices are told the job is disabled; enable resumes.
+        status, answer = await post("/disableFLS")
+        assert (status, answer) == (
+            200,
+            {"code": "0", "message": "start disabling FL-Server successful.", "result": True},
+        )
+        assert cluster.scheduler.state is ClusterState.CLUSTER_DISABLE_FLS
+        assert leader.leader.machine.state.value == "disable"
+        status, answer = await post("/enableFLS")
+        assert status == 200 and answer["result"] is True  # type: ignore[index]
+        await wait_state(cluster, ClusterState.CLUSTER_READY)
+        assert leader.leader.machine.state.value == "running"
