@@ -46,6 +46,7 @@ __all__ = [
     "DisableFLSRequested",
     "EnableFLSRequested",
     "InstanceOperationEnded",
+    "InstanceResult",
     "NewInstanceStarted",
     "Operation",
     "OperatorReply",
@@ -297,3 +298,21 @@ class ScalingEnded:
     new_server_num: int
     took_ms: int
     reason: str
+
+
+@final
+@attrs.frozen
+class InstanceResult:
+    """How an instance operation ended at the leader, for the management API (the driver builds it).
+
+    Attributes:
+        answered: the leader answered in time (else the operation timed out).
+        ok: the leader did what was asked.
+        message: the leader's message (why not, when not ``ok``).
+        result: the leader's result (``/queryInstance``'s values), a JSON object.
+    """
+
+    answered: bool
+    ok: bool = False
+    message: str = ""
+    result: dict[str, object] = attrs.Factory(dict)

@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from flcluster.core.cluster import ClusterState, Member, OperatorReply
+from flcluster.core.scaling import InstanceResult
 from flcluster.http.answers import error_for, json_error
 from flcluster.http.manage_bodies import BodyRefused, new_instance_params, scale_in_ids, scale_out_count
-
-if TYPE_CHECKING:
-    from flcluster.runtime.scheduler import InstanceResult
 
 log = logging.getLogger("flcluster.management")
 

@@ -106,6 +106,7 @@ from flcluster.core.cluster import (
     StartupDeadlinePassed,
     StateChanged,
 )
+from flcluster.core.scaling import InstanceResult
 from flcluster.crashpoints import crash_point
 from flcluster.errors import FrameError, HandshakeFailed, IllegalEvent, MessageError, StoreError
 from flcluster.http.management import create_management_app
@@ -142,23 +143,6 @@ HANDSHAKE_TIMEOUT = 10.0
 OUTBOUND_QUEUE = 64
 #: Seconds an instance operation waits for the leader's answer (the original's message-track wait).
 INSTANCE_TIMEOUT = 30.0
-
-
-@attrs.frozen
-class InstanceResult:
-    """How an instance operation ended, for the management API.
-
-    Attributes:
-        answered: the leader answered in time (else the operation timed out).
-        ok: the leader did what was asked.
-        message: the leader's message (why not, when not ``ok``).
-        result: the leader's result (``/queryInstance``'s values), a JSON object.
-    """
-
-    answered: bool
-    ok: bool = False
-    message: str = ""
-    result: dict[str, object] = attrs.Factory(dict)
 
 
 @attrs.frozen
