@@ -11,8 +11,8 @@ stopped before ``fl_iteration_num``, the scaled-in Servers exit on SIGTERM with 
 The times from ``/scaleout`` and ``/scalein`` to ``CLUSTER_READY`` are printed (``pytest -s``); the scale-out
 figure includes starting the two new processes (Python and torch imports), as an operator would see it.
 
-A second test SIGKILLs an old follower between ``/scaleout`` and ``CLUSTER_READY`` and restarts it with its
-node id: the scale-out still completes and training goes on.
+A second test SIGKILLs an old Server (a follower; the leader) between ``/scaleout`` and ``CLUSTER_READY`` and
+restarts it with its node id (the guide's recovery): the scale-out still completes and training goes on.
 """
 
 from __future__ import annotations
@@ -271,7 +271,10 @@ def test_the_guides_scaling_commands_while_30_devices_train(tmp_path: Path) -> N
         cluster.cleanup()
 
 
-def test_a_server_killed_during_scale_out_and_restarted_does_not_wedge_the_cluster(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rank", [2, 0], ids=["a follower", "the leader"])
+def test_a_server_killed_during_scale_out_and_restarted_does_not_wedge_the_cluster(
+    tmp_path: Path, rank: int
+) -> None:
     iterations = 4
     options = ClusterOptions(server_num=3, devices=8, fl_iteration_num=iterations, window_ms=60_000)
     cluster = DrillCluster(tmp_path, options)
@@ -296,7 +299,7 @@ def test_a_server_killed_during_scale_out_and_restarted_does_not_wedge_the_clust
             await fleet.wait_acked(2, 3)
             answer = await thread(curl_scaleout, cluster.manage_port, 1)
             assert answer == {"code": "0", "message": "Cluster begin to scale out."}, answer
-            victim = cluster.node_of_rank(2)
+            victim = cluster.node_of_rank(rank)
             await thread(cluster.kill, victim)  # SIGKILL between /scaleout and CLUSTER_READY
             fleet.drop_server(victim.url)
             assert cluster.state() == "CLUSTER_SCALE_OUT"
