@@ -517,9 +517,6 @@ class RoundService:
             self.store.replace_latest(weights)
         else:
             self.store.restart_at(iteration, weights)
-            self._own_history = False
-            self._start_over(iteration)  # behind us: a new instance, or this Server was ahead
-            return
         self._own_history = False
         self._forget_sums(iteration)
 
