@@ -13,7 +13,8 @@ The Scheduler sends one ``instance_call`` to the rank-0 member per ``/newInstanc
 - ``new_instance``: the request's object, judged key by key with the FLContext's own rules
   (:func:`flcluster.config.check_field`; an unknown key is refused), merged onto the values in force and
   built into a new :class:`IterationConfig` (whose rules are checked together), then
-  :class:`NewInstanceRequested`; the machine says whether it applies now, later, or not at all.
+  :class:`NewInstanceRequested`; the machine says whether it applies now, later, or not at all. With a
+  recovery store it is refused (:data:`NEW_INSTANCE_WITH_RECOVERY`).
 
 Every answer carries ``instance_state`` in its result, so the Scheduler can settle its own state
 (``CLUSTER_DISABLE_FLS`` or not) from what the leader holds. A Server that does not lead answers
@@ -42,7 +43,7 @@ from flcluster.errors import ConfigError, IllegalEvent
 from flcluster.runtime.driver import Leader
 from flcluster.wire.messages import InstanceAnswer, InstanceCall, InstanceOp
 
-__all__ = ["INSTANCE_KEYS", "NOT_LEADER", "answer_call", "instance_values"]
+__all__ = ["INSTANCE_KEYS", "NEW_INSTANCE_WITH_RECOVERY", "NOT_LEADER", "answer_call", "instance_values"]
 
 log = logging.getLogger("flcluster.leader")
 
@@ -59,6 +60,13 @@ INSTANCE_KEYS: Final = (
     "global_iteration_time_window",
 )
 NOT_LEADER: Final = "This Server does not lead the cluster (it is not rank 0)."
+#: A new instance restarts the iteration numbers at 1, but the recovery stores keep models by iteration
+#: (the newest kept): a restart would take the old instance's models back. Refused until the stores can
+#: start their model history over (spec/cluster-protocol.md §9).
+NEW_INSTANCE_WITH_RECOVERY: Final = (
+    "A new instance is not supported while recovery is configured (config.json's recovery section): the "
+    "recovery stores keep models by iteration number, which a new instance starts again at 1."
+)
 #: The IterationConfig field of each instance key that is one.
 _CONFIG_FIELDS: Final = {
     "start_fl_job_threshold": "start_fl_job_threshold",
@@ -129,6 +137,8 @@ def answer_call(leader: Leader | None, call: InstanceCall) -> InstanceAnswer:
             leader.feed(DisableRequested(f"instance:{call.call_id}", leader.clock.now_ms()))
         case InstanceOp.ENABLE:
             leader.feed(EnableRequested(f"instance:{call.call_id}", leader.clock.now_ms()))
+        case InstanceOp.NEW_INSTANCE if leader.store is not None:
+            ok, message = False, NEW_INSTANCE_WITH_RECOVERY
         case InstanceOp.NEW_INSTANCE:
             try:
                 config, client = _judged(
