@@ -313,3 +313,42 @@ async def test_a_new_instance_is_refused_while_recovery_is_configured(tmp_path: 
         assert server.leader.machine.snapshot() == before
         assert scheduler.state is ClusterState.CLUSTER_READY
         nursery.cancel_scope.cancel()
+
+
+async def test_a_rolled_back_scale_out_releases_the_server_that_joined(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    autojump_clock.autojump_threshold = 0.05
+    async with open_cluster(2, job) as cluster, httpx.AsyncClient(timeout=30) as client:  # type: ignore[arg-type]
+        devices = Devices(client)
+        leader, follower = cluster.by_rank()
+        assert leader.leader is not None
+        assert (await cluster.scheduler.scale_out(2)).ok
+        await until(
+            lambda: (
+                cluster.scheduler.machine.scaling is not None and cluster.scheduler.machine.scaling.barrier
+            ),
+            "the barrier",
+        )
+        joiner = ServerNode(
+            loopback_server("2", 4, scheduler_port=cluster.addresses.port, fl_iteration_num=ITERATIONS),
+            lenet_job(THRESHOLD, ITERATIONS),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(joiner.serve)
+            await until(lambda: "2" in [m.node_id for m in cluster.scheduler.members()], "the joiner")
+            # One of the two new Servers came: the operator rolls back.
+            assert (await cluster.scheduler.scale_out_rollback()).ok
+            assert cluster.scheduler.state is ClusterState.CLUSTER_READY
+            assert [m.node_id for m in cluster.scheduler.members()] == [
+                leader.settings.node_id,
+                follower.settings.node_id,
+            ]
+            await until(joiner.retired.is_set, "the joiner to be released")
+            assert joiner.rounds.retired
+            await until(lambda: not leader.leader.hold, "the hold to end")  # type: ignore[union-attr]
+            plan = [(cluster.url_of(leader), "a", 2.0, 1), (cluster.url_of(follower), "b", 4.0, 3)]
+            await devices.iteration(1, plan)
+            assert await leader.leader.wait_ended(1)
+            assert_fedavg(follower, 1, plan)
+            nursery.cancel_scope.cancel()
