@@ -7,6 +7,10 @@
     flcluster finish    [--scheduler_ip 127.0.0.1] --scheduler_port P [ACCESS]
     flcluster nodes     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202] [ACCESS]
     flcluster state     [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202] [ACCESS]
+    flcluster scale     --servers N [MANAGE] [ACCESS]
+    flcluster instance  new KEY=VALUE ... | query | enable | disable [MANAGE] [ACCESS]
+
+    MANAGE: [--scheduler_manage_host 127.0.0.1] [--scheduler_manage_port 11202]
 
     ACCESS: [--config_file_path config.json] [--enable_ssl True] [--client_password ...] (finish only)
 
@@ -18,6 +22,8 @@ guide's ``run_mobile_server.py`` does.
 
 The operator commands send the management token (``FLCLUSTER_MANAGE_TOKEN``, else ``config.json``'s
 ``manage_token``) and, with ``--enable_ssl True``, use TLS as the cluster does (:mod:`flcluster.operator`).
+``scale`` and ``instance`` are :mod:`flcluster.manage_tool` (``/scaleout`` or ``/scalein`` computed against
+``/nodes``; the instance endpoints).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from flcluster.config import (
 )
 from flcluster.errors import FLClusterError
 from flcluster.launch import start_servers
+from flcluster.manage_tool import INSTANCE_PATHS, instance_body, scale_request
+from flcluster.manage_tool import call as manage_call
+from flcluster.manage_tool import run as manage_run
 from flcluster.operator import OperatorAccess, access_from_args, add_access_arguments, finish_from_args
 from flcluster.roles import configure_logging, run_role
 from flcluster.tls import TlsRole, load_node_tls
@@ -72,7 +81,41 @@ def _parser() -> argparse.ArgumentParser:
         query.add_argument("--scheduler_manage_host", default="127.0.0.1")
         query.add_argument("--scheduler_manage_port", type=int, default=11202)
         add_access_arguments(query, finish=False)
+
+    scale = sub.add_parser("scale", help="scale out or in to N Servers (POST /scaleout or /scalein)")
+    scale.add_argument("--servers", type=int, required=True, help="the total number of Servers wanted")
+    instance = sub.add_parser("instance", help="new, query, enable or disable the training instance")
+    instance.add_argument("action", choices=sorted(INSTANCE_PATHS))
+    instance.add_argument("params", nargs="*", help="new: KEY=VALUE pairs, e.g. fl_iteration_num=20")
+    for tool in (scale, instance):
+        tool.add_argument("--scheduler_manage_host", default="127.0.0.1")
+        tool.add_argument("--scheduler_manage_port", type=int, default=11202)
+        add_access_arguments(tool, finish=False)
     return parser
+
+
+def _scale(args: argparse.Namespace, access: OperatorAccess) -> int:
+    base = f"{access.scheme}://{args.scheduler_manage_host}:{args.scheduler_manage_port}"
+    status, nodes = manage_call(base, "/nodes", access)
+    if status != 200 or not isinstance(nodes, dict):
+        print(f"flcluster: /nodes answered HTTP {status}: {nodes}", file=sys.stderr)
+        return 1
+    request = scale_request(nodes, args.servers)
+    if request is None:
+        print(f"flcluster: the cluster already has {args.servers} Servers; nothing to do")
+        return 0
+    path, body = request
+    print(f"flcluster: POST {path} {json.dumps(body)}")
+    return manage_run(base, path, access, body)
+
+
+def _instance(args: argparse.Namespace, access: OperatorAccess) -> int:
+    base = f"{access.scheme}://{args.scheduler_manage_host}:{args.scheduler_manage_port}"
+    if args.params and args.action != "new":
+        print(f"flcluster: instance {args.action} takes no KEY=VALUE pairs", file=sys.stderr)
+        return 2
+    body = instance_body(args.params) if args.action == "new" else None
+    return manage_run(base, INSTANCE_PATHS[args.action], access, body)
 
 
 def _context(args: argparse.Namespace, role: str) -> tuple[FLContext, dict[str, object]]:
@@ -146,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _run_servers(args)
             case "finish":
                 return 0 if finish_from_args(args) else 1
+            case "scale":
+                return _scale(args, access_from_args(args, finish=False))
+            case "instance":
+                return _instance(args, access_from_args(args, finish=False))
             case "nodes" | "state":
                 access = access_from_args(args, finish=False)
                 return _query(

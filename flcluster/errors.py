@@ -31,7 +31,8 @@ The tree::
     │   ├── CipherInputError          theirs  400  a secure-aggregation key, IV or share is malformed
     │   ├── MalformedAnswer           theirs  502  (device SDK) a server's answer is not the protocol's
     │   ├── VerificationFailed        theirs  400  a device's certificate, signature or timestamp fails
-    │   └── AccessRefused             theirs  401  an operator request without the right access token
+    │   ├── AccessRefused             theirs  401  an operator request without the right access token
+    │   └── BodyRefused               theirs  400  a management request body breaks its endpoint's rules
     └── ClusterError                  ours    503  the cluster cannot do what was asked now
         ├── RegistrationRefused       ours    503  the Scheduler refused a Server's registration
         ├── LinkClosed                ours    503  a cluster TCP link closed or broke
@@ -62,6 +63,7 @@ __all__ = [
     "NEVER_RESET",
     "AccessRefused",
     "AggregationError",
+    "BodyRefused",
     "CheckpointError",
     "CipherInputError",
     "ClusterError",
@@ -244,6 +246,19 @@ class AccessRefused(ProtocolError):
     """An operator request lacks the management access token, or carries a wrong one (management-api.md)."""
 
     status_hint = 401
+
+
+class BodyRefused(ProtocolError):
+    """A management request body its endpoint refuses (spec/management-api.md, the body table).
+
+    Attributes:
+        message: The answer's ``error_message``, in the original's words.
+    """
+
+    def __init__(self, message: str) -> None:
+        """Refuse with ``message`` (also the exception's text)."""
+        super().__init__(message)
+        self.message = message
 
 
 # -------------------------------------------------------------------------------------------- ours

@@ -94,6 +94,7 @@ def scheduler_settings(
         heartbeat_timeout=ctx.heartbeat_timeout,
         cluster_available_timeout=ctx.cluster_available_timeout,
         finish_timeout=ctx.finish_timeout,
+        scaling_timeout=ctx.scaling_timeout,
         max_message_size=ctx.max_message_size,
         store_path=store_path,
         tls=load_node_tls(ctx, cluster_config, TlsRole.SCHEDULER),

@@ -225,6 +225,9 @@ class FLContext:
     finish_timeout: float = rules.field(
         10.0, rules.SECONDS, doc="time a graceful finish waits for the Servers before giving up on them (s)"
     )
+    scaling_timeout: float = rules.field(
+        300.0, rules.SECONDS, doc="time a scaling may take before it rolls back (s)"
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.upload_compress_type == "DIFF_SPARSE_QUANT" and self.encrypt_type in NO_UPLOAD_COMPRESSION:

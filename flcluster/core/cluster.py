@@ -39,35 +39,85 @@ driver sends back to that node.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TypeAlias, assert_never, final
 
 import attrs
 
 from flcluster.core import outcome as _outcome
+from flcluster.core.scaling import (
+    MAX_SERVER_NUM,
+    MESSAGE_ALREADY_DISABLED,
+    MESSAGE_DISABLED,
+    MESSAGE_ENABLED,
+    MESSAGE_NODE_IDS_EMPTY,
+    MESSAGE_NOT_CONNECTED,
+    MESSAGE_NOT_DISABLED,
+    MESSAGE_NOT_READY,
+    MESSAGE_NOT_READY_FOR_ROLLBACK,
+    MESSAGE_NOT_SCALING_OUT,
+    MESSAGE_ROLLED_BACK,
+    MESSAGE_SCALE_IN,
+    MESSAGE_SCALE_OUT,
+    BarrierReached,
+    DisableFLSRequested,
+    EnableFLSRequested,
+    InstanceOperationEnded,
+    NewInstanceStarted,
+    Operation,
+    OperatorReply,
+    ReleaseNodes,
+    ScaleInRequested,
+    ScaleKind,
+    ScaleOutRequested,
+    ScaleOutRollbackRequested,
+    Scaling,
+    ScalingDeadlinePassed,
+    ScalingEnded,
+    message_illegal_node_id,
+    message_rank_zero,
+    message_too_many_servers,
+    message_zero_scale_out,
+)
 from flcluster.errors import IllegalEvent
 
 __all__ = [
     "AcceptRegistration",
+    "BarrierReached",
     "BeginShutdown",
     "ClusterConfig",
     "ClusterMachine",
     "ClusterSnapshot",
     "ClusterState",
+    "DisableFLSRequested",
+    "EnableFLSRequested",
     "Event",
     "ExitCluster",
     "Heartbeat",
+    "InstanceOperationEnded",
     "Instruction",
     "LivenessCheck",
     "Member",
+    "NewInstanceStarted",
     "NodeFinished",
     "NodeInfo",
     "NodeLivenessChanged",
     "NodeRecord",
+    "Operation",
+    "OperatorReply",
     "Outcome",
     "RefuseRegistration",
     "RegisterNode",
+    "ReleaseNodes",
     "Reply",
     "Role",
+    "ScaleInRequested",
+    "ScaleKind",
+    "ScaleOutRequested",
+    "ScaleOutRollbackRequested",
+    "Scaling",
+    "ScalingDeadlinePassed",
+    "ScalingEnded",
     "SendMembership",
     "SendShutdown",
     "ShutdownDeadlinePassed",
@@ -215,6 +265,15 @@ Event = (
     | BeginShutdown
     | NodeFinished
     | ShutdownDeadlinePassed
+    | ScaleOutRequested
+    | ScaleInRequested
+    | ScaleOutRollbackRequested
+    | BarrierReached
+    | ScalingDeadlinePassed
+    | DisableFLSRequested
+    | EnableFLSRequested
+    | NewInstanceStarted
+    | InstanceOperationEnded
 )
 
 # --------------------------------------------------------------------------------------------- replies
@@ -238,7 +297,7 @@ class RefuseRegistration:
     reason: str
 
 
-Reply = AcceptRegistration | RefuseRegistration
+Reply = AcceptRegistration | RefuseRegistration | OperatorReply
 
 # ---------------------------------------------------------------------------------------- instructions
 
@@ -288,7 +347,15 @@ class ExitCluster:
     unfinished: tuple[str, ...]
 
 
-Instruction = SendMembership | StateChanged | NodeLivenessChanged | SendShutdown | ExitCluster
+Instruction = (
+    SendMembership
+    | StateChanged
+    | NodeLivenessChanged
+    | SendShutdown
+    | ExitCluster
+    | ReleaseNodes
+    | ScalingEnded
+)
 
 #: What one event produced: the registration answer (None for any other event) and the instructions,
 #: in order (the outcome type every core machine shares, :class:`flcluster.core.outcome.Outcome`).
@@ -307,11 +374,15 @@ class ClusterConfig:
         server_num: How many Servers a new cluster is made of (``--server_num``).
         heartbeat_timeout_ms: Milliseconds without a heartbeat before a node is not alive (the driver
             converts the configured seconds once).
+        scaling_timeout_ms: Milliseconds a scaling may take before it rolls back (``scaling_timeout``).
     """
 
     server_num: int = attrs.field(validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
     heartbeat_timeout_ms: int = attrs.field(
         validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+    )
+    scaling_timeout_ms: int = attrs.field(
+        default=300_000, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
     )
 
 
@@ -355,6 +426,9 @@ class ClusterSnapshot:
             ``CLUSTER_STARTING`` and outlives ``cluster_available_timeout``).
         shutting_down: Whether a finish was requested (registrations are refused from then on).
         nodes: Every registered node, by rank.
+        scaling: The scaling in progress, or None.
+        disabled: Whether ``/disableFLS`` is in force.
+        operation: The transient instance operation the Scheduler waits on, or None.
     """
 
     server_num: int
@@ -363,6 +437,9 @@ class ClusterSnapshot:
     ever_ready: bool
     shutting_down: bool
     nodes: tuple[NodeRecord, ...]
+    scaling: Scaling | None = None
+    disabled: bool = False
+    operation: Operation | None = attrs.field(default=None, converter=attrs.converters.optional(Operation))
 
 
 # ------------------------------------------------------------------------------------------- machine
@@ -395,6 +472,9 @@ class ClusterMachine:
         self._fl_iteration_num: int | None = None
         self._ever_ready = False
         self._shutting_down = False
+        self._scaling: Scaling | None = None
+        self._disabled = False
+        self._operation: Operation | None = None
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -443,6 +523,50 @@ class ClusterMachine:
         rec = self._nodes.get(node_id)
         return rec is not None and rec.finished
 
+    @property
+    def scaling(self) -> Scaling | None:
+        """The scaling in progress, or None."""
+        return self._scaling
+
+    @property
+    def disabled(self) -> bool:
+        """Whether ``/disableFLS`` is in force."""
+        return self._disabled
+
+    @property
+    def operation(self) -> Operation | None:
+        """The transient instance operation in progress, or None."""
+        return self._operation
+
+    @property
+    def settled(self) -> bool:
+        """No scaling and no transient operation is in progress (what the store keeps is settled)."""
+        return self._scaling is None and self._operation is None
+
+    def leader_id(self) -> str | None:
+        """The node id of the rank-0 member, or None before it registered."""
+        return next((node_id for node_id, rec in self._nodes.items() if rec.rank == 0), None)
+
+    def ready_refusal(self, connected: int, *, disabled_too: bool = False) -> str | None:
+        """Why an operator request cannot run now (the original's ``CheckIfClusterReady``), or None.
+
+        Args:
+            connected: registered Servers the driver holds an open link for.
+            disabled_too: also accept ``CLUSTER_DISABLE_FLS`` (``/newInstance``, ``/queryInstance``).
+        """
+        states = {ClusterState.CLUSTER_READY}
+        if disabled_too:
+            states.add(ClusterState.CLUSTER_DISABLE_FLS)
+        if self._shutting_down or self._state not in states:
+            return MESSAGE_NOT_READY
+        if connected != len(self._nodes):
+            return MESSAGE_NOT_CONNECTED
+        return None
+
+    def next_scaling_deadline(self) -> int | None:
+        """The epoch millisecond at which the scaling in progress rolls back (None when none is)."""
+        return None if self._scaling is None else self._scaling.deadline_ms
+
     def next_liveness_deadline(self) -> int | None:
         """The earliest epoch millisecond at which a live node would time out (None when none is live)."""
         deadlines = [
@@ -472,6 +596,9 @@ class ClusterMachine:
                 )
                 for rec in sorted(self._nodes.values(), key=lambda r: r.rank)
             ),
+            scaling=self._scaling,
+            disabled=self._disabled,
+            operation=self._operation,
         )
 
     @classmethod
@@ -492,6 +619,9 @@ class ClusterMachine:
         machine._fl_iteration_num = snapshot.fl_iteration_num
         machine._ever_ready = snapshot.ever_ready
         machine._shutting_down = snapshot.shutting_down
+        machine._scaling = snapshot.scaling
+        machine._disabled = snapshot.disabled
+        machine._operation = snapshot.operation
         machine._nodes = {
             n.info.node_id: _Node(
                 info=n.info,
@@ -546,6 +676,24 @@ class ClusterMachine:
                 return Outcome(None, tuple(self._node_finished(event)))
             case ShutdownDeadlinePassed():
                 return Outcome(None, tuple(self._shutdown_deadline(event)))
+            case ScaleOutRequested():
+                return self._scale_out(event)
+            case ScaleInRequested():
+                return self._scale_in(event)
+            case ScaleOutRollbackRequested():
+                return self._rollback_requested(event)
+            case BarrierReached():
+                return Outcome(None, tuple(self._barrier_reached(event)))
+            case ScalingDeadlinePassed():
+                return Outcome(None, tuple(self._scaling_deadline(event)))
+            case DisableFLSRequested():
+                return self._disable(event)
+            case EnableFLSRequested():
+                return self._enable(event)
+            case NewInstanceStarted():
+                return self._new_instance(event)
+            case InstanceOperationEnded():
+                return Outcome(None, tuple(self._operation_ended(event)))
             case _:
                 assert_never(event)
 
@@ -571,7 +719,13 @@ class ClusterMachine:
         else:
             rank = len(self._nodes)
             self._nodes[info.node_id] = _Node(info=info, rank=rank, last_heartbeat_ms=event.now_ms)
-        if len(self._nodes) == self._server_num or revived:
+            if self._scaling is not None:
+                # Only a scale-out takes new node ids (a scale-in's total is below the nodes held).
+                self._scaling = attrs.evolve(self._scaling, joined=(*self._scaling.joined, info.node_id))
+        completion = self._complete_scaling(event.cause, event.now_ms)
+        if completion:
+            out.extend(completion)
+        elif len(self._nodes) == self._server_num or revived or self._scaling is not None:
             reason = f"node {info.node_id!r} registered again" if revived else "every Server has registered"
             out.extend(self._settle_state(event.cause, reason))
             out.append(self._membership(event.cause))
@@ -586,7 +740,8 @@ class ClusterMachine:
                 f"Node {info.node_id!r} registers as {info.role.value}, but this cluster has no Workers "
                 "(cross-device FL, worker_num=0); only SERVER nodes may register."
             )
-        if event.server_num != self._server_num:
+        if info.node_id not in self._nodes and event.server_num != self._server_num:
+            # A known node id is not held to the total: scaling changes it, the membership tells it.
             return (
                 f"Node {info.node_id!r} was started with server_num={event.server_num!r}, but the Scheduler "
                 f"expects server_num={self._server_num!r}; every process must be started with the "
@@ -691,18 +846,19 @@ class ClusterMachine:
     def _exit(self, cause: str, reason: str) -> list[Instruction]:
         unfinished = tuple(n for n, rec in self._nodes.items() if not rec.finished)
         old, self._state = self._state, ClusterState.CLUSTER_EXIT
+        self._scaling = self._operation = None
         return [StateChanged(cause, old, self._state, reason), ExitCluster(cause, reason, unfinished)]
 
     def _settle_state(self, cause: str, reason: str) -> list[Instruction]:
-        """Derive READY / NODE_TIMEOUT / STARTING from membership and liveness."""
-        complete = len(self._nodes) == self._server_num
-        all_alive = all(rec.alive for rec in self._nodes.values())
-        if not all_alive:
-            new = ClusterState.NODE_TIMEOUT
-        elif complete or self._ever_ready:
-            new = ClusterState.CLUSTER_READY
-        else:
-            new = ClusterState.CLUSTER_STARTING
+        """Set the state derived from membership, liveness and the operator's flags (spec "Cluster")."""
+        new = _derived_state(
+            complete=len(self._nodes) == self._server_num,
+            all_alive=all(rec.alive for rec in self._nodes.values()),
+            ever_ready=self._ever_ready,
+            scaling=self._scaling,
+            operation=self._operation,
+            disabled=self._disabled,
+        )
         if new is ClusterState.CLUSTER_READY:
             self._ever_ready = True
         if new is self._state:
@@ -710,19 +866,239 @@ class ClusterMachine:
         old, self._state = self._state, new
         return [StateChanged(cause, old, new, reason)]
 
+    # ------------------------------------------------------------------ scaling (spec "Scaling")
+
+    def _refused(self, cause: str, message: str) -> Outcome:
+        return Outcome(OperatorReply(cause, False, message))
+
+    def _scale_out(self, event: ScaleOutRequested) -> Outcome:
+        total = self._server_num + event.server_num
+        refusal = self.ready_refusal(event.connected)
+        if refusal is None and event.server_num == 0:
+            refusal = message_zero_scale_out()
+        if refusal is None and total > MAX_SERVER_NUM:
+            refusal = message_too_many_servers(total)
+        if refusal is not None:
+            return self._refused(event.cause, refusal)
+        old = self._server_num
+        self._scaling = Scaling(
+            kind=ScaleKind.OUT,
+            old_server_num=old,
+            new_server_num=total,
+            started_at_ms=event.now_ms,
+            deadline_ms=event.now_ms + self._config.scaling_timeout_ms,
+        )
+        self._server_num = total
+        out = self._settle_state(event.cause, f"scale out from {old} to {total} Servers requested")
+        out.append(self._membership(event.cause))
+        return Outcome(OperatorReply(event.cause, True, MESSAGE_SCALE_OUT), tuple(out))
+
+    def _scale_in(self, event: ScaleInRequested) -> Outcome:
+        refusal = self.ready_refusal(event.connected)
+        if refusal is None and not event.node_ids:
+            refusal = MESSAGE_NODE_IDS_EMPTY
+        for node_id in event.node_ids if refusal is None else ():
+            rec = self._nodes.get(node_id)
+            if rec is None:
+                refusal = message_illegal_node_id(node_id)
+            elif rec.rank == 0:
+                refusal = message_rank_zero(node_id)
+            if refusal is not None:
+                break
+        if refusal is not None:
+            return self._refused(event.cause, refusal)
+        removed = tuple(dict.fromkeys(event.node_ids))
+        old = self._server_num
+        self._scaling = Scaling(
+            kind=ScaleKind.IN,
+            old_server_num=old,
+            new_server_num=old - len(removed),
+            removed=removed,
+            started_at_ms=event.now_ms,
+            deadline_ms=event.now_ms + self._config.scaling_timeout_ms,
+        )
+        self._server_num = old - len(removed)
+        out = self._settle_state(
+            event.cause,
+            f"scale in of {', '.join(map(repr, removed))} ({old} to {self._server_num}) requested",
+        )
+        out.append(self._membership(event.cause))
+        return Outcome(OperatorReply(event.cause, True, MESSAGE_SCALE_IN), tuple(out))
+
+    def _rollback_requested(self, event: ScaleOutRollbackRequested) -> Outcome:
+        scaling = self._scaling
+        if scaling is None or scaling.kind is not ScaleKind.OUT:
+            return self._refused(event.cause, MESSAGE_NOT_SCALING_OUT)
+        if not scaling.barrier:
+            return self._refused(event.cause, MESSAGE_NOT_READY_FOR_ROLLBACK)
+        out = self._roll_back(event.cause, event.now_ms, "the operator asked for /scaleoutRollback")
+        return Outcome(OperatorReply(event.cause, True, MESSAGE_ROLLED_BACK), tuple(out))
+
+    def _barrier_reached(self, event: BarrierReached) -> list[Instruction]:
+        if self._scaling is None:
+            return []  # stale: the scaling ended (a rollback) before the report arrived
+        leader = self.leader_id()
+        if event.node_id != leader:
+            raise IllegalEvent(
+                f"node {event.node_id!r} reports the scaling barrier, but only the leader (rank 0, node "
+                f"{leader!r}) holds the iteration"
+            )
+        if self._scaling.barrier:
+            return []
+        self._scaling = attrs.evolve(self._scaling, barrier=True)
+        return self._complete_scaling(event.cause, event.now_ms)
+
+    def _scaling_deadline(self, event: ScalingDeadlinePassed) -> list[Instruction]:
+        scaling = self._scaling
+        if scaling is None or event.now_ms < scaling.deadline_ms:
+            return []  # stale: it completed, or the clock has not come yet
+        missing = []
+        if not scaling.barrier:
+            missing.append("the leader's iteration did not come to rest (barrier not reached)")
+        if scaling.kind is ScaleKind.OUT and len(self._nodes) < scaling.new_server_num:
+            missing.append(
+                f"{len(self._nodes) - scaling.old_server_num} of "
+                f"{scaling.new_server_num - scaling.old_server_num} new Servers registered"
+            )
+        took = self._config.scaling_timeout_ms
+        return self._roll_back(
+            event.cause, event.now_ms, f"scaling_timeout ({took} ms) passed: {'; '.join(missing)}"
+        )
+
+    def _complete_scaling(self, cause: str, now_ms: int) -> list[Instruction]:
+        """Finish the scaling if it can be finished now (spec "Scaling": Complete); else nothing."""
+        scaling = self._scaling
+        if scaling is None or not scaling.barrier:
+            return []
+        if scaling.kind is ScaleKind.OUT and len(self._nodes) != scaling.new_server_num:
+            return []
+        released: tuple[str, ...] = ()
+        if scaling.kind is ScaleKind.IN:
+            released = scaling.removed
+            for node_id in released:
+                del self._nodes[node_id]
+            for rank, rec in enumerate(self._nodes.values()):  # rank order: ranks compacted
+                rec.rank = rank
+        self._scaling = None
+        reason = f"scale {scaling.kind.value} to {self._server_num} Servers completed"
+        out = self._settle_state(cause, reason)
+        out.append(self._membership(cause))
+        if released:
+            out.append(ReleaseNodes(cause, released, "scaled in"))
+        out.append(
+            ScalingEnded(
+                cause,
+                scaling.kind,
+                True,
+                scaling.old_server_num,
+                self._server_num,
+                max(now_ms - scaling.started_at_ms, 0),
+                reason,
+            )
+        )
+        return out
+
+    def _roll_back(self, cause: str, now_ms: int, why: str) -> list[Instruction]:
+        scaling = self._scaling
+        assert scaling is not None
+        self._server_num = scaling.old_server_num
+        if scaling.kind is ScaleKind.OUT:
+            for node_id in scaling.joined:
+                del self._nodes[node_id]  # the last ranks: the others keep 0..old-1
+        self._scaling = None
+        reason = f"scale {scaling.kind.value} rolled back to {self._server_num} Servers: {why}"
+        out = self._settle_state(cause, reason)
+        out.append(self._membership(cause))
+        if scaling.kind is ScaleKind.OUT and scaling.joined:
+            out.append(ReleaseNodes(cause, scaling.joined, "the scale-out they joined was rolled back"))
+        out.append(
+            ScalingEnded(
+                cause,
+                scaling.kind,
+                False,
+                scaling.old_server_num,
+                self._server_num,
+                max(now_ms - scaling.started_at_ms, 0),
+                reason,
+            )
+        )
+        return out
+
+    # ----------------------------------------------------------------------- instance operations
+
+    def _disable(self, event: DisableFLSRequested) -> Outcome:
+        if self._disabled:
+            return self._refused(event.cause, MESSAGE_ALREADY_DISABLED)
+        refusal = self.ready_refusal(event.connected)
+        if refusal is not None:
+            return self._refused(event.cause, refusal)
+        self._disabled = True
+        out = self._settle_state(event.cause, "the operator disabled the instance (/disableFLS)")
+        out.append(self._membership(event.cause))
+        return Outcome(OperatorReply(event.cause, True, MESSAGE_DISABLED), tuple(out))
+
+    def _enable(self, event: EnableFLSRequested) -> Outcome:
+        if self._state is not ClusterState.CLUSTER_DISABLE_FLS or self._shutting_down:
+            return self._refused(event.cause, MESSAGE_NOT_DISABLED)
+        self._disabled = False
+        self._operation = Operation.ENABLE_FLS
+        out = self._settle_state(event.cause, "the operator enables the instance (/enableFLS)")
+        out.append(self._membership(event.cause))
+        return Outcome(OperatorReply(event.cause, True, MESSAGE_ENABLED), tuple(out))
+
+    def _new_instance(self, event: NewInstanceStarted) -> Outcome:
+        refusal = self.ready_refusal(event.connected, disabled_too=True)
+        if refusal is not None:
+            return self._refused(event.cause, refusal)
+        self._operation = Operation.NEW_INSTANCE
+        out = self._settle_state(event.cause, "the operator asks for a new instance (/newInstance)")
+        out.append(self._membership(event.cause))
+        return Outcome(OperatorReply(event.cause, True, ""), tuple(out))
+
+    def _operation_ended(self, event: InstanceOperationEnded) -> list[Instruction]:
+        if self._operation is None:
+            raise IllegalEvent("an instance operation ended, but none is in progress")
+        what = self._operation.value
+        self._operation = None
+        self._disabled = event.disabled
+        out = self._settle_state(event.cause, f"the instance operation {what!r} ended")
+        out.append(self._membership(event.cause))
+        return out
+
     def _membership(self, cause: str) -> SendMembership:
         return SendMembership(cause, self._state, self.members())
 
 
-#: The states this machine enters today; the others are reserved for scaling and instance management.
-_REACHABLE = frozenset(
-    {
-        ClusterState.CLUSTER_STARTING,
-        ClusterState.CLUSTER_READY,
-        ClusterState.NODE_TIMEOUT,
-        ClusterState.CLUSTER_EXIT,
-    }
-)
+#: The states this machine never enters (a restarted Scheduler is READY or STARTING at once; a rollback is
+#: immediate, spec "Cluster").
+_NEVER = frozenset({ClusterState.CLUSTER_SCHEDULER_RECOVERY, ClusterState.CLUSTER_SCALE_OUT_ROLLBACK})
+
+
+def _derived_state(
+    *,
+    complete: bool,
+    all_alive: bool,
+    ever_ready: bool,
+    scaling: Scaling | None,
+    operation: Operation | None,
+    disabled: bool,
+) -> ClusterState:
+    """The state the membership, the liveness and the operator's flags give, in the spec's order."""
+    if scaling is not None:
+        return (
+            ClusterState.CLUSTER_SCALE_OUT if scaling.kind is ScaleKind.OUT else ClusterState.CLUSTER_SCALE_IN
+        )
+    if operation is Operation.NEW_INSTANCE:
+        return ClusterState.CLUSTER_NEW_INSTANCE
+    if operation is Operation.ENABLE_FLS:
+        return ClusterState.CLUSTER_ENABLE_FLS
+    if disabled:
+        return ClusterState.CLUSTER_DISABLE_FLS
+    if not all_alive:
+        return ClusterState.NODE_TIMEOUT
+    if complete or ever_ready:
+        return ClusterState.CLUSTER_READY
+    return ClusterState.CLUSTER_STARTING
 
 
 def _is_int(value: object) -> bool:
@@ -739,7 +1115,9 @@ def _check_snapshot(s: ClusterSnapshot) -> None:
 
     rule(_is_int(s.server_num) and s.server_num >= 1, f"server_num must be an int >= 1, got {s.server_num!r}")
     n = len(s.nodes)
-    rule(n <= s.server_num, f"{n} nodes are registered, more than server_num={s.server_num!r}")
+    sc = s.scaling
+    most = s.server_num if sc is None or sc.kind is ScaleKind.OUT else sc.old_server_num
+    rule(n <= most, f"{n} nodes are registered, more than server_num={most!r}")
     ranks = [node.rank for node in s.nodes]
     rule(ranks == list(range(n)), f"the nodes' ranks must be 0..{n - 1} in order, got {ranks!r}")
     node_ids = [node.info.node_id for node in s.nodes]
@@ -759,25 +1137,90 @@ def _check_snapshot(s: ClusterSnapshot) -> None:
         f"fl_iteration_num is {s.fl_iteration_num!r} with {n} nodes registered; it is fixed by the "
         "first accepted registration, so it is None exactly when no node is registered",
     )
-    rule(s.state in _REACHABLE, f"state {s.state.name} is not one this machine enters")
-    rule(
-        not s.ever_ready or n == s.server_num,
-        f"the cluster was ready once, so all server_num={s.server_num!r} Servers registered, got {n}",
+    rule(s.state not in _NEVER, f"state {s.state.name} is not one this machine enters")
+    settled_total = (
+        s.server_num
+        if sc is None
+        else (sc.old_server_num + len(sc.joined) if sc.kind is ScaleKind.OUT else sc.old_server_num)
     )
+    rule(
+        not s.ever_ready or n == settled_total,
+        f"the cluster was ready once, so all server_num={settled_total!r} Servers registered, got {n}",
+    )
+    if sc is not None:
+        _check_scaling(s, sc, rule)
+    rule(
+        (sc is None and s.operation is None and not s.disabled) or s.ever_ready,
+        "scaling, a disabled instance or an instance operation need a cluster that was ready once",
+    )
+    rule(
+        s.operation is not Operation.ENABLE_FLS or not s.disabled,
+        "an enable in progress has already cleared the disabled flag",
+    )
+    rule(sc is None or (s.operation is None and not s.disabled), "a scaling starts only from CLUSTER_READY")
     if s.state is not ClusterState.CLUSTER_EXIT:
         some_dead = not all(node.alive for node in s.nodes)
-        rule(
-            (s.state is ClusterState.NODE_TIMEOUT) == some_dead,
-            f"state {s.state.name} does not fit the liveness of the nodes "
-            "(NODE_TIMEOUT exactly while some node is not alive)",
+        derived = _derived_state(
+            complete=n == s.server_num,
+            all_alive=not some_dead,
+            ever_ready=s.ever_ready,
+            scaling=sc,
+            operation=s.operation,
+            disabled=s.disabled,
         )
-        rule(
-            s.state is not ClusterState.CLUSTER_READY or s.ever_ready,
-            "state CLUSTER_READY, but ever_ready is False",
-        )
-        rule(
-            s.state is not ClusterState.CLUSTER_STARTING or not s.ever_ready,
-            "state CLUSTER_STARTING, but the cluster was ready once (it never goes back to starting)",
-        )
+        if s.state is not derived:
+            if ClusterState.NODE_TIMEOUT in (s.state, derived):
+                problems.append(
+                    f"state {s.state.name} does not fit the liveness of the nodes "
+                    "(NODE_TIMEOUT exactly while some node is not alive)"
+                )
+            elif s.state is ClusterState.CLUSTER_STARTING and s.ever_ready:
+                problems.append(
+                    "state CLUSTER_STARTING, but the cluster was ready once (it never goes back to starting)"
+                )
+            elif s.state is ClusterState.CLUSTER_READY and not s.ever_ready:
+                problems.append("state CLUSTER_READY, but ever_ready is False")
+            else:
+                problems.append(
+                    f"state {s.state.name} does not fit the snapshot, which gives {derived.name} "
+                    f"(scaling {sc!r}, operation {s.operation!r}, disabled {s.disabled!r})"
+                )
     if problems:
         raise ValueError("refused cluster snapshot: " + "; ".join(problems))
+
+
+def _check_scaling(s: ClusterSnapshot, sc: Scaling, rule: Callable[[bool, str], None]) -> None:
+    """A scaling record must fit the nodes it is about (spec "Snapshot")."""
+    ids = [node.info.node_id for node in s.nodes]
+    rule(
+        sc.new_server_num == s.server_num,
+        f"scaling {sc!r} makes {sc.new_server_num}, but server_num is {s.server_num}",
+    )
+    rule(sc.deadline_ms >= sc.started_at_ms, f"scaling {sc!r} has its deadline before its start")
+    if sc.kind is ScaleKind.OUT:
+        rule(
+            sc.new_server_num > sc.old_server_num and not sc.removed,
+            f"a scale-out adds Servers and removes none: {sc!r}",
+        )
+        rule(
+            list(sc.joined) == ids[sc.old_server_num :] and len(ids) == sc.old_server_num + len(sc.joined),
+            f"the Servers that joined the scale-out {sc.joined!r} must be the nodes after rank "
+            f"{sc.old_server_num - 1}, got {ids!r}",
+        )
+    else:
+        rule(
+            not sc.joined
+            and 1 <= len(sc.removed) < sc.old_server_num
+            and len(set(sc.removed)) == len(sc.removed)
+            and sc.new_server_num == sc.old_server_num - len(sc.removed),
+            f"a scale-in removes distinct Servers, fewer than it has, and joins none: {sc!r}",
+        )
+        rule(
+            n_ok := len(ids) == sc.old_server_num,
+            f"a scale-in holds its {sc.old_server_num} nodes, got {len(ids)}",
+        )
+        if n_ok:
+            rule(
+                set(sc.removed) <= set(ids) and ids[0] not in sc.removed,
+                f"a scale-in removes members other than rank 0: {sc.removed!r} of {ids!r}",
+            )

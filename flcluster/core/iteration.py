@@ -85,6 +85,9 @@ __all__ = [
     "MESSAGE_CANNOT_ENABLE",
     "MESSAGE_DISABLED",
     "MESSAGE_ENABLED",
+    "MESSAGE_FIRST_ITERATION",
+    "MESSAGE_INSTANCE_BUSY",
+    "MESSAGE_NEW_INSTANCE",
     "REASON_DATA_SIZE_NOT_ENOUGH",
     "REASON_DATA_SIZE_TOO_LARGE",
     "REASON_FORCIBLY_MOVED",
@@ -99,6 +102,7 @@ __all__ = [
     "AggregationFailed",
     "ArmWindow",
     "ArmedWindow",
+    "ClientParams",
     "DeviceChanges",
     "DeviceMeta",
     "DeviceRecord",
@@ -108,6 +112,7 @@ __all__ = [
     "EnableRequested",
     "Event",
     "Holding",
+    "InstanceRenewed",
     "InstanceState",
     "InstanceStateChanged",
     "Instruction",
@@ -116,8 +121,10 @@ __all__ = [
     "IterationFailed",
     "IterationMachine",
     "IterationSnapshot",
+    "NewInstanceRequested",
     "OperatorAnswer",
     "Outcome",
+    "PendingInstance",
     "Phase",
     "PlainText",
     "Rejected",
@@ -171,6 +178,10 @@ REASON_FORCIBLY_MOVED = "Forcibly move to next iteration."
 #: Operator answers (F-old ``Iteration::EnableServerInstance`` / ``DisableServerInstance``).
 MESSAGE_DISABLED = "Disabling FL-Server succeeded."
 MESSAGE_ENABLED = "Enabling FL-Server succeeded."
+#: Operator answers to a new instance (F-old ``Iteration::NewInstance``, reference §3.8).
+MESSAGE_NEW_INSTANCE = "Start new instance successful."
+MESSAGE_INSTANCE_BUSY = "The instance is being updated. Please retry new instance later."
+MESSAGE_FIRST_ITERATION = "This is just the first iteration, do not need to new instance."
 #: Operator refusals when the instance is finished (F-new management API wording).
 MESSAGE_CANNOT_DISABLE = "The instance is completed and cannot be disabled."
 MESSAGE_CANNOT_ENABLE = "The instance is completed and cannot be enabled."
@@ -411,6 +422,33 @@ class Holding:
 
 @final
 @attrs.frozen
+class ClientParams:
+    """The training plan values a new instance may change (the FLPlan's ``epochs``, ``mini_batch``, ``lr``).
+
+    Attributes:
+        epochs: ``client_epoch_num``.
+        mini_batch: ``client_batch_size``.
+        lr: ``client_learning_rate``.
+    """
+
+    epochs: int = attrs.field(validator=_int)
+    mini_batch: int = attrs.field(validator=_int)
+    lr: float = attrs.field(validator=_number)
+
+
+@final
+@attrs.frozen
+class PendingInstance:
+    """A new instance accepted while an iteration runs; it applies when that iteration ends."""
+
+    config: IterationConfig = attrs.field(validator=attrs.validators.instance_of(IterationConfig))
+    client: ClientParams | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(ClientParams))
+    )
+
+
+@final
+@attrs.frozen
 class DeviceRecord:
     """Everything the leader's machine holds about one device of the iteration: one row of its store.
 
@@ -642,6 +680,20 @@ class EnableRequested:
 
 @final
 @attrs.frozen
+class NewInstanceRequested:
+    """``/newInstance``: start the job again with ``config`` (and ``client``, the FLPlan's values; None:
+    the job's own), at the end of the running iteration or at once (spec "New instance")."""
+
+    cause: str = attrs.field(validator=_cause)
+    config: IterationConfig = attrs.field(validator=attrs.validators.instance_of(IterationConfig))
+    client: ClientParams | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(ClientParams))
+    )
+    now_ms: int = attrs.field(validator=_non_negative_int)
+
+
+@final
+@attrs.frozen
 class Resumed:
     """The driver (re)started with this machine, e.g. after :meth:`IterationMachine.from_snapshot`.
 
@@ -664,6 +716,7 @@ Event = (
     | AggregationFailed
     | DisableRequested
     | EnableRequested
+    | NewInstanceRequested
     | Resumed
     | ExchangeKeysReceived
     | GetKeysReceived
@@ -824,6 +877,17 @@ class IterationFailed:
 
 @final
 @attrs.frozen
+class InstanceRenewed:
+    """A new instance applies: iteration 1 of ``config``; the latest model is model 0 of it on every Server,
+    and devices get ``client``'s values in their FLPlan (None: the job's own)."""
+
+    cause: str
+    config: IterationConfig
+    client: ClientParams | None
+
+
+@final
+@attrs.frozen
 class InstanceStateChanged:
     """The instance state changed (persist it; tell the followers)."""
 
@@ -839,6 +903,7 @@ Instruction = (
     | DiscardPartials
     | IterationCompleted
     | IterationFailed
+    | InstanceRenewed
     | InstanceStateChanged
 )
 
@@ -867,6 +932,8 @@ class IterationSnapshot:
     completed: a device whose SUCCEED was lost learns from a late retry that its update is in that model.
     ``cipher`` holds the cipher rounds' lists (None without cipher rounds, or in a snapshot written before
     they were kept; spec/secure-aggregation.md §R6).
+    ``client`` is the FLPlan values a new instance set (None: the job's own) and ``pending`` a new
+    instance waiting for the running iteration to end.
     """
 
     config: IterationConfig
@@ -887,6 +954,8 @@ class IterationSnapshot:
     aggregation_deadline_ms: int | None = None
     last_completed_updated: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     cipher: CipherSnapshot | None = None
+    client: ClientParams | None = None
+    pending: PendingInstance | None = None
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -902,6 +971,7 @@ class IterationMachine:
     __slots__ = (
         "_agg_deadline",
         "_cipher",
+        "_client",
         "_completed",
         "_config",
         "_consecutive_failures",
@@ -911,6 +981,7 @@ class IterationMachine:
         "_iteration",
         "_last_completed_updated",
         "_levels",
+        "_pending",
         "_phase",
         "_reserved",
         "_rewrite",
@@ -956,6 +1027,8 @@ class IterationMachine:
         self._cipher = (
             None if config.cipher is None or thresholds is None else CipherRounds(config.cipher, thresholds)
         )
+        self._client: ClientParams | None = None
+        self._pending: PendingInstance | None = None
         #: The per-device change log (:meth:`take_device_changes`): the fl_ids whose records changed since
         #: the last take, or ``_rewrite`` when the per-device state was replaced wholesale.
         self._touched: set[str] = set()
@@ -982,6 +1055,16 @@ class IterationMachine:
     def phase(self) -> Phase:
         """Where the current iteration is."""
         return self._phase
+
+    @property
+    def client(self) -> ClientParams | None:
+        """The FLPlan values a new instance set (None: the job's own)."""
+        return self._client
+
+    @property
+    def pending(self) -> PendingInstance | None:
+        """A new instance waiting for the running iteration to end, or None."""
+        return self._pending
 
     @property
     def in_safemode(self) -> bool:
@@ -1117,6 +1200,8 @@ class IterationMachine:
             participation_levels=self._levels,
             aggregation_deadline_ms=self._agg_deadline,
             cipher=None if self._cipher is None else self._cipher.snapshot(devices=False),
+            client=self._client,
+            pending=self._pending,
         )
 
     @classmethod
@@ -1150,6 +1235,8 @@ class IterationMachine:
             elif snapshot.phase is not Phase.WAITING:
                 # A store written before the lists were kept (secure-aggregation §R6): they are lost.
                 machine._cipher = CipherRounds(machine._cipher.config, machine._cipher.thresholds, lost=True)
+        machine._client = snapshot.client
+        machine._pending = snapshot.pending
         return machine
 
     def __eq__(self, other: object) -> bool:
@@ -1209,6 +1296,8 @@ class IterationMachine:
                 reply = self._disable(event, out)
             case EnableRequested():
                 reply = self._enable(event, out)
+            case NewInstanceRequested():
+                reply = self._new_instance(event, out)
             case Resumed():
                 self._resumed(event, out)
                 reply = None
@@ -1457,7 +1546,7 @@ class IterationMachine:
                 ev.cause, self._iteration, started, ev.now_ms, self._iteration + 1, self._visits
             )
         )
-        self._advance()
+        self._advance(ev, out)
 
     def _aggregation_failed(self, ev: AggregationFailed, out: list[Instruction]) -> None:
         self._require_aggregating(ev.iteration, "AggregationFailed")
@@ -1484,6 +1573,35 @@ class IterationMachine:
             return OperatorAnswer(MESSAGE_ENABLED, changed=False)
         self._instance = InstanceState.RUNNING
         return OperatorAnswer(MESSAGE_ENABLED, changed=True)
+
+    # spec "New instance" (reference §3.8).
+    def _new_instance(self, ev: NewInstanceRequested, out: list[Instruction]) -> Reply:
+        if self._pending is not None:
+            return OperatorAnswer(MESSAGE_INSTANCE_BUSY, changed=False)
+        if self._iteration == 1:
+            return OperatorAnswer(MESSAGE_FIRST_ITERATION, changed=False)
+        if self._phase is Phase.WAITING:  # finished, disabled or idle: nothing in flight
+            self._renew(ev.config, ev.client, ev, out)
+        else:
+            self._pending = PendingInstance(ev.config, ev.client)
+        return OperatorAnswer(MESSAGE_NEW_INSTANCE, changed=True)
+
+    def _renew(
+        self, config: IterationConfig, client: ClientParams | None, ev: Event, out: list[Instruction]
+    ) -> None:
+        """Start the job again at iteration 1 of ``config`` (only between iterations: WAITING)."""
+        self._config = config
+        self._client = client
+        self._pending = None
+        self._iteration = 1
+        self._instance = InstanceState.RUNNING
+        self._completed.clear()
+        self._failed.clear()
+        self._consecutive_failures = 0
+        self._last_completed_updated = frozenset()
+        self._rewrite = True  # the devices' last_completed marks went with the old instance
+        self._touched.clear()
+        out.append(InstanceRenewed(ev.cause, config, client))
 
     def _resumed(self, ev: Resumed, out: list[Instruction]) -> None:
         cipher = self._cipher
@@ -1684,9 +1802,9 @@ class IterationMachine:
                 self._visits,
             )
         )
-        self._advance()
+        self._advance(ev, out)
 
-    def _advance(self) -> None:
+    def _advance(self, ev: Event, out: list[Instruction]) -> None:
         ended = self._iteration
         completed = bool(self._completed) and self._completed[-1] == ended
         self._last_completed_updated = frozenset(self._updated) if completed else frozenset()
@@ -1705,6 +1823,13 @@ class IterationMachine:
             self._cipher.reset()
         if ended >= self._config.fl_iteration_num:
             self._instance = InstanceState.FINISHED
+        pending = self._pending
+        if pending is not None:
+            # The iteration that ended is the last of this instance: the devices move to iteration 1.
+            ending = out[-1]
+            assert isinstance(ending, IterationCompleted | IterationFailed)
+            out[-1] = attrs.evolve(ending, next_iteration=1)
+            self._renew(pending.config, pending.client, ev, out)
 
 
 #: The windows of the cipher rounds (spec/secure-aggregation.md §R3).
@@ -1811,6 +1936,10 @@ def _check_snapshot(s: IterationSnapshot) -> None:
     rule(
         (s.aggregation_deadline_ms is None) or s.phase is Phase.AGGREGATING,
         f"only an aggregating iteration has an aggregation deadline, got {s.aggregation_deadline_ms!r}",
+    )
+    rule(
+        s.pending is None or s.phase is not Phase.WAITING,
+        "a new instance pending while no iteration runs would have applied",
     )
     rule(len(set(fl_ids)) == len(fl_ids), f"devices repeat an fl_id: {fl_ids!r}")
     rule(len(set(s.updated)) == len(s.updated), f"updated repeats an fl_id: {s.updated!r}")
@@ -1989,6 +2118,14 @@ def snapshot_part_from_json(text: str) -> IterationSnapshot:
         d["devices"] = tuple(_record(DeviceMeta, x) for x in d.get("devices", ()))
         d["reserved"] = tuple(_record(Reservation, x) for x in d.get("reserved", ()))
         d["holders"] = tuple(_record(Holding, x) for x in d.get("holders", ()))
+        if d.get("client") is not None:
+            d["client"] = _record(ClientParams, d["client"])
+        if d.get("pending") is not None:
+            pending = dict(d["pending"])
+            pending["config"] = _record(IterationConfig, pending.get("config"))
+            if pending.get("client") is not None:
+                pending["client"] = _record(ClientParams, pending["client"])
+            d["pending"] = _record(PendingInstance, pending)
         visits = dict(d.get("visits", {}))
         visits["participation"] = tuple(visits.get("participation", (0, 0, 0)))
         d["visits"] = _record(Visits, visits)

@@ -11,7 +11,11 @@ default) and an unknown path gets a JSON 404 in the same error shape.
 ``Authorization: Bearer <token>``; the check runs first, before the body is read, compares in constant
 time (:func:`hmac.compare_digest`) and answers 401 in the error shape with ``WWW-Authenticate``.
 
-The app only *reads* the cluster through a :class:`ClusterView`; it never changes membership itself.
+The app reads the cluster through a :class:`ClusterView` and changes it only through the view's operator
+calls (``/scaleout``, ``/scalein``, ``/scaleoutRollback``, ``/newInstance``, ``/queryInstance``,
+``/enableFLS``, ``/disableFLS``; spec/management-api.md). A body is judged first
+(:mod:`flcluster.http.manage_bodies`), then the view's machine judges the request against the cluster's
+state; either refusal is the error shape with the original's message, and nothing changes.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from flcluster.core.cluster import ClusterState, Member
+from flcluster.core.cluster import ClusterState, Member, OperatorReply
+from flcluster.core.scaling import InstanceResult
 from flcluster.http.answers import error_for, json_error
+from flcluster.http.manage_bodies import BodyRefused, new_instance_params, scale_in_ids, scale_out_count
 
 log = logging.getLogger("flcluster.management")
 
@@ -33,6 +39,16 @@ ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 #: The answers to a request without the token, and with a wrong one.
 NO_TOKEN: Final = "The management API needs an access token: send 'Authorization: Bearer <token>'."
 WRONG_TOKEN: Final = "The management API refused the request: the access token is wrong."
+#: The instance operations' answers (reference §4).
+NEW_INSTANCE_OK: Final = "Start new instance successful."
+NEW_INSTANCE_FAILED: Final = "Start new instance failed."
+QUERY_INSTANCE_OK: Final = "Query Instance successful."
+TIMEOUTS: Final = {
+    "newInstance": "The new instance is timeout.",
+    "queryInstance": "The query instance is timeout.",
+    "disableFLS": "The disable FLS is timeout.",
+    "enableFLS": "The enable FLS is timeout.",
+}
 
 
 def _unauthorized(message: str) -> Response:
@@ -68,6 +84,42 @@ class ClusterView(Protocol):
         """Every registered Server, by rank."""
         ...
 
+    async def scale_out(self, server_num: int) -> OperatorReply:
+        """``/scaleout``: add ``server_num`` Servers."""
+        ...
+
+    async def scale_in(self, node_ids: tuple[str, ...]) -> OperatorReply:
+        """``/scalein``: remove these Servers."""
+        ...
+
+    async def scale_out_rollback(self) -> OperatorReply:
+        """``/scaleoutRollback``."""
+        ...
+
+    async def disable_fls(self) -> tuple[OperatorReply, InstanceResult | None]:
+        """``/disableFLS``: the machine's reply and, when accepted, the leader's answer."""
+        ...
+
+    async def enable_fls(self) -> tuple[OperatorReply, InstanceResult | None]:
+        """``/enableFLS``: the machine's reply and, when accepted, the leader's answer."""
+        ...
+
+    async def new_instance(self, params: dict[str, object]) -> tuple[OperatorReply, InstanceResult | None]:
+        """``/newInstance``: the machine's reply and, when accepted, the leader's answer."""
+        ...
+
+    async def query_instance(self) -> tuple[str | None, InstanceResult | None]:
+        """``/queryInstance``: the refusal (or None) and the leader's answer."""
+        ...
+
+
+def _ok(message: str, **extra: object) -> Response:
+    return jsonify({"code": "0", "message": message, **extra})
+
+
+def _operator(reply: OperatorReply) -> Response:
+    return _ok(reply.message) if reply.ok else json_error(reply.message)
+
 
 def create_management_app(view: ClusterView, *, max_body: int, token: str = "") -> QuartTrio:
     """Build the management app over ``view``.
@@ -89,7 +141,7 @@ def create_management_app(view: ClusterView, *, max_body: int, token: str = "") 
                 return _unauthorized(problem)
         # Read (and so bound) every body, even where it is ignored: the limit then applies to every
         # endpoint, and the keep-alive connection stays in sync for the next request.
-        await request.get_data(cache=False)
+        await request.get_data(cache=True)
         return None
 
     @app.route("/nodes", methods=ANY_METHOD, provide_automatic_options=False)
@@ -111,6 +163,82 @@ def create_management_app(view: ClusterView, *, max_body: int, token: str = "") 
         return jsonify(
             {"code": "0", "message": "Get cluster state successful.", "cluster_state": view.state.name}
         )
+
+    async def body() -> bytes:
+        data = await request.get_data(cache=True, as_text=False)
+        assert isinstance(data, bytes)
+        return data
+
+    @app.route("/scaleout", methods=ANY_METHOD, provide_automatic_options=False)
+    async def scaleout() -> Response:
+        try:
+            count = scale_out_count(await body())
+        except BodyRefused as exc:
+            return json_error(exc.message)
+        return _operator(await view.scale_out(count))
+
+    @app.route("/scalein", methods=ANY_METHOD, provide_automatic_options=False)
+    async def scalein() -> Response:
+        try:
+            ids = scale_in_ids(await body())
+        except BodyRefused as exc:
+            return json_error(exc.message)
+        return _operator(await view.scale_in(ids))
+
+    @app.route("/scaleoutRollback", methods=ANY_METHOD, provide_automatic_options=False)
+    async def scaleout_rollback() -> Response:
+        return _operator(await view.scale_out_rollback())
+
+    @app.route("/disableFLS", methods=ANY_METHOD, provide_automatic_options=False)
+    async def disable_fls() -> Response:
+        reply, result = await view.disable_fls()
+        if not reply.ok:
+            return json_error(reply.message)
+        if result is None or not result.answered:
+            return json_error(TIMEOUTS["disableFLS"])
+        if not result.ok:
+            return json_error(result.message)
+        return _ok(reply.message, result=True)
+
+    @app.route("/enableFLS", methods=ANY_METHOD, provide_automatic_options=False)
+    async def enable_fls() -> Response:
+        reply, result = await view.enable_fls()
+        if not reply.ok:
+            return json_error(reply.message)
+        if result is None or not result.answered:
+            return json_error(TIMEOUTS["enableFLS"])
+        if not result.ok:
+            return json_error(result.message)
+        return _ok(reply.message, result=True)
+
+    @app.route("/newInstance", methods=ANY_METHOD, provide_automatic_options=False)
+    async def new_instance() -> Response:
+        try:
+            params = new_instance_params(await body())
+        except BodyRefused as exc:
+            return json_error(exc.message)
+        reply, result = await view.new_instance(params)
+        if not reply.ok:
+            return json_error(reply.message)
+        if result is None or not result.answered:
+            return json_error(TIMEOUTS["newInstance"])
+        if result.ok:
+            return _ok(NEW_INSTANCE_OK, result=True)
+        # The original answers a failed new instance with HTTP 200 (reference §4); the reason is ours.
+        return jsonify(
+            {"code": "1", "error_message": NEW_INSTANCE_FAILED, "result": False, "reason": result.message}
+        )
+
+    @app.route("/queryInstance", methods=ANY_METHOD, provide_automatic_options=False)
+    async def query_instance() -> Response:
+        refusal, result = await view.query_instance()
+        if refusal is not None:
+            return json_error(refusal)
+        if result is None or not result.answered:
+            return json_error(TIMEOUTS["queryInstance"])
+        if not result.ok:
+            return json_error(result.message)
+        return _ok(QUERY_INSTANCE_OK, result=result.result)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

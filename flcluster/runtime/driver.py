@@ -18,6 +18,14 @@ union that ends in ``assert_never``, so a new instruction cannot go unhandled):
 - ``IterationCompleted`` / ``IterationFailed``: the iteration's metrics.json line, from the
   :class:`~flcluster.core.iteration.Visits` the instruction carries; :meth:`Leader.wait_ended` wakes.
 - ``InstanceStateChanged``: logged (the status push below tells the followers).
+- ``InstanceRenewed``: a new instance applies: this Server's latest model becomes model 0, the new FLPlan
+  values go to every follower (``instance_renewed`` with ``reset``), and the status push says iteration 1.
+
+**Scaling barrier** (spec/cluster-protocol.md §8). While the Server sets :attr:`Leader.hold` (the
+cluster is scaling), a startFLJob that would start a new iteration is answered the safemode text without
+reaching the machine; :meth:`Leader.at_rest` says when nothing is in flight, and :attr:`Leader.changed`
+wakes whoever waits for it. :meth:`Leader.follow` aligns the instance with the Scheduler's state
+(``CLUSTER_DISABLE_FLS`` disables, ``CLUSTER_READY`` enables, spec/cluster-protocol.md §9).
 
 After every event, a change of iteration, phase or instance state is pushed to every follower as
 ``iteration_status`` (through the :class:`~flcluster.runtime.peer_leader.PeerHub`).
@@ -47,6 +55,7 @@ import attrs
 import trio
 
 from flcluster.aggregation.metrics import ClientVisitedInfo, IterationMetrics, MetricsWriter
+from flcluster.core.cluster import ClusterState
 from flcluster.core.device_rows import header_json, record_json
 from flcluster.core.iteration import (
     Accepted,
@@ -54,9 +63,13 @@ from flcluster.core.iteration import (
     AggregationDone,
     AggregationFailed,
     ArmWindow,
+    DisableRequested,
     DisarmWindow,
     DiscardPartials,
+    EnableRequested,
     Event,
+    InstanceRenewed,
+    InstanceState,
     InstanceStateChanged,
     Instruction,
     IterationCompleted,
@@ -94,7 +107,7 @@ from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
 from flcluster.store import DeviceRows, RecoveryStore, ServerState, StoredModel, Transition
 from flcluster.verify import ClientVerifier, PublicKey, VerificationFailed
 from flcluster.wire.codes import SAFEMODE_TEXT, CipherRound, ResponseCode
-from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, IterationStatus
+from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, InstanceRenewedMsg, IterationStatus
 from flcluster.wire.model_bytes import weights_to_bytes
 
 log = logging.getLogger("flcluster.leader")
@@ -171,6 +184,10 @@ class Leader:
         self._status: IterationStatus | None = None
         self._causes = itertools.count()
         self._ended = trio.Event()
+        #: While True (the cluster is scaling) no new iteration starts (module docstring).
+        self.hold = False
+        #: Set (and replaced) whenever the machine or the publication changed: :meth:`at_rest` may differ.
+        self.changed = trio.Event()
         self._metrics = MetricsWriter(self.options.metrics_path) if self.options.metrics_path else None
         self._instance_name = self.options.instance_name or f"instance_{time.strftime('%Y%m%d_%H%M%S')}"
         self._prime: int | None = None
@@ -234,7 +251,36 @@ class Leader:
         for ins in outcome.instructions:
             self._carry_out(ins)
         self._push_status()
+        self._signal()
         return outcome.reply
+
+    def _signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def at_rest(self) -> bool:
+        """No iteration is running, aggregating or being published (the scaling barrier, §8)."""
+        return self.machine.phase is Phase.WAITING and not self._publishing
+
+    def follow(self, state: ClusterState) -> None:
+        """Align the instance with the Scheduler's state (spec/cluster-protocol.md §9)."""
+        instance = self.machine.state
+        if state is ClusterState.CLUSTER_DISABLE_FLS and instance is InstanceState.RUNNING:
+            log.info("the cluster is CLUSTER_DISABLE_FLS: disabling the instance")
+            self.feed(DisableRequested(self._cause("follow:disable"), self.clock.now_ms()))
+        elif (
+            state in (ClusterState.CLUSTER_READY, ClusterState.CLUSTER_ENABLE_FLS)
+            and instance is InstanceState.DISABLED
+        ):
+            log.info("the cluster is %s: enabling the instance", state.name)
+            self.feed(EnableRequested(self._cause("follow:enable"), self.clock.now_ms()))
+
+    def plan_message(self) -> InstanceRenewedMsg | None:
+        """The FLPlan values a new instance set, for a follower that links (None: the job's own)."""
+        client = self.machine.client
+        if client is None:
+            return None
+        return InstanceRenewedMsg(client.epochs, client.mini_batch, client.lr, reset=False)
 
     def _changed(self) -> None:
         self._changes += 1
@@ -298,6 +344,9 @@ class Leader:
         """
         if self._publishing:
             # Between iterations: the model of the one that ended is on its way to the followers.
+            return PlainText(SAFEMODE_TEXT)
+        if self.hold and request.op is CountOp.START_FL_JOB and self.machine.phase is Phase.WAITING:
+            # The scaling barrier: no new iteration starts until the scaling is done (cluster-protocol §8).
             return PlainText(SAFEMODE_TEXT)
         key = None
         if self.verifier is not None:
@@ -415,6 +464,17 @@ class Leader:
                 self._wake_ended()
             case InstanceStateChanged(old=old_state, new=new_state):
                 log.info("instance %s -> %s", old_state.value, new_state.value)
+            case InstanceRenewed(config=config, client=client):
+                self.rounds.set_client(client)
+                self.rounds.renew()
+                plan = self.rounds.client()
+                self.peers.broadcast(InstanceRenewedMsg(plan.epochs, plan.mini_batch, plan.lr, reset=True))
+                log.info(
+                    "a new instance applies: iteration 1 of %d, startFLJob threshold %d, FLPlan %s",
+                    config.fl_iteration_num,
+                    config.start_fl_job_threshold,
+                    plan,
+                )
             case _:
                 assert_never(ins)
 
@@ -517,6 +577,7 @@ class Leader:
         for instruction in outcome.instructions:
             self._carry_out(instruction)
         self._push_status()
+        self._signal()
 
     # ------------------------------------------------------------------------------ followers
 

@@ -5,8 +5,9 @@ Theory of operation
 A follower runs a :class:`FollowerSession` over its link to the leader. It forwards the counting part
 of device requests as pipelined ``leader_call`` frames (many in flight, matched by ``call_id``) and
 forwards cipher-round bodies as pipelined ``cipher_call`` frames (answered ``cipher_answer``, the
-response table as payload), and carries out what the leader pushes: the iteration status (applied to this
-Server's :class:`~flcluster.runtime.rounds.RoundService`), models to install (answered ``model_installed``),
+response table as payload), and carries out what the leader pushes: a new instance's FLPlan values
+(``instance_renewed``), the iteration status (applied to this Server's
+:class:`~flcluster.runtime.rounds.RoundService`), models to install (answered ``model_installed``),
 requests for this Server's partial sums of an iteration (with the fl_ids they hold), and partial sums
 to drop. After each committed fold it sends the leader an ``updates_committed`` confirmation
 (pipelined, unanswered; spec/recovery.md §4). The session counts
@@ -29,7 +30,7 @@ import logging
 
 import trio
 
-from flcluster.core.iteration import PlainText
+from flcluster.core.iteration import ClientParams, PlainText
 from flcluster.http.device import DeviceAnswer
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.runtime.peer_wire import call_of, reply_of, view_of
@@ -41,6 +42,7 @@ from flcluster.wire.messages import (
     CollectPartial,
     DropPartials,
     ErrorReply,
+    InstanceRenewedMsg,
     IterationStatus,
     LeaderAnswer,
     ModelInstalled,
@@ -148,6 +150,12 @@ class FollowerSession:
                             nursery.start_soon(self._send_partial, iteration)
                         case DropPartials(iteration=iteration):
                             self._rounds.drop_partials(iteration)
+                        case InstanceRenewedMsg(epochs=epochs, mini_batch=mini_batch, lr=lr, reset=reset):
+                            # A new instance (spec/cluster-protocol.md §9): its FLPlan values; with reset
+                            # it applies now, and this Server's latest model becomes model 0.
+                            self._rounds.set_client(ClientParams(epochs, mini_batch, lr))
+                            if reset:
+                                self._rounds.renew()
                         case ErrorReply(reason=reason):
                             log.warning("the leader reports an error: %s", reason)
                         case PeerPing():

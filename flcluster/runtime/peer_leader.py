@@ -46,6 +46,7 @@ from flcluster.wire.messages import (
     DropPartials,
     ErrorReply,
     HeldUpdates,
+    InstanceRenewedMsg,
     IterationStatus,
     LeaderAnswer,
     LeaderCall,
@@ -64,7 +65,14 @@ COLLECT_TIMEOUT = 30.0
 #: Pushes queued for one follower before it counts as not keeping up.
 OUTBOX = 4096
 
-Push = IterationStatus | DropPartials | ErrorReply | LeaderAnswer | tuple[CipherReply, bytes]
+Push = (
+    IterationStatus
+    | DropPartials
+    | ErrorReply
+    | LeaderAnswer
+    | InstanceRenewedMsg
+    | tuple[CipherReply, bytes]
+)
 """What the leader queues for a follower (sent in order by its writer; a cipher answer with its payload)."""
 
 
@@ -89,6 +97,10 @@ class LeaderDesk(Protocol):
 
     async def cipher(self, round_: CipherRound, body: bytes, server: str) -> bytes | str:
         """Run one cipher-round request that landed on Server ``server``."""
+        ...
+
+    def plan_message(self) -> InstanceRenewedMsg | None:
+        """The FLPlan values a new instance set, for a follower that links (None: the job's own)."""
         ...
 
 
@@ -285,6 +297,9 @@ class PeerHub:
                 self._followers[node_id] = follower
                 self._linked.pop(node_id, trio.Event()).set()
                 iteration, weights = self._rounds.store.latest()
+                plan = desk.plan_message()
+                if plan is not None:
+                    await link.send(plan)  # before the status: devices get the new instance's FLPlan
                 await link.send(desk.status())
                 await link.send(
                     PublishModel(iteration=iteration), weights_to_bytes(weights, self._rounds.spec)

@@ -62,6 +62,7 @@ from flcluster.aggregation.signds import UploadKind, prepare_signds, upload_kind
 from flcluster.core.iteration import (
     MAX_DATA_SIZE,
     Accepted,
+    ClientParams,
     InstanceState,
     Phase,
     PlainText,
@@ -255,6 +256,10 @@ class RoundService:
         self.rank = rank
         self._held: dict[int, list[str]] = {}
         self.plan = plan
+        self._job_plan = plan
+        #: True once this Server left the membership (scaled in): every device request gets the safemode
+        #: text, so devices move on to another Server (spec/cluster-protocol.md §8).
+        self.retired = False
         self.store = ModelStore(keep)
         self.store.reset(initial)
         # True while the models held are this Server's own (its initial model), not the cluster's.
@@ -288,6 +293,8 @@ class RoundService:
 
     async def start_fl_job(self, body: bytes) -> DeviceAnswer:
         """Answer one startFLJob body (reference §2.4, order of checks kept)."""
+        if self.retired:
+            return SAFEMODE_TEXT
         try:
             req = decode_start_fl_job(body)
         except SchemaError as exc:
@@ -319,6 +326,8 @@ class RoundService:
 
     async def update_model(self, body: bytes) -> DeviceAnswer:
         """Answer one updateModel body: check, count at the leader, fold, then acknowledge."""
+        if self.retired:
+            return SAFEMODE_TEXT
         try:
             req = decode_update_model(body)
         except SchemaError as exc:
@@ -408,6 +417,8 @@ class RoundService:
 
     async def get_model(self, body: bytes) -> DeviceAnswer:
         """Answer one getModel body from the models held here (reference §2.4 getModel)."""
+        if self.retired:
+            return SAFEMODE_TEXT
         self._get_model_total += 1
         try:
             req = decode_get_model(body)
@@ -490,6 +501,25 @@ class RoundService:
         if contents.server is not None:
             self.view = attrs.evolve(self.view, iteration=max(self.view.iteration, latest + 1))
 
+    def set_client(self, client: ClientParams | None) -> None:
+        """Send devices ``client``'s FLPlan values from now on (None: the job's own)."""
+        plan = self._job_plan
+        if client is not None:
+            plan = attrs.evolve(plan, epochs=client.epochs, mini_batch=client.mini_batch, lr=client.lr)
+        self.plan = plan
+        self._start_fl_job_cache = None
+
+    def client(self) -> ClientParams:
+        """The FLPlan values devices get now."""
+        return ClientParams(self.plan.epochs, self.plan.mini_batch, self.plan.lr)
+
+    def renew(self) -> None:
+        """A new instance applies (spec/state-machines.md, "New instance"): the latest model becomes model 0
+        and every sum is dropped (the new instance's iteration numbers start again at 1)."""
+        _iteration, weights = self.store.latest()
+        self.store.restart_at(0, weights)
+        self._start_over(0)
+
     def take_get_model_counts(self) -> tuple[int, int]:
         """getModel requests (total, answered with a model) since the last call, for metrics.json."""
         counts = (self._get_model_total, self._get_model_accept)
@@ -565,6 +595,13 @@ class RoundService:
         return Transition(server=server, model=model, keep_models=self.store.keep)
 
     # ----------------------------------------------------------------------------------- helpers
+
+    def _start_over(self, iteration: int) -> None:
+        """Drop every sum; folds from ``iteration + 1`` on are taken again."""
+        self._accumulators.clear()
+        self._held.clear()
+        self._dropped_below = iteration + 1
+        self._start_fl_job_cache = None
 
     def _prepare_update(self, req: UpdateModelRequest) -> Callable[[int], CheckedUpdate] | Rejected:
         """Judge an upload before it is counted; what turns it into the update to fold, given the data size.

@@ -7,6 +7,7 @@ Nursery tree (one ``trio.run`` per process)::
                │                                          └ writer: outbound queue → frames
                ├ liveness reaper (sleeps until the next heartbeat deadline → LivenessCheck)
                ├ start-up deadline (cluster_available_timeout → StartupDeadlinePassed)
+               ├ scaling deadline (sleeps until the machine's scaling deadline → ScalingDeadlinePassed)
                ├ certificate watcher (enable_ssl only: expiry warnings every cert_check_interval_in_hour)
                └ management HTTP (hypercorn.trio.serve, quart-trio app, scheduler_manage_port)
 
@@ -40,6 +41,16 @@ committed before any reply or instruction of that event leaves the Scheduler; a 
 machine back as it was before the event and raises, so nothing that depends on it is sent. The exit
 (``CLUSTER_EXIT``) is not committed: a store keeps the last running membership, so a Scheduler started
 again after a finish gives the Servers their old ranks.
+
+**Operators** (spec/management-api.md, spec/cluster-protocol.md §8–§9). The management app calls
+:meth:`SchedulerNode.scale_out`, :meth:`~SchedulerNode.scale_in`, :meth:`~SchedulerNode.scale_out_rollback`,
+:meth:`~SchedulerNode.disable_fls`, :meth:`~SchedulerNode.enable_fls`, :meth:`~SchedulerNode.new_instance`
+and :meth:`~SchedulerNode.query_instance`; each dispatches the machine's operator event (with the number
+of registered Servers this Scheduler holds a link for) and, for the instance operations, sends one
+``instance_call`` to the leader and waits up to :attr:`SchedulerNode.instance_timeout` for its
+``instance_answer``. A scaling is never committed while it runs (the machine is not *settled*), so a
+restarted Scheduler has rolled it back (spec/recovery.md §9). ``ReleaseNodes`` closes the links of the
+Servers that left the membership, after the final membership has been queued to them.
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import ipaddress
+import itertools
+import json
 import logging
 import os
 import uuid
@@ -58,29 +71,42 @@ import trio
 
 from flcluster.core.cluster import (
     AcceptRegistration,
+    BarrierReached,
     BeginShutdown,
     ClusterConfig,
     ClusterMachine,
     ClusterState,
+    DisableFLSRequested,
+    EnableFLSRequested,
     Event,
     ExitCluster,
     Heartbeat,
+    InstanceOperationEnded,
     Instruction,
     LivenessCheck,
     Member,
+    NewInstanceStarted,
     NodeFinished,
     NodeInfo,
     NodeLivenessChanged,
+    OperatorReply,
     RefuseRegistration,
     RegisterNode,
+    ReleaseNodes,
     Reply,
     Role,
+    ScaleInRequested,
+    ScaleOutRequested,
+    ScaleOutRollbackRequested,
+    ScalingDeadlinePassed,
+    ScalingEnded,
     SendMembership,
     SendShutdown,
     ShutdownDeadlinePassed,
     StartupDeadlinePassed,
     StateChanged,
 )
+from flcluster.core.scaling import InstanceResult
 from flcluster.crashpoints import crash_point
 from flcluster.errors import FrameError, HandshakeFailed, IllegalEvent, MessageError, StoreError
 from flcluster.http.management import create_management_app
@@ -98,12 +124,16 @@ from flcluster.wire.messages import (
     FinishReply,
     HeartbeatMsg,
     HeartbeatReply,
+    InstanceAnswer,
+    InstanceCall,
+    InstanceOp,
     MemberRecord,
     Membership,
     Message,
     NodeProcess,
     Register,
     RegisterReply,
+    ScalingBarrier,
     Shutdown,
 )
 
@@ -111,6 +141,8 @@ log = logging.getLogger("flcluster.scheduler")
 
 HANDSHAKE_TIMEOUT = 10.0
 OUTBOUND_QUEUE = 64
+#: Seconds an instance operation waits for the leader's answer (the original's message-track wait).
+INSTANCE_TIMEOUT = 30.0
 
 
 @attrs.frozen
@@ -132,6 +164,7 @@ class SchedulerSettings:
         heartbeat_timeout: Seconds of silence before a node is not alive.
         cluster_available_timeout: Seconds the cluster may take to form before the Scheduler exits.
         finish_timeout: Seconds a graceful finish waits for the Servers before giving up on them.
+        scaling_timeout: Seconds a scaling may take before it rolls back.
         max_message_size: Limit on cluster frames and management bodies, in bytes.
         store_path: The recovery store file (``config.json``'s ``recovery``, one file per node, see
             :func:`~flcluster.store.node_store_path`); ``""`` when recovery is off (nothing is written).
@@ -149,6 +182,7 @@ class SchedulerSettings:
     heartbeat_timeout: float
     cluster_available_timeout: float
     finish_timeout: float
+    scaling_timeout: float
     max_message_size: int
     store_path: str
     tls: NodeTls | None
@@ -190,6 +224,7 @@ class SchedulerNode:
             ClusterConfig(
                 server_num=settings.server_num,
                 heartbeat_timeout_ms=round(settings.heartbeat_timeout * 1000),
+                scaling_timeout_ms=max(round(settings.scaling_timeout * 1000), 1),
             )
         )
         self.clock = EpochClock()
@@ -203,6 +238,13 @@ class SchedulerNode:
         self._finish_replied = trio.Event()
         self._finish_requested = False
         self._nursery: trio.Nursery | None = None
+        #: Seconds an instance operation waits for the leader (tests shorten it).
+        self.instance_timeout = INSTANCE_TIMEOUT
+        self._calls: dict[int, trio.MemorySendChannel[InstanceAnswer]] = {}
+        self._call_ids = itertools.count()
+        self._operating = trio.Lock()
+        #: Every scaling that ended, in order (for logs, tests and the time-to-ready measurement).
+        self.scalings: list[ScalingEnded] = []
 
     # ----------------------------------------------------------------------- ClusterView (management)
 
@@ -219,6 +261,127 @@ class SchedulerNode:
     def members(self) -> tuple[Member, ...]:
         """Every registered Server, by rank."""
         return self.machine.members()
+
+    def connected(self) -> int:
+        """Registered Servers this Scheduler holds an open link for (the original's connection check)."""
+        return sum(1 for m in self.machine.members() if m.node_id in self._links)
+
+    # ----------------------------------------------------------------------- operators (management)
+
+    def _operator_reply(self, reply: Reply | None) -> OperatorReply:
+        assert isinstance(reply, OperatorReply), f"an operator event got {reply!r}"
+        if not reply.ok:
+            log.info("operator request refused: %s", reply.message)
+        return reply
+
+    async def scale_out(self, server_num: int) -> OperatorReply:
+        """``/scaleout``: add ``server_num`` Servers (spec/cluster-protocol.md §8)."""
+        event = ScaleOutRequested("scaleout", server_num, self.connected(), self.clock.now_ms())
+        return self._operator_reply(await self.dispatch_operator(event))
+
+    async def scale_in(self, node_ids: tuple[str, ...]) -> OperatorReply:
+        """``/scalein``: remove these Servers."""
+        event = ScaleInRequested("scalein", node_ids, self.connected(), self.clock.now_ms())
+        return self._operator_reply(await self.dispatch_operator(event))
+
+    async def scale_out_rollback(self) -> OperatorReply:
+        """``/scaleoutRollback``."""
+        event = ScaleOutRollbackRequested("scaleoutRollback", self.clock.now_ms())
+        return self._operator_reply(await self.dispatch_operator(event))
+
+    async def disable_fls(self) -> tuple[OperatorReply, InstanceResult | None]:
+        """``/disableFLS``: commit the disabled state, then tell the leader (None: refused)."""
+        async with self._operating:
+            reply = self._operator_reply(
+                await self.dispatch_operator(DisableFLSRequested("disableFLS", self.connected()))
+            )
+            if not reply.ok:
+                return reply, None
+            return reply, await self._call_leader(InstanceOp.DISABLE, {})
+
+    async def enable_fls(self) -> tuple[OperatorReply, InstanceResult | None]:
+        """``/enableFLS``: through ENABLE_FLS, tell the leader, then READY."""
+        async with self._operating:
+            reply = self._operator_reply(
+                await self.dispatch_operator(EnableFLSRequested("enableFLS", self.connected()))
+            )
+            if not reply.ok:
+                return reply, None
+            result = await self._call_leader(InstanceOp.ENABLE, {})
+            disabled = result.answered and result.result.get("instance_state") == "disable"
+            await self.dispatch(InstanceOperationEnded("enableFLS ended", disabled))
+            return reply, result
+
+    async def new_instance(self, params: dict[str, object]) -> tuple[OperatorReply, InstanceResult | None]:
+        """``/newInstance``: NEW_INSTANCE while the leader is asked; its answer settles the state."""
+        async with self._operating:
+            reply = self._operator_reply(
+                await self.dispatch_operator(NewInstanceStarted("newInstance", self.connected()))
+            )
+            if not reply.ok:
+                return reply, None
+            result = await self._call_leader(InstanceOp.NEW_INSTANCE, params)
+            disabled = (
+                result.result.get("instance_state") == "disable" if result.answered else self.machine.disabled
+            )
+            await self.dispatch(InstanceOperationEnded("newInstance ended", disabled))
+            return reply, result
+
+    async def query_instance(self) -> tuple[str | None, InstanceResult | None]:
+        """``/queryInstance``: the refusal (or None) and the leader's answer."""
+        refusal = self.machine.ready_refusal(self.connected(), disabled_too=True)
+        if refusal is not None:
+            return refusal, None
+        return None, await self._call_leader(InstanceOp.QUERY_INSTANCE, {})
+
+    async def dispatch_operator(self, event: Event) -> Reply | None:
+        """Feed one event, commit what changed, carry out its instructions; return the machine's reply.
+
+        :meth:`dispatch` is this with the reply turned into its wire message.
+        """
+        async with self._dispatching:
+            before = self.machine.snapshot() if self.store is not None else None
+            outcome = self.machine.handle(event)
+            try:
+                await self._persist()
+            except StoreError:
+                assert before is not None
+                self.machine = ClusterMachine.from_snapshot(self.machine.config, before)
+                raise
+            for ins in outcome.instructions:
+                self._carry_out(ins)
+            self._changed.set()
+            self._changed = trio.Event()
+            return outcome.reply
+
+    async def _call_leader(self, op: InstanceOp, params: dict[str, object]) -> InstanceResult:
+        """Send one ``instance_call`` to the leader and wait for its answer (``answered=False``: none)."""
+        leader = self.machine.leader_id()
+        link = self._links.get(leader) if leader is not None else None
+        if link is None:
+            log.warning("instance operation %s: the leader %r has no link", op.value, leader)
+            return InstanceResult(answered=False)
+        call_id = next(self._call_ids)
+        send, receive = trio.open_memory_channel[InstanceAnswer](1)
+        self._calls[call_id] = send
+        try:
+            self._post(link, InstanceCall(call_id=call_id, op=op, params=json.dumps(params)))
+            with trio.move_on_after(self.instance_timeout):
+                answer = await receive.receive()
+                try:
+                    result = json.loads(answer.result) if answer.result else {}
+                except json.JSONDecodeError:
+                    result = {}
+                return InstanceResult(
+                    answered=True,
+                    ok=answer.ok,
+                    message=answer.message,
+                    result=result if isinstance(result, dict) else {},
+                )
+            log.warning("instance operation %s: the leader %r did not answer in time", op.value, leader)
+            return InstanceResult(answered=False)
+        finally:
+            del self._calls[call_id]
 
     # --------------------------------------------------------------------------------- recovery
 
@@ -255,8 +418,8 @@ class SchedulerNode:
 
     async def _persist(self) -> None:
         """Commit the stored view if it changed (see the module docstring); nothing without a store."""
-        if self.store is None:
-            return
+        if self.store is None or not self.machine.settled:
+            return  # a scaling is committed when it has completed or rolled back (spec/recovery.md §9)
         state = stored_state(self.machine.snapshot())
         if state == self._committed or state.cluster_state == ClusterState.CLUSTER_EXIT.name:
             return
@@ -334,6 +497,7 @@ class SchedulerNode:
                     )
             nursery.start_soon(self._reap_silent_nodes)
             nursery.start_soon(self._startup_deadline)
+            nursery.start_soon(self._scaling_deadlines)
             log.info("Scheduler %s listening on port %d, management %s", self.settings.node_id, port, urls)
             task_status.started(SchedulerAddresses(port=port, manage_urls=urls))
             await self._exited.wait()
@@ -358,21 +522,7 @@ class SchedulerNode:
             StoreError: the commit failed; the machine is as it was before the event and nothing
                 was sent.
         """
-        async with self._dispatching:
-            before = self.machine.snapshot() if self.store is not None else None
-            outcome = self.machine.handle(event)
-            try:
-                await self._persist()
-            except StoreError:
-                assert before is not None
-                self.machine = ClusterMachine.from_snapshot(self.machine.config, before)
-                raise
-            reply = self._wire_reply(outcome.reply)
-            for ins in outcome.instructions:
-                self._carry_out(ins)
-            self._changed.set()
-            self._changed = trio.Event()
-            return reply
+        return self._wire_reply(await self.dispatch_operator(event))
 
     def _wire_reply(self, reply: Reply | None) -> RegisterReply | None:
         match reply:
@@ -383,6 +533,8 @@ class SchedulerNode:
             case RefuseRegistration(node_id=node_id, reason=reason):
                 log.warning("refused registration of %r: %s", node_id, reason)
                 return RegisterReply(accepted=False, rank=-1, reason=reason)
+            case OperatorReply():
+                return None  # the management app takes it from dispatch_operator
             case _:
                 assert_never(reply)
 
@@ -407,6 +559,22 @@ class SchedulerNode:
                 log.info("Scheduler exits: %s", reason)
                 self._exit = ins
                 self._exited.set()
+            case ReleaseNodes(node_ids=node_ids, reason=reason):
+                for node_id in node_ids:
+                    released = self._links.pop(node_id, None)
+                    if released is not None:
+                        # The writer sends what is queued (the final membership), then closes the link.
+                        released.send_channel.close()
+                    log.info("Server %r left the membership (%s)", node_id, reason)
+            case ScalingEnded(kind=kind, completed=completed, took_ms=took, reason=reason):
+                self.scalings.append(ins)
+                log.info(
+                    "scale %s %s after %.3f s: %s",
+                    kind.value,
+                    "completed" if completed else "rolled back",
+                    took / 1000,
+                    reason,
+                )
             case _:
                 assert_never(ins)
 
@@ -432,6 +600,20 @@ class SchedulerNode:
             deadline_ms = self.machine.next_liveness_deadline()
             if deadline_ms is not None and now_ms >= deadline_ms:
                 await self.dispatch(LivenessCheck(cause=f"liveness@{now_ms}", now_ms=now_ms))
+
+    async def _scaling_deadlines(self) -> None:
+        while True:
+            deadline_ms = self.machine.next_scaling_deadline()
+            changed = self._changed
+            if deadline_ms is None:
+                await changed.wait()
+                continue
+            with trio.move_on_at(self.clock.trio_time(deadline_ms)):
+                await changed.wait()
+            now_ms = self.clock.now_ms()
+            deadline_ms = self.machine.next_scaling_deadline()
+            if deadline_ms is not None and now_ms >= deadline_ms:
+                await self.dispatch(ScalingDeadlinePassed(cause=f"scaling_timeout@{now_ms}", now_ms=now_ms))
 
     async def _startup_deadline(self) -> None:
         await trio.sleep(self.settings.cluster_available_timeout)
@@ -584,6 +766,17 @@ class SchedulerNode:
                         server_link.post(HeartbeatReply(state=self.machine.state))
                     case Finished(node_id=node_id) if node_id == server_link.node_id:
                         await self.dispatch(NodeFinished(cause=f"finished:{node_id}", node_id=node_id))
+                    case ScalingBarrier(node_id=node_id, iteration=iteration) if (
+                        node_id == server_link.node_id
+                    ):
+                        await self.dispatch(
+                            BarrierReached(f"barrier:{node_id}", node_id, iteration, self.clock.now_ms())
+                        )
+                    case InstanceAnswer(call_id=call_id):
+                        waiting = self._calls.get(call_id)
+                        if waiting is not None:
+                            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                                waiting.send_nowait(msg)
                     case _:
                         server_link.post(
                             ErrorReply(

@@ -15,7 +15,12 @@ processes, which re-register. :func:`restored_machine` gives every stored member
 ``heartbeat_timeout`` from the restarted Scheduler's own start (``last_heartbeat_ms = now``,
 ``alive``) to re-register before the machine marks it down, and derives the state from the membership
 as the machine would with everyone alive: ``CLUSTER_READY`` when all ``server_num`` Servers are known,
-else ``CLUSTER_STARTING`` (formation goes on).
+else ``CLUSTER_STARTING`` (formation goes on); ``CLUSTER_DISABLE_FLS`` stays disabled (the original
+restores that state too).
+
+A scaling or a transient instance operation is never committed (the driver commits only a *settled*
+machine, :attr:`~flcluster.core.cluster.ClusterMachine.settled`): the store keeps the last settled
+membership, so a Scheduler restarted during a scaling has rolled it back (spec/recovery.md §9).
 """
 
 from __future__ import annotations
@@ -80,12 +85,19 @@ def restored_machine(
             f"its cluster state {state.cluster_state!r} is not one of {', '.join(ClusterState.__members__)}",
         )
     complete = len(state.members) == state.server_num
+    # The one state kept beyond the membership (as the original's recovery): a disabled instance.
+    disabled = complete and state.cluster_state == ClusterState.CLUSTER_DISABLE_FLS.name
+    if disabled:
+        restored = ClusterState.CLUSTER_DISABLE_FLS
+    else:
+        restored = ClusterState.CLUSTER_READY if complete else ClusterState.CLUSTER_STARTING
     snapshot = ClusterSnapshot(
         server_num=state.server_num,
-        state=ClusterState.CLUSTER_READY if complete else ClusterState.CLUSTER_STARTING,
+        state=restored,
         fl_iteration_num=state.fl_iteration_num,
         ever_ready=complete,
         shutting_down=False,
+        disabled=disabled,
         nodes=tuple(
             NodeRecord(
                 info=NodeInfo(

@@ -34,6 +34,19 @@ With ``enable_ssl`` (spec/cluster-protocol.md §7) the links to the Scheduler an
 this Server's client certificate, the peer listener takes only followers with a certificate from the
 cluster's CA (a refused handshake is logged and closed), and the device port is HTTPS.
 
+**Scaling** (spec/cluster-protocol.md §8). A Server starts its role on the first membership that lists it
+in a state a formed cluster has (:data:`FORMED_STATES`), so a Server that joins for a scale-out (or restarts
+during one) is not kept waiting for ``CLUSTER_READY``. While the state is ``CLUSTER_SCALE_OUT`` or
+``CLUSTER_SCALE_IN`` the leader *holds* (no new iteration starts, :attr:`Leader.hold`); a barrier task on
+the Scheduler link sends ``scaling_barrier`` once the leader is at rest, again on every new link. A
+membership that no longer lists this Server (scaled in, or a scale-out rolled back) *retires* it: the
+role stops, every device request gets the safemode text (devices move on), the Scheduler link is not
+opened again, and the process waits for SIGTERM (:func:`run_server` exits 0 on it).
+
+**Instance operations** (spec/cluster-protocol.md §9). The leader answers ``instance_call`` with
+:func:`~flcluster.runtime.instance_ops.answer_call` and follows the Scheduler's state on every membership
+(:meth:`Leader.follow`).
+
 The Server keeps serving when the Scheduler goes away (the Scheduler is not on the data path): the
 scheduler link just reconnects and registers again with ``recovering=True``, and the Scheduler gives
 the same node id its old rank back. A ``shutdown`` from the Scheduler (``flcluster finish``) makes the
@@ -45,7 +58,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from functools import partial
+from typing import Final
 
 import attrs
 import torch
@@ -67,6 +82,7 @@ from flcluster.http.device import create_device_app
 from flcluster.http.serving import serve_app
 from flcluster.runtime.addresses import advertised_address
 from flcluster.runtime.driver import EpochClock, Leader, LocalLeaderChannel
+from flcluster.runtime.instance_ops import answer_call
 from flcluster.runtime.links import FramedLink, LinkClosed, accept_stream, open_stream, peer_name, run_session
 from flcluster.runtime.options import LeaderOptions
 from flcluster.runtime.peer_follower import FollowerSession
@@ -80,6 +96,7 @@ from flcluster.wire.messages import (
     HeartbeatMsg,
     HeartbeatReply,
     HeldUpdates,
+    InstanceCall,
     MemberRecord,
     Membership,
     PeerHello,
@@ -87,6 +104,7 @@ from flcluster.wire.messages import (
     PeerPing,
     Register,
     RegisterReply,
+    ScalingBarrier,
     Shutdown,
 )
 from flcluster.wire.records import FLPlanParams
@@ -94,6 +112,19 @@ from flcluster.wire.records import FLPlanParams
 log = logging.getLogger("flcluster.server")
 
 STARTED_MESSAGE = "Server started successfully."
+#: The states a formed cluster has: a Server listed in a membership in one of them starts its role.
+FORMED_STATES: Final = frozenset(
+    {
+        ClusterState.CLUSTER_READY,
+        ClusterState.CLUSTER_SCALE_OUT,
+        ClusterState.CLUSTER_SCALE_IN,
+        ClusterState.CLUSTER_NEW_INSTANCE,
+        ClusterState.CLUSTER_ENABLE_FLS,
+        ClusterState.CLUSTER_DISABLE_FLS,
+    }
+)
+#: The states in which the leader holds at the scaling barrier.
+SCALING_STATES: Final = frozenset({ClusterState.CLUSTER_SCALE_OUT, ClusterState.CLUSTER_SCALE_IN})
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -249,6 +280,8 @@ class ServerNode:
         self._membership_changed = trio.Event()
         self._shutdown = trio.Event()
         self._recovered = False
+        #: Set once a membership no longer lists this Server (scaled in, or its scale-out rolled back).
+        self.retired = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the Server until the cluster finishes it (or the surrounding scope is cancelled).
@@ -362,13 +395,15 @@ class ServerNode:
                     task_status.started()
                 log.info("registered with the Scheduler as %r, rank %d", self.settings.node_id, reply.rank)
                 lost = await run_session(
-                    partial(self._send_heartbeats, link), partial(self._read_scheduler, link)
+                    partial(self._send_heartbeats, link),
+                    partial(self._read_scheduler, link),
+                    partial(self._report_barrier, link),
                 )
-                if self._shutdown.is_set():
+                if self._shutdown.is_set() or self.retired.is_set():
                     return
                 log.warning("lost the Scheduler link (%s); reconnecting", lost)
             except (LinkClosed, FrameError, trio.TooSlowError) as exc:
-                if self._shutdown.is_set():
+                if self._shutdown.is_set() or self.retired.is_set():
                     return
                 log.warning("lost the Scheduler link (%s); reconnecting", exc)
             finally:
@@ -417,6 +452,10 @@ class ServerNode:
             match msg:
                 case Membership():
                     self._apply_membership(msg)
+                    if self.retired.is_set():
+                        return  # this Server left the membership: the link closes, never reopened
+                case InstanceCall():
+                    await link.send(answer_call(self.leader, msg))
                 case HeartbeatReply(state=state):
                     self.cluster_state = state
                 case Shutdown(reason=reason):
@@ -429,12 +468,33 @@ class ServerNode:
                 case _:
                     log.warning("ignoring an unexpected %r from the Scheduler", msg.TYPE)
 
+    async def _report_barrier(self, link: FramedLink) -> None:
+        """Send ``scaling_barrier`` once per scaling on this link, when this Server leads and is at rest."""
+        reported = False
+        while True:
+            leader = self.leader
+            # Taken before any await, so a change while the barrier is being sent wakes the next wait.
+            waits = [self._membership_changed, self._role_changed]
+            if leader is not None:
+                waits.append(leader.changed)
+            if self.cluster_state not in SCALING_STATES:
+                reported = False
+            elif not reported and leader is not None and leader.hold and leader.at_rest():
+                iteration = leader.machine.current_iteration
+                log.info("at the scaling barrier: holding at iteration %d", iteration)
+                await link.send(ScalingBarrier(node_id=self.settings.node_id, iteration=iteration))
+                reported = True
+            await _wait_any(*waits)
+
     def _apply_membership(self, msg: Membership) -> None:
         self.cluster_state = msg.state
         self.members = msg.members
-        for member in msg.members:
-            if member.node_id == self.settings.node_id:
-                self.rank = member.rank
+        listed = next((m for m in msg.members if m.node_id == self.settings.node_id), None)
+        if listed is None:
+            self._retire(msg)
+            return
+        self.rank = listed.rank
+        self.rounds.rank = listed.rank
         log.info(
             "membership: %s, %s",
             msg.state.name,
@@ -442,8 +502,27 @@ class ServerNode:
                 f"{m.rank}={m.node_id}@{m.host}:{m.port}{'' if m.alive else ' (down)'}" for m in msg.members
             ),
         )
-        if self.cluster_state is ClusterState.CLUSTER_READY:
+        if self.cluster_state in FORMED_STATES:
             self._ready.set()
+        leader = self.leader
+        if leader is not None:
+            leader.hold = self.cluster_state in SCALING_STATES
+            leader.follow(self.cluster_state)
+        self._membership_changed.set()
+        self._membership_changed = trio.Event()
+
+    def _retire(self, msg: Membership) -> None:
+        """No longer a member: stop serving, wait for SIGTERM (spec/cluster-protocol.md §8)."""
+        if self.retired.is_set():
+            return
+        self.rounds.retired = True
+        self.retired.set()
+        log.info(
+            "Server %s was scaled in (the membership in %s lists %s); it stays up until it gets SIGTERM.",
+            self.settings.node_id,
+            msg.state.name,
+            ", ".join(m.node_id for m in msg.members) or "no Server",
+        )
         self._membership_changed.set()
         self._membership_changed = trio.Event()
 
@@ -469,6 +548,9 @@ class ServerNode:
         """
         started = False
         while True:
+            if self.retired.is_set():
+                log.info("the role of Server %s ended: it is no longer a member", self.settings.node_id)
+                await trio.sleep_forever()
             key = self.role_key()
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as role:
@@ -483,7 +565,7 @@ class ServerNode:
             log.info("the membership changed this Server's role (was %s); restarting it", key)
 
     async def _watch_role(self, key: RoleKey, scope: trio.CancelScope) -> None:
-        while self.role_key() == key:
+        while self.role_key() == key and not self.retired.is_set():
             await self._membership_changed.wait()
         scope.cancel()
 
@@ -512,10 +594,13 @@ class ServerNode:
             store=self.recovery,
             verifier=self.client_verifier,
         )
+        # Hold from the start if the cluster is scaling (a leader restarted during a scaling, §8).
+        leader.hold = self.cluster_state in SCALING_STATES
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(leader.run)
                 self.leader = leader
+                leader.follow(self.cluster_state)
                 with self.line.attach(LocalLeaderChannel(leader)):
                     task_status.started()
                     await trio.sleep_forever()
@@ -616,12 +701,43 @@ class ServerNode:
             await link.aclose()
 
 
+async def _wait_any(*events: trio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
+
+
 async def run_server(
     settings: ServerSettings,
     job: JobSettings,
     *,
     task_status: trio.TaskStatus[ServerStarted] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run one Server until the cluster finishes it (the body of ``flcluster server``)."""
+    """Run one Server until the cluster finishes it or SIGTERM comes (the body of ``flcluster server``).
+
+    SIGTERM (``kill -15``, how the guide recycles a scaled-in Server) ends the Server cleanly: its scopes
+    are cancelled, its recovery store closed, and the process exits with status 0.
+    """
     node = ServerNode(settings, job)
-    await node.serve(task_status=task_status)
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_sigterm() -> None:
+                async for _ in signals:
+                    log.info(
+                        "Server %s got SIGTERM%s; exiting",
+                        settings.node_id,
+                        " (scaled in)" if node.retired.is_set() else "",
+                    )
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(on_sigterm)
+            await node.serve(task_status=task_status)
+            nursery.cancel_scope.cancel()

@@ -54,6 +54,15 @@ class CountOp(enum.StrEnum):
     UPDATE_MODEL = "updateModel"
 
 
+class InstanceOp(enum.StrEnum):
+    """What an :class:`InstanceCall` asks the leader (spec/cluster-protocol.md §9)."""
+
+    NEW_INSTANCE = "new_instance"
+    QUERY_INSTANCE = "query_instance"
+    ENABLE = "enable"
+    DISABLE = "disable"
+
+
 class AnswerKind(enum.StrEnum):
     """What a :class:`LeaderAnswer` carries: an acceptance, a rejection, or a plain-text body."""
 
@@ -163,6 +172,39 @@ class Finished:
 
     TYPE: ClassVar[str] = "finished"
     node_id: str
+
+
+@register
+@attrs.frozen
+class ScalingBarrier:
+    """Leader → Scheduler: its iteration is at rest for the scaling in progress; it holds at ``iteration``."""
+
+    TYPE: ClassVar[str] = "scaling_barrier"
+    node_id: str
+    iteration: int
+
+
+@register
+@attrs.frozen
+class InstanceCall:
+    """Scheduler → leader: an instance operation (``params``: a JSON object as text)."""
+
+    TYPE: ClassVar[str] = "instance_call"
+    call_id: int
+    op: InstanceOp
+    params: str
+
+
+@register
+@attrs.frozen
+class InstanceAnswer:
+    """Leader → Scheduler: the answer to :class:`InstanceCall` ``call_id`` (``result``: JSON object text)."""
+
+    TYPE: ClassVar[str] = "instance_answer"
+    call_id: int
+    ok: bool
+    message: str
+    result: str
 
 
 # --------------------------------------------------------------------- operator tool <-> Scheduler
@@ -381,6 +423,19 @@ class UpdatesCommitted:
 
 @register
 @attrs.frozen
+class InstanceRenewedMsg:
+    """Leader → followers: devices get these FLPlan values from now on; ``reset``: a new instance applies
+    now (the latest model becomes model 0; sent without it after a peer hello, for the plan only)."""
+
+    TYPE: ClassVar[str] = "instance_renewed"
+    epochs: int
+    mini_batch: int
+    lr: float
+    reset: bool
+
+
+@register
+@attrs.frozen
 class ErrorReply:
     """Any direction: the previous frame broke a rule; ``reason`` says which. Nothing changed."""
 
@@ -413,6 +468,10 @@ Message = (
     | ModelInstalled
     | HeldUpdates
     | UpdatesCommitted
+    | ScalingBarrier
+    | InstanceCall
+    | InstanceAnswer
+    | InstanceRenewedMsg
     | ErrorReply
 )
 

@@ -172,9 +172,11 @@ async def test_bad_streams_get_an_error_and_hurt_nobody() -> None:
 REFUSED: dict[str, tuple[Register, list[str]]] = {
     "a third node": (register("2"), ["server_num=2", "'0'", "'1'"]),
     "a new node with another server_num": (register("2", server_num=3), ["server_num=3", "server_num=2"]),
+    # A known node id is not held to the total (scaling changes it, spec/cluster-protocol.md §3 rule 3):
+    # another process is refused because node '0' is live (rule 6).
     "a known node id with another server_num": (
         register("0", server_num=3),
-        ["server_num=3", "server_num=2"],
+        ["Node id '0' is held by a live Server"],
     ),
     "a known node id with another fl_iteration_num": (
         register("1", fl_iteration_num=21),
@@ -289,9 +291,14 @@ async def test_bad_management_requests_get_the_original_error_shape() -> None:
             assert response.json()["cluster_state"] == "CLUSTER_READY", what
             cluster.assert_healthy(what)
 
-        for path in ["/scaleout", "/newInstance", "/nodes/", "/nodes/0", "/", "/state/x", "/%00", "/..%2f"]:
+        for path in ["/metrics", "/scaleOut", "/nodes/", "/nodes/0", "/", "/state/x", "/%00", "/..%2f"]:
             message = assert_error_shape(await client.post(f"{url}{path}", content=b"{}"), 404, path)
             assert message.startswith("The management API has no endpoint at this path"), path
+            cluster.assert_healthy(path)
+        # The operator endpoints judge their bodies (tests/unit/test_management_operators.py has them all).
+        for path, key in (("/scaleout", "worker_num"), ("/scalein", "node_ids")):
+            message = assert_error_shape(await client.post(f"{url}{path}", content=b"{}"), 400, path)
+            assert message == f"The json is not contain the key:{key}", path
             cluster.assert_healthy(path)
 
         for method in ["GET", "POST", "PUT", "DELETE", "PATCH"]:

@@ -211,6 +211,7 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("min_retry_delay_ms", 3_600_001, "in [1, 3600000]"),
     ("advertise_host", "10.0.0.1 ", "'' or a host name or IP address"),
     ("finish_timeout", 0, "> 0"),
+    ("scaling_timeout", 0, "> 0"),
 ]
 
 
@@ -446,7 +447,7 @@ def test_field_names() -> None:
     assert names == tuple(a.name for a in attrs.fields(FLContext))
     assert names[0] == "server_mode"
     assert {"enable_fl", "node_id", "checkpoint_keep", "worker_step_num_per_iteration"} <= set(names)
-    assert len(names) == len(set(names)) == 65
+    assert len(names) == len(set(names)) == 66
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -678,6 +679,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "min_retry_delay_ms": st.integers(1, 3_600_000),
     "advertise_host": st.one_of(st.just(""), _HOST_TEXT),
     "finish_timeout": _POSITIVE_FLOAT,
+    "scaling_timeout": _POSITIVE_FLOAT,
 }
 
 

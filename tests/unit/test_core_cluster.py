@@ -623,7 +623,11 @@ def test_a_corrupt_snapshot_is_refused_naming_the_rule() -> None:
         (corrupt(nodes=(a, attrs.evolve(a, rank=1))), "a node id is registered twice"),
         (corrupt(server_num=1), "2 nodes are registered, more than server_num=1"),
         (corrupt(fl_iteration_num=None), "fl_iteration_num is None with 2 nodes registered"),
-        (corrupt(state=ClusterState.CLUSTER_SCALE_OUT), "state CLUSTER_SCALE_OUT is not one this machine"),
+        (
+            corrupt(state=ClusterState.CLUSTER_SCHEDULER_RECOVERY),
+            "state CLUSTER_SCHEDULER_RECOVERY is not one this machine",
+        ),
+        (corrupt(state=ClusterState.CLUSTER_SCALE_OUT), "state CLUSTER_SCALE_OUT does not fit the snapshot"),
         (corrupt(state=ClusterState.NODE_TIMEOUT), "state NODE_TIMEOUT does not fit the liveness"),
         (corrupt(state=ClusterState.CLUSTER_STARTING), "never goes back to starting"),
         (corrupt(nodes=(attrs.evolve(a, last_heartbeat_ms=1.5), b)), "last_heartbeat_ms 1.5"),  # type: ignore[arg-type]
@@ -707,7 +711,7 @@ class ClusterRules(RuleBasedStateMachine):
         known = node_id in self.rank
         expected_refusal = (
             role is not Role.SERVER
-            or server_num != self.server_num
+            or (not known and server_num != self.server_num)
             or (self.fl_iteration_num is not None and fl_iteration_num != self.fl_iteration_num)
             or (not known and len(self.rank) >= self.server_num)
         )

@@ -34,6 +34,7 @@ EXPECTED = {
     "CipherInputError": (THEIRS, 400),
     "MalformedAnswer": (THEIRS, 502),
     "AccessRefused": (THEIRS, 401),
+    "BodyRefused": (THEIRS, 400),
     "ClusterError": (OURS, 503),
     "RegistrationRefused": (OURS, 503),
     "LinkClosed": (OURS, 503),

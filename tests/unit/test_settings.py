@@ -47,6 +47,7 @@ CHANGED: dict[str, object] = {
     "cluster_available_timeout": 77.0,
     "connect_interval": 0.25,
     "finish_timeout": 4.5,
+    "scaling_timeout": 45.0,
     "max_message_size": 12345,
     "max_device_body": 54321,
     "start_fl_job_threshold": 9,
@@ -87,6 +88,7 @@ SOURCES: dict[type, dict[str, str]] = {
         "heartbeat_timeout": "heartbeat_timeout",
         "cluster_available_timeout": "cluster_available_timeout",
         "finish_timeout": "finish_timeout",
+        "scaling_timeout": "scaling_timeout",
         "max_message_size": "max_message_size",
     },
     ServerSettings: {
