@@ -63,6 +63,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from functools import partial
 from typing import assert_never
 
@@ -588,22 +589,24 @@ class SchedulerNode:
     # -------------------------------------------------------------------------------- timers
 
     async def _reap_silent_nodes(self) -> None:
-        while True:
-            deadline_ms = self.machine.next_liveness_deadline()
-            changed = self._changed
-            if deadline_ms is None:
-                await changed.wait()
-                continue
-            with trio.move_on_at(self.clock.trio_time(deadline_ms)):
-                await changed.wait()
-            now_ms = self.clock.now_ms()
-            deadline_ms = self.machine.next_liveness_deadline()
-            if deadline_ms is not None and now_ms >= deadline_ms:
-                await self.dispatch(LivenessCheck(cause=f"liveness@{now_ms}", now_ms=now_ms))
+        await self._on_deadlines(
+            self.machine.next_liveness_deadline,
+            lambda now_ms: LivenessCheck(cause=f"liveness@{now_ms}", now_ms=now_ms),
+        )
 
     async def _scaling_deadlines(self) -> None:
+        await self._on_deadlines(
+            self.machine.next_scaling_deadline,
+            lambda now_ms: ScalingDeadlinePassed(cause=f"scaling_timeout@{now_ms}", now_ms=now_ms),
+        )
+
+    async def _on_deadlines(
+        self, next_deadline: Callable[[], int | None], event_at: Callable[[int], Event]
+    ) -> None:
+        """Dispatch ``event_at(now)`` whenever the machine's ``next_deadline()`` (epoch ms) has passed;
+        re-read it after every change of the machine."""
         while True:
-            deadline_ms = self.machine.next_scaling_deadline()
+            deadline_ms = next_deadline()
             changed = self._changed
             if deadline_ms is None:
                 await changed.wait()
@@ -611,9 +614,9 @@ class SchedulerNode:
             with trio.move_on_at(self.clock.trio_time(deadline_ms)):
                 await changed.wait()
             now_ms = self.clock.now_ms()
-            deadline_ms = self.machine.next_scaling_deadline()
+            deadline_ms = next_deadline()
             if deadline_ms is not None and now_ms >= deadline_ms:
-                await self.dispatch(ScalingDeadlinePassed(cause=f"scaling_timeout@{now_ms}", now_ms=now_ms))
+                await self.dispatch(event_at(now_ms))
 
     async def _startup_deadline(self) -> None:
         await trio.sleep(self.settings.cluster_available_timeout)
