@@ -113,6 +113,18 @@ class ClusterView(Protocol):
         ...
 
 
+def _switch_answer(endpoint: str, reply: OperatorReply, result: InstanceResult | None) -> Response:
+    """The answer of /enableFLS or /disableFLS: the Scheduler's refusal, the leader's timeout or
+    refusal, or success (spec/management-api.md)."""
+    if not reply.ok:
+        return json_error(reply.message)
+    if result is None or not result.answered:
+        return json_error(TIMEOUTS[endpoint])
+    if not result.ok:
+        return json_error(result.message)
+    return _ok(reply.message, result=True)
+
+
 def _ok(message: str, **extra: object) -> Response:
     return jsonify({"code": "0", "message": message, **extra})
 
@@ -191,25 +203,11 @@ def create_management_app(view: ClusterView, *, max_body: int, token: str = "") 
 
     @app.route("/disableFLS", methods=ANY_METHOD, provide_automatic_options=False)
     async def disable_fls() -> Response:
-        reply, result = await view.disable_fls()
-        if not reply.ok:
-            return json_error(reply.message)
-        if result is None or not result.answered:
-            return json_error(TIMEOUTS["disableFLS"])
-        if not result.ok:
-            return json_error(result.message)
-        return _ok(reply.message, result=True)
+        return _switch_answer("disableFLS", *await view.disable_fls())
 
     @app.route("/enableFLS", methods=ANY_METHOD, provide_automatic_options=False)
     async def enable_fls() -> Response:
-        reply, result = await view.enable_fls()
-        if not reply.ok:
-            return json_error(reply.message)
-        if result is None or not result.answered:
-            return json_error(TIMEOUTS["enableFLS"])
-        if not result.ok:
-            return json_error(result.message)
-        return _ok(reply.message, result=True)
+        return _switch_answer("enableFLS", *await view.enable_fls())
 
     @app.route("/newInstance", methods=ANY_METHOD, provide_automatic_options=False)
     async def new_instance() -> Response:
