@@ -13,6 +13,9 @@ figure includes starting the two new processes (Python and torch imports), as an
 
 A second test SIGKILLs an old Server (a follower; the leader) between ``/scaleout`` and ``CLUSTER_READY`` and
 restarts it with its node id (the guide's recovery): the scale-out still completes and training goes on.
+A third SIGKILLs the Scheduler in ``CLUSTER_SCALE_OUT``: restarted, it has rolled the scaling back (nothing
+of a scaling is committed), the old Servers keep their ranks, the joiner is refused and exits, and training
+goes on.
 """
 
 from __future__ import annotations
@@ -323,5 +326,63 @@ def test_a_server_killed_during_scale_out_and_restarted_does_not_wedge_the_clust
             device_log.close()
         wait_ready(cluster, 10)
         check_training(cluster, fleet, log_path, initial, iterations, {"scale_node"})
+    finally:
+        cluster.cleanup()
+
+
+def test_the_scheduler_killed_during_scale_out_rolls_the_scaling_back(tmp_path: Path) -> None:
+    """spec/cluster-protocol.md §8: restarted, the Scheduler has rolled back; the joiner is refused."""
+    iterations = 4
+    options = ClusterOptions(server_num=3, devices=8, fl_iteration_num=iterations, window_ms=60_000)
+    cluster = DrillCluster(tmp_path, options)
+    try:
+        cluster.start()
+        wait_ready(cluster)
+        for node in cluster.servers.values():
+            cluster.wait_started(node)
+        before = cluster.ranks()
+        initial = initial_model(cluster)
+        log_path = tmp_path / "devices.jsonl"
+        device_log = DeviceLog(log_path)
+        fleet = Fleet(
+            [n.url for n in cluster.servers.values()],
+            devices=options.devices,
+            seed=SEED,
+            fl_name=FL_NAME,
+            fl_iteration_num=iterations,
+            log=device_log,
+        )
+        joiners: list[Node] = []
+
+        async def scenario() -> None:
+            await fleet.wait_acked(2, 3)
+            answer = await thread(curl_scaleout, cluster.manage_port, 1)
+            assert answer == {"code": "0", "message": "Cluster begin to scale out."}, answer
+            assert cluster.scheduler is not None
+            await thread(cluster.kill, cluster.scheduler)  # SIGKILL in CLUSTER_SCALE_OUT
+            # The guide's scale-out start, while the Scheduler is down: it registers once it is back.
+            joiners.extend(await thread(start_scale_nodes, cluster, 4, 1))  # type: ignore[arg-type]
+            took = await thread(cluster.restart_scheduler)
+            assert took is not None, f"/state is {cluster.state()!r}"
+            (joiner,) = joiners
+            # Started for the rolled-back total, it is refused and exits with the reason.
+            assert await thread(lambda: wait_gone([joiner.pid], timeout=120)) == []
+            del cluster.servers[joiner.node_id]
+            assert "but the Scheduler expects server_num=3" in joiner.log.read_text()
+
+        async def main() -> None:
+            with trio.fail_after(600):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(scenario)
+                    await fleet.run()
+
+        try:
+            trio.run(main)
+        finally:
+            device_log.close()
+        wait_ready(cluster, 10)
+        assert cluster.ranks() == before  # the old Servers kept their ranks; nobody joined
+        assert set(fleet.done.values()) <= {"finished", f"ran to iteration {iterations}"}, fleet.done
+        check_training(cluster, fleet, log_path, initial, iterations, set())
     finally:
         cluster.cleanup()
