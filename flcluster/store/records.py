@@ -252,6 +252,9 @@ class Transition:
         keep_models: after storing, keep only this many of the newest models (``None``: keep all).
         partial: a write to the running partial sum (Server stores only).
         devices: a write to the leader's device rows (Server stores only; schema version 4).
+        new_history: start the history over: every stored model and the partial sum are deleted first,
+            and ``model`` (required; no ``partial`` beside it) becomes the only model (spec/store.md,
+            "Records"; a new instance, spec/cluster-protocol.md §9).
     """
 
     scheduler: SchedulerState | None = None
@@ -260,6 +263,7 @@ class Transition:
     keep_models: int | None = None
     partial: PartialWrite | None = None
     devices: DeviceRows | None = None
+    new_history: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         if self.keep_models is not None and (
@@ -268,7 +272,12 @@ class Transition:
             or self.keep_models < 1
         ):
             raise ValueError(f"keep_models={self.keep_models!r} is refused; expected None or an integer >= 1")
-        if all(getattr(self, f.name) is None for f in attrs.fields(Transition)):
+        if self.new_history and (self.model is None or self.partial is not None):
+            raise ValueError(
+                "new_history=True is refused without a model or beside a partial-sum write; a new history "
+                "starts with exactly one model and no sum"
+            )
+        if all(getattr(self, f.name) in (None, False) for f in attrs.fields(Transition)):
             raise ValueError("an empty transition is refused; a transition writes at least one thing")
 
 
@@ -324,6 +333,7 @@ def check_roles(identity: NodeIdentity, transition: Transition) -> None:
                 or transition.model is not None
                 or transition.partial is not None
                 or transition.devices is not None
+                or transition.new_history
             ):
                 raise TransitionRefused(
                     f"a Scheduler's store ({identity.node_id!r}) keeps only scheduler state; the transition "
@@ -387,8 +397,10 @@ def apply_transition(contents: StoreContents, transition: Transition) -> StoreCo
         changes["scheduler"] = transition.scheduler
     if transition.server is not None:
         changes["server"] = transition.server
+    if transition.new_history:
+        changes["partial"] = None
     if transition.model is not None or transition.keep_models is not None:
-        models = {m.iteration: m for m in contents.models}
+        models = {} if transition.new_history else {m.iteration: m for m in contents.models}
         if transition.model is not None:
             models[transition.model.iteration] = transition.model
         ordered = [models[i] for i in sorted(models)]

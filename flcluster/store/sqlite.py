@@ -381,6 +381,13 @@ class _Writer:
                         scheduler = t.scheduler
                     if t.server is not None:
                         server = t.server
+                    if t.new_history:
+                        # The history starts over (spec/store.md, "Records"): nothing of the old one,
+                        # nor a sum written earlier in this group, survives this transaction.
+                        db.execute("DELETE FROM models")
+                        db.execute("DELETE FROM partial_sum")
+                        db.execute("DELETE FROM partial_fl_ids")
+                        self.partial_iteration, self.partial_ids, partial = None, set(), None
                     if t.model is not None:
                         db.execute(
                             "INSERT OR REPLACE INTO models (iteration, weights, crc32) VALUES (?, ?, ?)",

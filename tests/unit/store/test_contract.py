@@ -195,6 +195,66 @@ async def test_an_iteration_end_is_one_transition(opener: Opener) -> None:
         assert contents.partial == PartialSumState(2, weights(0), (), 0)
 
 
+async def test_a_new_history_deletes_every_model_and_the_sum_in_its_one_transaction(opener: Opener) -> None:
+    """spec/store.md, "Records": ``new_history`` leaves only its model (a new instance's model 0)."""
+    async with opener.open() as store:
+        for i in range(4):
+            await store.commit(Transition(model=StoredModel(i, weights(i)), keep_models=3))
+        await store.commit(fold(4, "f1", 1))
+        await store.commit(
+            Transition(
+                server=ServerState(1, 1, "running"), model=StoredModel(0, weights(40)), new_history=True
+            )
+        )
+        contents = await store.load()
+        assert contents.models == (StoredModel(0, weights(40)),)
+        assert contents.partial is None
+        assert contents.server == ServerState(1, 1, "running")
+        # The new history goes on from iteration 1: a sum of iteration 1 is no longer "older".
+        await store.commit(fold(1, "f1", 1))
+        await store.commit(Transition(model=StoredModel(1, weights(41)), keep_models=3))
+        contents = await store.load()
+        assert contents.models == (StoredModel(0, weights(40)), StoredModel(1, weights(41)))
+        assert contents.partial == PartialSumState(1, weights(1), ("f1",), 1)
+
+
+async def test_a_new_history_queued_behind_a_fold_drops_that_fold_too(opener: Opener) -> None:
+    """Grouped with earlier writes (SQLite), the new history still wins: nothing older survives it."""
+    async with opener.open() as store:
+        await store.commit(Transition(model=StoredModel(5, weights(5))))
+        async with trio.open_nursery() as nursery:
+            folded = await start_commit(nursery, store, fold(6, "f1", 1))
+            renewed = await start_commit(
+                nursery, store, Transition(model=StoredModel(0, weights(50)), new_history=True)
+            )
+            after = await start_commit(nursery, store, fold(1, "f2", 1))
+        assert folded == renewed == after == [None]
+        contents = await store.load()
+        assert contents.models == (StoredModel(0, weights(50)),)
+        assert contents.partial == PartialSumState(1, weights(1), ("f2",), 1)
+
+
+async def test_a_new_history_survives_a_reopen(opener: Opener) -> None:
+    needs_reopen(opener)
+    async with opener.open() as store:
+        await store.commit(Transition(model=StoredModel(7, weights(7))))
+        await store.commit(fold(8, "f1", 1))
+        await store.commit(Transition(model=StoredModel(0, weights(70)), new_history=True))
+    async with opener.open() as store:
+        contents = await store.load()
+        assert contents.models == (StoredModel(0, weights(70)),)
+        assert contents.partial is None
+
+
+def test_a_new_history_needs_its_model_and_no_sum() -> None:
+    with pytest.raises(ValueError, match="new_history=True is refused"):
+        Transition(new_history=True)
+    with pytest.raises(ValueError, match="new_history=True is refused"):
+        Transition(server=ServerState(0, 1, "running"), new_history=True)
+    with pytest.raises(ValueError, match="new_history=True is refused"):
+        Transition(model=StoredModel(0, weights(0)), partial=PartialReset(1, weights(0)), new_history=True)
+
+
 async def test_each_role_writes_only_its_own_state(opener: Opener) -> None:
     async with opener.open() as store:
         with pytest.raises(TransitionRefused, match="keeps no scheduler state"):
@@ -365,6 +425,9 @@ _transitions = st.one_of(
         lambda i, k: Transition(model=StoredModel(i, weights(i)), keep_models=k),
         st.integers(0, 6),
         st.one_of(st.none(), st.integers(1, 3)),
+    ),
+    st.builds(
+        lambda i: Transition(model=StoredModel(i, weights(200 + i)), new_history=True), st.integers(0, 2)
     ),
 )
 
