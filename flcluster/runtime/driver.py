@@ -191,6 +191,9 @@ class Leader:
         self._metrics = MetricsWriter(self.options.metrics_path) if self.options.metrics_path else None
         self._instance_name = self.options.instance_name or f"instance_{time.strftime('%Y%m%d_%H%M%S')}"
         self._prime: int | None = None
+        #: A new instance's ``instance_renewed`` (reset) for the followers, held until the commit that
+        #: starts the stored history over is done (spec/cluster-protocol.md §9 rule 1).
+        self._renewal_announcement: InstanceRenewedMsg | None = None
 
     @property
     def completed(self) -> tuple[int, ...]:
@@ -296,18 +299,30 @@ class Leader:
             self._dirty = trio.Event()
             changes = self._changes
             crash_point("leader.counting")
+            announcement, self._renewal_announcement = self._renewal_announcement, None
             await store.commit(self._machine_transition())
+            if announcement is not None:
+                self._announce_renewal(announcement)
             self._durable = max(self._durable, changes)
             self._durable_event.set()
             self._durable_event = trio.Event()
 
     def _machine_transition(
-        self, *, model: StoredModel | None = None, keep_models: int | None = None
+        self, *, model: StoredModel | None = None, keep_models: int | None = None, new_history: bool = False
     ) -> Transition:
         """The machine as it is now, for the store: its header, and the rows of the devices changed since
         the last such transition (spec/recovery.md §3.3). Submit it to the store before anything else is
-        taken from the machine: the store applies the rows in the order transitions are submitted."""
+        taken from the machine: the store applies the rows in the order transitions are submitted.
+
+        After a new instance applied between iterations, the first such transition also starts the
+        stored history over with model 0 (spec/cluster-protocol.md §9 rule 1)."""
         m = self.machine
+        if self.rounds.new_history:
+            assert model is None, "a new instance applies only between iterations"
+            iteration, weights = self.rounds.store.latest()
+            model = StoredModel(iteration, weights_to_bytes(weights, self.rounds.spec))
+            keep_models, new_history = self.rounds.store.keep, True
+            self.rounds.history_committed()
         changes = m.take_device_changes()
         rows = DeviceRows(
             rewrite=changes.rewrite,
@@ -315,9 +330,16 @@ class Leader:
             deleted=tuple(r.fl_id for r in changes.records if r.empty),
         )
         state = ServerState(0, m.current_iteration, m.state.value, header_json(m.snapshot_without_devices()))
-        return Transition(server=state, devices=rows, model=model, keep_models=keep_models)
+        return Transition(
+            server=state, devices=rows, model=model, keep_models=keep_models, new_history=new_history
+        )
 
-    async def _wait_durable(self) -> None:
+    def _announce_renewal(self, announcement: InstanceRenewedMsg) -> None:
+        """Tell the followers a new instance applies, its history committed here (§9 rules 1-2)."""
+        crash_point("leader.new_instance")
+        self.peers.broadcast(announcement)
+
+    async def wait_durable(self) -> None:
         """Wait until the machine as it is now is committed (no wait without a store)."""
         if self.store is None:
             return
@@ -360,7 +382,7 @@ class Leader:
         if isinstance(reply, Accepted):
             if key is not None and self.verifier is not None:
                 self.verifier.keep_key(request.fl_id, key, iteration=reply.iteration)
-            await self._wait_durable()
+            await self.wait_durable()
         return reply
 
     async def cipher(self, round_: CipherRound, body: bytes, server: str) -> DeviceAnswer:
@@ -385,7 +407,7 @@ class Leader:
             return encode_refusal(
                 round_, str(exc), iteration=m.current_iteration, next_req_time_ms=m.next_req_time_ms(now)
             )
-        await self._wait_durable()
+        await self.wait_durable()
         return encode_reply(reply)
 
     def _verify(self, verifier: ClientVerifier, request: CountRequest) -> PublicKey | None:
@@ -468,7 +490,11 @@ class Leader:
                 self.rounds.set_client(client)
                 self.rounds.renew()
                 plan = self.rounds.client()
-                self.peers.broadcast(InstanceRenewedMsg(plan.epochs, plan.mini_batch, plan.lr, reset=True))
+                announcement = InstanceRenewedMsg(plan.epochs, plan.mini_batch, plan.lr, reset=True)
+                if self.store is None:
+                    self.peers.broadcast(announcement)
+                else:  # after the commit that starts the stored history over (spec/cluster-protocol.md §9)
+                    self._renewal_announcement = announcement
                 log.info(
                     "a new instance applies: iteration 1 of %d, startFLJob threshold %d, FLPlan %s",
                     config.fl_iteration_num,
@@ -546,15 +572,20 @@ class Leader:
         outcome = self.machine.handle(
             AggregationDone(cause, iteration, now, result.get_model_total, result.get_model_accept)
         )
+        # A pending new instance applies with this iteration's end: model N is its model 0.
+        renewed = any(isinstance(ins, InstanceRenewed) for ins in outcome.instructions)
         self._changes += 1
         self._publishing = True
         try:
             payload = weights_to_bytes(weights, self.rounds.spec)
             if self.store is not None:
-                # Model N and the move to N+1 in one transaction, before anyone sees either.
+                # Model N and the move to N+1 in one transaction, before anyone sees either (with a
+                # new instance: model 0 of a new history and iteration 1, spec/cluster-protocol.md §9).
                 await self.store.commit(
                     self._machine_transition(
-                        model=StoredModel(iteration, payload), keep_models=self.rounds.store.keep
+                        model=StoredModel(0 if renewed else iteration, payload),
+                        keep_models=self.rounds.store.keep,
+                        new_history=renewed,
                     )
                 )
             # The metrics line goes with the commit that completes the iteration (a leader that dies
@@ -576,6 +607,11 @@ class Leader:
             self._publishing = False
         for instruction in outcome.instructions:
             self._carry_out(instruction)
+        if renewed and self.store is not None:  # its new history went with the commit above
+            self.rounds.history_committed()
+            announcement, self._renewal_announcement = self._renewal_announcement, None
+            assert announcement is not None
+            self._announce_renewal(announcement)
         self._push_status()
         self._signal()
 

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The Scheduler sends one ``instance_call`` to the rank-0 member per ``/newInstance``, ``/queryInstance``,
 ``/enableFLS`` and ``/disableFLS`` (spec/management-api.md). The Server that gets it answers with
-:func:`answer_call`, synchronously, from its :class:`~flcluster.runtime.driver.Leader`:
+:func:`answer_call` from its :class:`~flcluster.runtime.driver.Leader`, once what the operation changed
+is committed to the leader's recovery store (when there is one):
 
 - ``query_instance``: the nine values in force (the machine's :class:`IterationConfig` and the FLPlan
   values devices get now);
@@ -14,7 +15,8 @@ The Scheduler sends one ``instance_call`` to the rank-0 member per ``/newInstanc
   (:func:`flcluster.config.check_field`; an unknown key is refused), merged onto the values in force and
   built into a new :class:`IterationConfig` (whose rules are checked together), then
   :class:`NewInstanceRequested`; the machine says whether it applies now, later, or not at all. With a
-  recovery store it is refused (:data:`NEW_INSTANCE_WITH_RECOVERY`).
+  recovery store, one that applies now is answered after the commit that starts the stored history over
+  (spec/cluster-protocol.md §9, "With recovery configured").
 
 Every answer carries ``instance_state`` in its result, so the Scheduler can settle its own state
 (``CLUSTER_DISABLE_FLS`` or not) from what the leader holds. A Server that does not lead answers
@@ -43,7 +45,7 @@ from flcluster.errors import ConfigError, IllegalEvent
 from flcluster.runtime.driver import Leader
 from flcluster.wire.messages import InstanceAnswer, InstanceCall, InstanceOp
 
-__all__ = ["INSTANCE_KEYS", "NEW_INSTANCE_WITH_RECOVERY", "NOT_LEADER", "answer_call", "instance_values"]
+__all__ = ["INSTANCE_KEYS", "NOT_LEADER", "answer_call", "instance_values"]
 
 log = logging.getLogger("flcluster.leader")
 
@@ -60,13 +62,6 @@ INSTANCE_KEYS: Final = (
     "global_iteration_time_window",
 )
 NOT_LEADER: Final = "This Server does not lead the cluster (it is not rank 0)."
-#: A new instance restarts the iteration numbers at 1, but the recovery stores keep models by iteration
-#: (the newest kept): a restart would take the old instance's models back. Refused until the stores can
-#: start their model history over (spec/cluster-protocol.md §9).
-NEW_INSTANCE_WITH_RECOVERY: Final = (
-    "A new instance is not supported while recovery is configured (config.json's recovery section): the "
-    "recovery stores keep models by iteration number, which a new instance starts again at 1."
-)
 #: The IterationConfig field of each instance key that is one.
 _CONFIG_FIELDS: Final = {
     "start_fl_job_threshold": "start_fl_job_threshold",
@@ -123,7 +118,7 @@ def _judged(
     return attrs.evolve(config, **changes), attrs.evolve(client, **plan)
 
 
-def answer_call(leader: Leader | None, call: InstanceCall) -> InstanceAnswer:
+async def answer_call(leader: Leader | None, call: InstanceCall) -> InstanceAnswer:
     """The answer to one ``instance_call`` (see the module docstring)."""
     if leader is None:
         return InstanceAnswer(call.call_id, False, NOT_LEADER, "{}")
@@ -137,8 +132,6 @@ def answer_call(leader: Leader | None, call: InstanceCall) -> InstanceAnswer:
             leader.feed(DisableRequested(f"instance:{call.call_id}", leader.clock.now_ms()))
         case InstanceOp.ENABLE:
             leader.feed(EnableRequested(f"instance:{call.call_id}", leader.clock.now_ms()))
-        case InstanceOp.NEW_INSTANCE if leader.store is not None:
-            ok, message = False, NEW_INSTANCE_WITH_RECOVERY
         case InstanceOp.NEW_INSTANCE:
             try:
                 config, client = _judged(
@@ -152,6 +145,7 @@ def answer_call(leader: Leader | None, call: InstanceCall) -> InstanceAnswer:
             else:
                 assert isinstance(reply, OperatorAnswer)
                 ok, message = reply.changed, reply.message
+    await leader.wait_durable()
     result: dict[str, object] = {"instance_state": leader.machine.state.value}
     if call.op is InstanceOp.QUERY_INSTANCE:
         result.update(instance_values(leader))

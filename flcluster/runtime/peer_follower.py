@@ -31,6 +31,7 @@ import logging
 import trio
 
 from flcluster.core.iteration import ClientParams, PlainText
+from flcluster.crashpoints import crash_point
 from flcluster.http.device import DeviceAnswer
 from flcluster.runtime.links import FramedLink, LinkClosed
 from flcluster.runtime.peer_wire import call_of, reply_of, view_of
@@ -152,10 +153,13 @@ class FollowerSession:
                             self._rounds.drop_partials(iteration)
                         case InstanceRenewedMsg(epochs=epochs, mini_batch=mini_batch, lr=lr, reset=reset):
                             # A new instance (spec/cluster-protocol.md §9): its FLPlan values; with reset
-                            # it applies now, and this Server's latest model becomes model 0.
+                            # it applies now, and this Server's latest model becomes model 0, committed
+                            # as a new history before anything else is taken from the link (rule 2).
                             self._rounds.set_client(ClientParams(epochs, mini_batch, lr))
                             if reset:
                                 self._rounds.renew()
+                                crash_point("follower.new_instance")
+                                await self._rounds.persist_model(0)
                         case ErrorReply(reason=reason):
                             log.warning("the leader reports an error: %s", reason)
                         case PeerPing():

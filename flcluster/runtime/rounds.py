@@ -264,6 +264,9 @@ class RoundService:
         self.store.reset(initial)
         # True while the models held are this Server's own (its initial model), not the cluster's.
         self._own_history = True
+        # True from a start-over of the models held (a new instance, or the leader's older model) until
+        # it is committed with new_history (spec/cluster-protocol.md §9, "With recovery configured").
+        self._new_history = False
         self.view = IterationView()
         self.line = line
         self._device = device
@@ -515,10 +518,24 @@ class RoundService:
 
     def renew(self) -> None:
         """A new instance applies (spec/state-machines.md, "New instance"): the latest model becomes model 0
-        and every sum is dropped (the new instance's iteration numbers start again at 1)."""
+        and every sum is dropped (the new instance's iteration numbers start again at 1).
+
+        The next model commit (:meth:`persist_model` on a follower, the leader's machine commit) starts
+        the stored history over (:attr:`new_history`)."""
         _iteration, weights = self.store.latest()
         self.store.restart_at(0, weights)
         self._start_over(0)
+        self._new_history = True
+
+    @property
+    def new_history(self) -> bool:
+        """Whether the models held started over since the last model commit (a new instance, or the
+        leader's older model): that commit must delete the stored ones (``Transition.new_history``)."""
+        return self._new_history
+
+    def history_committed(self) -> None:
+        """The models held are committed as a new history (the leader's driver committed them itself)."""
+        self._new_history = False
 
     def take_get_model_counts(self) -> tuple[int, int]:
         """getModel requests (total, answered with a model) since the last call, for metrics.json."""
@@ -545,18 +562,22 @@ class RoundService:
         its own (a fresh follower: only its initial model) it replaces them all. Otherwise a newer model
         is added; a model for the latest iteration held (a re-sync after a reconnect or a restart from
         the store) replaces that one and keeps the history; an older one means this Server was ahead of
-        the leader, and it starts over from the leader's. The sums of ``iteration`` and older are
-        dropped: they are in this model, or their iteration failed.
+        the leader (it missed a new instance's ``reset``, spec/cluster-protocol.md §9 rule 3), and it
+        starts over from the leader's, every sum dropped. Otherwise the sums of ``iteration`` and older
+        are dropped: they are in this model, or their iteration failed.
         """
         latest, _ = self.store.latest()
         if from_leader and self._own_history:
             self.store.restart_at(iteration, weights)
+            self._new_history = True
         elif iteration > latest:
             self.store.put(iteration, weights)
         elif iteration == latest:
             self.store.replace_latest(weights)
         else:
             self.store.restart_at(iteration, weights)
+            self._start_over(iteration)
+            self._new_history = True
         self._own_history = False
         self._forget_sums(iteration)
 
@@ -576,9 +597,14 @@ class RoundService:
             return
         iteration, weights = self.store.latest()
         await self.recovery.commit(self._model_transition(iteration, weights))
+        self._new_history = False
 
     async def persist_model(self, iteration: int) -> None:
-        """Commit the model of ``iteration`` (and this Server's state) to the store, if there is one."""
+        """Commit the model of ``iteration`` (and this Server's state) to the store, if there is one.
+
+        After a start-over of the models held (:attr:`new_history`) the commit starts the stored history
+        over too, so that a restart cannot take the old models back (spec/cluster-protocol.md §9).
+        """
         if self.recovery is None:
             return
         weights = self.store.get(iteration)
@@ -586,13 +612,17 @@ class RoundService:
             return
         state = ServerState(self.rank, iteration + 1, self.view.instance_state.value, None)
         await self.recovery.commit(self._model_transition(iteration, weights, server=state))
+        self._new_history = False
 
     def _model_transition(
         self, iteration: int, weights: ModelWeights, *, server: ServerState | None = None
     ) -> Transition:
-        """The store transition that keeps ``weights`` as the model of ``iteration`` (the newest ``keep``)."""
+        """The store transition that keeps ``weights`` as the model of ``iteration`` (the newest ``keep``),
+        starting the stored history over when the models held did (:attr:`new_history`)."""
         model = StoredModel(iteration, weights_to_bytes(weights, self.spec))
-        return Transition(server=server, model=model, keep_models=self.store.keep)
+        return Transition(
+            server=server, model=model, keep_models=self.store.keep, new_history=self._new_history
+        )
 
     # ----------------------------------------------------------------------------------- helpers
 

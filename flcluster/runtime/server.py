@@ -455,7 +455,7 @@ class ServerNode:
                     if self.retired.is_set():
                         return  # this Server left the membership: the link closes, never reopened
                 case InstanceCall():
-                    await link.send(answer_call(self.leader, msg))
+                    await link.send(await answer_call(self.leader, msg))
                 case HeartbeatReply(state=state):
                     self.cluster_state = state
                 case Shutdown(reason=reason):

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 
-import attrs
 import httpx
 import numpy as np
 import trio
 import trio.testing
 
 from flcluster.core.cluster import ClusterState
-from flcluster.runtime.instance_ops import NEW_INSTANCE_WITH_RECOVERY
-from flcluster.runtime.scheduler import SchedulerNode
 from flcluster.runtime.server import ServerNode
 from flcluster.wire.client_codec import (
     decode_start_fl_job_response,
@@ -33,7 +29,6 @@ from tests.helpers import (
     FL_NAME,
     InProcessCluster,
     lenet_job,
-    loopback_scheduler,
     loopback_server,
     open_cluster,
 )
@@ -289,30 +284,6 @@ async def test_instance_operations_through_the_management_port(
         assert status == 200 and answer["result"] is True  # type: ignore[index]
         await wait_state(cluster, ClusterState.CLUSTER_READY)
         assert leader.leader.machine.state.value == "running"
-
-
-async def test_a_new_instance_is_refused_while_recovery_is_configured(tmp_path: Path) -> None:
-    scheduler = SchedulerNode(loopback_scheduler(1))
-    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
-        addresses = await nursery.start(scheduler.serve)
-        one = lenet_job(1, ITERATIONS)
-        settings = attrs.evolve(
-            loopback_server("0", 1, scheduler_port=addresses.port, fl_iteration_num=ITERATIONS),
-            store_path=str(tmp_path / "recovery.server-0.sqlite"),
-        )
-        server = ServerNode(settings, one)
-        started = await nursery.start(server.serve)
-        url = started.device_urls[0]
-        devices = Devices(client)
-        await devices.iteration(1, [(url, "a", 1.0, 1)])
-        assert server.leader is not None and await server.leader.wait_ended(1)
-        before = server.leader.machine.snapshot()
-        reply, result = await scheduler.new_instance({"fl_iteration_num": 3})
-        assert reply.ok and result is not None and result.answered
-        assert (result.ok, result.message) == (False, NEW_INSTANCE_WITH_RECOVERY)
-        assert server.leader.machine.snapshot() == before
-        assert scheduler.state is ClusterState.CLUSTER_READY
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_rolled_back_scale_out_releases_the_server_that_joined(
