@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -214,7 +215,7 @@ def test_flcluster_scale_out_and_in_while_devices_train(tmp_path: Path) -> None:
             refused(done, "flcluster: /scaleout was refused (HTTP 400): The cluster is not ready.")
             assert cluster.state() == "CLUSTER_SCALE_OUT"
             # What the command said: the new Server with the new total, as the guide's scale_node.
-            (new,) = await thread(start_scale_nodes, cluster, 3, 1)  # type: ignore[misc]
+            (new,) = await trio.to_thread.run_sync(start_scale_nodes, cluster, 3, 1)
             await thread(wait_ready, cluster)
             await thread(cluster.wait_started, new)
             fleet.urls.append(new.url)
@@ -279,7 +280,7 @@ def test_flcluster_instance_query_disable_enable_new(tmp_path: Path) -> None:
             "update_model_time_window": options.window_ms,
         }
 
-        def query(state: str, shown: dict[str, object]) -> None:
+        def query(state: str, shown: Mapping[str, object]) -> None:
             done = flcluster(cluster, "instance", "query")
             assert done.returncode == 0, done.stderr
             assert answer_of(done) == {
