@@ -47,7 +47,13 @@ from flcluster.config import (
 )
 from flcluster.errors import FLClusterError
 from flcluster.launch import start_servers
-from flcluster.manage_tool import INSTANCE_PATHS, instance_body, scale_request
+from flcluster.manage_tool import (
+    INSTANCE_PATHS,
+    check_server_total,
+    instance_body,
+    scale_next_step,
+    scale_request,
+)
 from flcluster.manage_tool import call as manage_call
 from flcluster.manage_tool import run as manage_run
 from flcluster.operator import OperatorAccess, access_from_args, add_access_arguments, finish_from_args
@@ -95,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _scale(args: argparse.Namespace, access: OperatorAccess) -> int:
+    check_server_total(args.servers)
     base = f"{access.scheme}://{args.scheduler_manage_host}:{args.scheduler_manage_port}"
     status, nodes = manage_call(base, "/nodes", access)
     if status != 200 or not isinstance(nodes, dict):
@@ -106,7 +113,10 @@ def _scale(args: argparse.Namespace, access: OperatorAccess) -> int:
         return 0
     path, body = request
     print(f"flcluster: POST {path} {json.dumps(body)}")
-    return manage_run(base, path, access, body)
+    code = manage_run(base, path, access, body)
+    if code == 0:
+        print(scale_next_step(path, body, args.servers))
+    return code
 
 
 def _instance(args: argparse.Namespace, access: OperatorAccess) -> int:

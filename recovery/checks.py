@@ -147,15 +147,19 @@ def compare_model(got: Model, want: Model) -> str | None:
     return None
 
 
-def read_metrics(path: Path) -> dict[int, list[bool]]:
-    """``metrics.json`` → iteration → the ``iterationResult`` of each line written for it (``success``)."""
+def read_metrics(path: Path, *, skip: int = 0) -> dict[int, list[bool]]:
+    """``metrics.json`` → iteration → the ``iterationResult`` of each line written for it (``success``).
+
+    ``skip`` lines are left out first (those of an instance before a new instance, whose iteration numbers
+    start again at 1).
+    """
     results: dict[int, list[bool]] = defaultdict(list)
     if not path.exists():
         return {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            results[int(row["currentIteration"])].append(row["iterationResult"] == "success")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for line in lines[skip:]:
+        row = json.loads(line)
+        results[int(row["currentIteration"])].append(row["iterationResult"] == "success")
     return dict(results)
 
 

@@ -19,6 +19,9 @@ Each device loops until it has taken part in ``fl_iteration_num`` iterations or 
    answer is retried; OutOfTime that is not the repeated-update answer sends it back to step 1;
 3. getModel of that iteration, polled until SUCCEED; then it aims at the next iteration.
 
+A device stops ("finished") at the first "disabled or finished" answer, whichever request got it
+(getModel gets it only from a disabled instance: a finished job still serves its models).
+
 Every answer is one :class:`~recovery.devicelog.LogEntry`. :meth:`Fleet.wait_acked` lets a drill act
 "under load": it returns when ``n`` updates of iteration ``k`` have been acknowledged.
 """
@@ -244,6 +247,10 @@ class Fleet:
                     self._write(fl_id, "getModel", k, declared, url, a)
                 if a.retcode == "SUCCEED":
                     break
+                if a.retcode == TEXT and a.reason == ServerText.DISABLED_OR_FINISHED.value:
+                    # getModel is served after the job finished: this is an instance disabled meanwhile.
+                    self.done[fl_id] = "finished"
+                    return
                 await trio.sleep(RETRY)
             aim = k + 1
         self.done[fl_id] = f"ran to iteration {aim - 1}"

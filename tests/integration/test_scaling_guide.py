@@ -23,36 +23,27 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
-from recovery.checks import (
-    Finding,
-    acknowledged_updates,
-    check_device_log,
-    check_models,
-    compare_model,
-    read_metrics,
-)
 from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster, Node
-from recovery.devicelog import DeviceLog, read_log
-from recovery.fleet import Fleet, fetch_model
-from recovery.harness import free_port_block, wait_for_log_line, wait_gone
+from recovery.devicelog import DeviceLog
+from recovery.fleet import Fleet
+from recovery.harness import wait_for_log_line, wait_gone
+from tests.integration.cluster_tools import (
+    SEED,
+    check_training,
+    curl,
+    initial_model,
+    start_scale_nodes,
+    thread,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.integration
-
-SEED = 5
-
-
-def curl(*args: str) -> dict[str, object]:
-    """Run ``curl`` as the guide does; the JSON body of its answer."""
-    done = subprocess.run(["curl", "-s", *args], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(done.stdout)
 
 
 def curl_scaleout(manage_port: int, k: int) -> dict[str, object]:
@@ -66,110 +57,6 @@ def curl_scaleout(manage_port: int, k: int) -> dict[str, object]:
         body,
         f"http://127.0.0.1:{manage_port}/scaleout",
     )
-
-
-def start_scale_nodes(
-    cluster: DrillCluster, total: int, count: int, node_id: str = "scale_node"
-) -> list[Node]:
-    """The guide's scale-out start: ``--node_id=scale_node --server_num=N --local_server_num=K``."""
-    port = free_port_block(count, host="127.0.0.1", low=44000, high=48000)
-    args = [
-        *cluster.server_flags(),
-        f"--node_id={node_id}",
-        f"--fl_server_port={port}",
-        f"--server_num={total}",
-        f"--local_server_num={count}",
-    ]
-    started = cluster._launch("run_mobile_server.py", args, {})
-    nodes = []
-    for i, (pid, log) in enumerate(started):
-        ident = node_id if count == 1 else f"{node_id}{i}"
-        nodes.append(Node(f"server {ident}", ident, pid, log, port + i))
-        cluster.servers[ident] = nodes[-1]
-    return nodes
-
-
-def wait_ready(cluster: DrillCluster, timeout: float = 180) -> None:
-    waited = cluster.wait_state("CLUSTER_READY", timeout)
-    assert waited is not None, f"/state is {cluster.state()!r}, /nodes {cluster.ranks()}"
-
-
-async def thread(fn: object, *args: object) -> object:
-    return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
-
-
-def barrier_iteration(cluster: DrillCluster) -> int:
-    """The iteration the leader first held at (its log line ``at the scaling barrier: ...``)."""
-    found = []
-    for node in cluster.servers.values():
-        for line in node.log.read_text().splitlines():
-            if "at the scaling barrier: holding at iteration" in line:
-                found.append(int(line.rsplit(" ", 1)[1]))
-                break
-    assert found, "no Server logged the scaling barrier"
-    return min(found)
-
-
-def check_training(
-    cluster: DrillCluster, fleet: Fleet, log_path: Path, initial: object, iterations: int, joined: set[str]
-) -> None:
-    """Every iteration completed; the live Servers' models are FedAvg of the acknowledged updates.
-
-    A Server that joined in a scale-out holds the models from the one before the barrier on (for an older
-    iteration it serves its latest, as any Server without that model): its models from then on must equal
-    the others'. The others are checked against FedAvg from iteration 0.
-    """
-    entries = read_log(log_path)
-    acks = acknowledged_updates(entries)
-    outcomes = read_metrics(cluster.metrics_path)
-    assert {k: v for k, v in outcomes.items()} == {k: [True] for k in range(1, iterations + 1)}, outcomes
-    live = {n.node_id: n.url for n in cluster.servers.values() if wait_gone([n.pid], timeout=0)}  # still up
-    assert len(live) >= 3, live
-
-    async def served() -> dict[str, dict[int, object]]:
-        out: dict[str, dict[int, object]] = {}
-        async with httpx.AsyncClient(timeout=10) as client:
-            for node_id, url in live.items():
-                out[node_id] = {
-                    k: await fetch_model(client, url, FL_NAME, k, tries=5) for k in range(iterations + 1)
-                }
-        return out
-
-    models = trio.run(served)
-    first = barrier_iteration(cluster) - 1 if joined else 0
-    old = {n: m for n, m in models.items() if n not in joined}
-    findings = check_device_log(entries, iterations)
-    findings += check_models(
-        fl_iteration_num=iterations,
-        initial=initial,  # type: ignore[arg-type]
-        served=old,  # type: ignore[arg-type]
-        acks=acks,
-        outcomes=outcomes,
-        seed=SEED,
-    )
-    reference = next(iter(old.values()))
-    for node_id in joined & set(models):
-        for k in range(first, iterations + 1):
-            got, want = models[node_id][k], reference[k]
-            assert got is not None and want is not None, (node_id, k)
-            wrong = compare_model(got, want)  # type: ignore[arg-type]
-            findings.append(Finding(f"model {k} on joiner {node_id}", wrong is None, wrong or "same"))
-    bad = [f for f in findings if not f.ok]
-    assert not bad, bad
-    # No device gave up: each took part in every iteration (the threshold is every device).
-    assert all(len(acks.get(k, ())) == fleet.devices for k in range(1, iterations + 1)), {
-        k: len(v) for k, v in acks.items()
-    }
-
-
-def initial_model(cluster: DrillCluster) -> object:
-    async def get() -> object:
-        async with httpx.AsyncClient(timeout=10) as client:
-            return await fetch_model(client, next(iter(cluster.servers.values())).url, FL_NAME, 0)
-
-    model = trio.run(get)
-    assert model is not None
-    return model
 
 
 def test_the_guides_scaling_commands_while_30_devices_train(tmp_path: Path) -> None:

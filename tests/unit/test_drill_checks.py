@@ -182,3 +182,6 @@ def test_read_metrics(tmp_path: Path) -> None:
         '{"currentIteration":2,"iterationResult":"success"}\n'
     )
     assert read_metrics(path) == {1: [True], 2: [False, True]}
+    # The lines of an instance before a new instance are skipped (its numbers start again at 1).
+    assert read_metrics(path, skip=1) == {2: [False, True]}
+    assert read_metrics(path, skip=3) == {}

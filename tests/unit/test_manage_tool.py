@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from flcluster import cli
 from flcluster.errors import ConfigError
-from flcluster.manage_tool import instance_body, scale_request
+from flcluster.manage_tool import instance_body, refusal_line, scale_next_step, scale_request
 
 NODES = {
     "code": "0",
@@ -47,3 +48,48 @@ def test_instance_new_takes_key_number_pairs() -> None:
     for bad in (["fl_iteration_num"], ["fl_iteration_num=x"], ["=3"], ["a=true"]):
         with pytest.raises(ConfigError, match="key=number"):
             instance_body(bad)
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_instance_new_refuses_a_number_that_is_not_finite(text: str) -> None:
+    # json.loads reads these, and json.dumps would send them as no JSON at all.
+    with pytest.raises(ConfigError, match="finite numbers"):
+        instance_body([f"client_learning_rate={text}"])
+
+
+def test_a_refusal_says_why_the_scheduler_or_the_leader_refused() -> None:
+    # /newInstance refused by the leader: HTTP 200, "code": "1", the reason is the leader's.
+    answer = {
+        "code": "1",
+        "error_message": "Start new instance failed.",
+        "result": False,
+        "reason": "This is just the first iteration, do not need to new instance.",
+    }
+    assert refusal_line("/newInstance", 200, answer) == (
+        "flcluster: /newInstance was refused (HTTP 200): Start new instance failed. "
+        "This is just the first iteration, do not need to new instance."
+    )
+    assert refusal_line("/scaleout", 400, {"error_message": "The cluster is not ready.", "code": "1"}) == (
+        "flcluster: /scaleout was refused (HTTP 400): The cluster is not ready."
+    )
+    assert refusal_line("/scalein", 502, ["x"]) == 'flcluster: /scalein answered HTTP 502 with ["x"]'
+
+
+def test_scale_tells_the_operator_what_to_do_next() -> None:
+    out = scale_next_step("/scaleout", {"worker_num": 0, "server_num": 2}, 6)
+    assert "waits for 2 new Servers" in out
+    assert "--node_id=scale_node --server_num=6 --local_server_num=2" in out
+    out = scale_next_step("/scalein", {"node_ids": ["2", "3"]}, 2)
+    assert "Servers 2, 3 leave the cluster" in out
+    assert "SIGTERM (kill -15 <pid>)" in out
+
+
+@pytest.mark.parametrize("servers", ["0", "-1"])
+def test_flcluster_scale_below_one_is_refused_before_the_scheduler_is_asked(
+    servers: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Port 1 answers nothing: the refusal must come before any request.
+    assert cli.main(["scale", "--servers", servers, "--scheduler_manage_port", "1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"flcluster: --servers={servers}: a cluster needs at least 1 Server\n"
+    assert captured.out == ""
