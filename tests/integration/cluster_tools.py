@@ -5,6 +5,8 @@ the devices are :class:`recovery.fleet.Fleet`; this module adds what a test does
 
 - :func:`start_scale_nodes`: the guide's scale-out start (``--node_id=scale_node --server_num=N
   --local_server_num=K``) through ``run_mobile_server.py``;
+- :func:`release_scaled_in`: the scaled-in Servers' end as the guide has it (they say they stay up until
+  SIGTERM; the devices move on; ``kill -15``);
 - :func:`wait_ready`, :func:`initial_model`, :func:`thread` (a blocking call from a trio scenario);
 - :func:`check_training`: every iteration completed and every live Server's model of every iteration is
   FedAvg over exactly the acknowledged updates (:func:`recovery.checks.check_models`), a Server that
@@ -14,6 +16,8 @@ the devices are :class:`recovery.fleet.Fleet`; this module adds what a test does
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -31,14 +35,16 @@ from recovery.checks import (
 from recovery.cluster import FL_NAME, DrillCluster, Node
 from recovery.devicelog import read_log
 from recovery.fleet import Fleet, fetch_model
-from recovery.harness import free_port_block, wait_gone
+from recovery.harness import free_port_block, wait_for_log_line, wait_gone
 
 __all__ = [
     "SEED",
+    "assert_exited_on_sigterm",
     "barrier_iteration",
     "check_training",
     "curl",
     "initial_model",
+    "release_scaled_in",
     "start_scale_nodes",
     "thread",
     "wait_ready",
@@ -85,6 +91,34 @@ def wait_ready(cluster: DrillCluster, timeout: float = 180) -> None:
 async def thread(fn: object, *args: object) -> object:
     """Run the blocking ``fn(*args)`` in a worker thread (from a trio scenario)."""
     return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
+
+
+async def release_scaled_in(
+    cluster: DrillCluster, fleet: Fleet, chosen: list[str], *, settle: float = 1.0
+) -> list[Node]:
+    """End the scaled-in Servers ``chosen`` as the guide does; the processes, SIGTERMed.
+
+    Each must log that it stays up until SIGTERM (serving nothing); the fleet stops choosing it; after
+    ``settle`` seconds (devices that held its URL move on, told the safemode text) each gets
+    ``kill -15 $PID``. The nodes leave ``cluster.servers``.
+    """
+    removed = [cluster.servers.pop(node_id) for node_id in chosen]
+    for node in removed:
+        await thread(lambda n=node: wait_for_log_line(n.log, "it stays up until it gets SIGTERM", timeout=30))
+        fleet.drop_server(node.url)
+    await trio.sleep(settle)
+    for node in removed:
+        os.kill(node.pid, signal.SIGTERM)
+    return removed
+
+
+def assert_exited_on_sigterm(removed: list[Node]) -> None:
+    """The scaled-in Servers ended on their SIGTERM, saying so, with no traceback."""
+    assert wait_gone([n.pid for n in removed], timeout=30) == []
+    for node in removed:
+        text = node.log.read_text()
+        assert "got SIGTERM (scaled in); exiting" in text
+        assert "Traceback" not in text
 
 
 def barrier_iteration(cluster: DrillCluster) -> int:

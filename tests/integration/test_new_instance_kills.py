@@ -17,7 +17,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
@@ -25,9 +24,9 @@ from flcluster.crashpoints import ENV as CRASH_ENV
 from recovery.checks import acknowledged_updates, check_device_log, check_models, read_metrics
 from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster
 from recovery.devicelog import DeviceLog, read_log
-from recovery.fleet import Fleet, fetch_model
+from recovery.fleet import Fleet
 from recovery.harness import wait_gone
-from recovery.updates import FloatArray
+from tests.integration.cluster_tools import served_models
 
 pytestmark = pytest.mark.integration
 
@@ -69,19 +68,6 @@ def run_fleet(cluster: DrillCluster, log_path: Path, seed: int) -> Fleet:
     return fleet
 
 
-def served_models(cluster: DrillCluster) -> dict[str, dict[int, dict[str, FloatArray] | None]]:
-    async def fetch() -> dict[str, dict[int, dict[str, FloatArray] | None]]:
-        out: dict[str, dict[int, dict[str, FloatArray] | None]] = {}
-        async with httpx.AsyncClient(timeout=10) as client:
-            for node in cluster.servers.values():
-                out[node.label] = {
-                    k: await fetch_model(client, node.url, FL_NAME, k, tries=5) for k in range(ITERATIONS + 1)
-                }
-        return out
-
-    return trio.run(fetch)
-
-
 @pytest.mark.parametrize(("point", "target"), [("leader.new_instance", "0"), ("follower.new_instance", "1")])
 def test_a_node_killed_while_a_new_instance_applies_comes_back_in_the_new_instance(
     tmp_path: Path, point: str, target: str
@@ -97,7 +83,7 @@ def test_a_node_killed_while_a_new_instance_applies_comes_back_in_the_new_instan
         assert set(first.done.values()) <= {"finished", f"ran to iteration {ITERATIONS}"}, first.done
         old_outcomes = read_metrics(cluster.metrics_path)
         assert old_outcomes == {k: [True] for k in range(1, ITERATIONS + 1)}, old_outcomes
-        last = served_models(cluster)
+        last = served_models({n.label: n.url for n in cluster.servers.values()}, ITERATIONS)
         model_0 = last[cluster.servers["0"].label][ITERATIONS]
         assert model_0 is not None
 
@@ -125,7 +111,7 @@ def test_a_node_killed_while_a_new_instance_applies_comes_back_in_the_new_instan
         findings += check_models(
             fl_iteration_num=ITERATIONS,
             initial=model_0,
-            served=served_models(cluster),
+            served=served_models({n.label: n.url for n in cluster.servers.values()}, ITERATIONS),
             acks=acknowledged_updates(entries),
             outcomes=outcomes,
             seed=SEED + 1,

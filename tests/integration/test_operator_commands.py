@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -43,11 +42,13 @@ from recovery.checks import acknowledged_updates, check_device_log, check_models
 from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster, Node
 from recovery.devicelog import TEXT, DeviceLog, read_log
 from recovery.fleet import Fleet
-from recovery.harness import REPO, wait_for_log_line, wait_gone
+from recovery.harness import REPO
 from tests.integration.cluster_tools import (
     SEED,
+    assert_exited_on_sigterm,
     check_training,
     initial_model,
+    release_scaled_in,
     served_models,
     start_scale_nodes,
     thread,
@@ -233,26 +234,13 @@ def test_flcluster_scale_out_and_in_while_devices_train(tmp_path: Path) -> None:
             assert f"Servers {', '.join(chosen)} leave the cluster" in step, step
             await thread(wait_ready, cluster)
             assert cluster.ranks() == {leader: "0"}
-            for node_id in chosen:
-                node = cluster.servers.pop(node_id)
-                removed.append(node)
-                await thread(
-                    lambda n=node: wait_for_log_line(n.log, "it stays up until it gets SIGTERM", timeout=30)
-                )
-                fleet.drop_server(node.url)
-            await trio.sleep(1)  # devices that held a removed Server's URL move on (safemode)
-            for node in removed:
-                os.kill(node.pid, signal.SIGTERM)
+            removed.extend(await release_scaled_in(cluster, fleet, chosen))
 
         try:
             run_fleet(fleet, scenario)
         finally:
             device_log.close()
-        assert wait_gone([n.pid for n in removed], timeout=30) == []
-        for node in removed:
-            text = node.log.read_text()
-            assert "got SIGTERM (scaled in); exiting" in text
-            assert "Traceback" not in text
+        assert_exited_on_sigterm(removed)
         assert set(fleet.done.values()) <= {"finished", f"ran to iteration {iterations}"}, fleet.done
         assert cluster.state() == "CLUSTER_READY"
         check_training(cluster, fleet, log_path, initial, iterations, set(), min_live=1)

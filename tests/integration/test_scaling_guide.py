@@ -21,8 +21,6 @@ goes on.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -32,12 +30,14 @@ import trio
 from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster, Node
 from recovery.devicelog import DeviceLog
 from recovery.fleet import Fleet
-from recovery.harness import wait_for_log_line, wait_gone
+from recovery.harness import wait_gone
 from tests.integration.cluster_tools import (
     SEED,
+    assert_exited_on_sigterm,
     check_training,
     curl,
     initial_model,
+    release_scaled_in,
     start_scale_nodes,
     thread,
     wait_ready,
@@ -122,17 +122,7 @@ def test_the_guides_scaling_commands_while_30_devices_train(tmp_path: Path) -> N
             ranks = cluster.ranks()
             assert sorted(ranks.values(), key=int) == [str(r) for r in range(4)], ranks
             assert not set(chosen) & set(ranks)
-            for node_id in chosen:
-                node = cluster.servers.pop(node_id)
-                removed.append(node)
-                # still up, serving nothing
-                await thread(
-                    lambda n=node: wait_for_log_line(n.log, "it stays up until it gets SIGTERM", timeout=30)
-                )
-                fleet.drop_server(node.url)
-            await trio.sleep(2)  # devices that held a removed Server's URL move on (safemode)
-            for node in removed:
-                os.kill(node.pid, signal.SIGTERM)  # kill -15 $PID, as the guide says
+            removed.extend(await release_scaled_in(cluster, fleet, chosen, settle=2.0))  # kill -15 $PID
 
         async def main() -> None:
             with trio.fail_after(900):
@@ -144,11 +134,7 @@ def test_the_guides_scaling_commands_while_30_devices_train(tmp_path: Path) -> N
             trio.run(main)
         finally:
             device_log.close()
-        assert wait_gone([n.pid for n in removed], timeout=30) == []
-        for node in removed:
-            text = node.log.read_text()
-            assert "got SIGTERM (scaled in); exiting" in text
-            assert "Traceback" not in text
+        assert_exited_on_sigterm(removed)
         assert set(fleet.done.values()) <= {"finished", f"ran to iteration {iterations}"}, fleet.done
         wait_ready(cluster, 10)
         check_training(cluster, fleet, log_path, initial, iterations, {"scale_node0", "scale_node1"})
