@@ -153,6 +153,8 @@ def iteration_config(ctx: FLContext) -> IterationConfig:
             share_secrets_ratio=ctx.share_secrets_ratio,
             cipher_time_window=ctx.cipher_time_window,
             reconstruct_secrets_threshold=ctx.reconstruct_secrets_threshold,
+            # spec/secure-aggregation.md §R8: PW_ENCRYPT under pki_verify signs its client lists.
+            list_sign=ctx.pki_verify and ctx.encrypt_type == CipherMode.PW,
         )
     return IterationConfig(
         start_fl_job_threshold=ctx.start_fl_job_threshold,
