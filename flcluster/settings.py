@@ -13,7 +13,7 @@ FLContext checked (``spec/configuration.md`` §8).
 
 :func:`scheduler_settings`, :func:`server_settings` and :func:`job_settings` are where a role starts, so they
 first call :func:`~flcluster.config.refuse_unimplemented`: a context that turns on a feature flcluster does
-not implement yet (pairwise masking) never starts a role. With
+not implement yet would never start a role (none is left). With
 ``enable_ssl`` the node's TLS files are loaded and checked there too (:func:`~flcluster.tls.load_node_tls`),
 so a role whose certificates cannot be used never opens a port.
 
