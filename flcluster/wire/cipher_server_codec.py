@@ -71,7 +71,7 @@ _FETCH_TABLES = {
     CipherRound.GET_CLIENT_LIST: GET_CLIENT_LIST,
     CipherRound.GET_LIST_SIGN: REQUEST_ALL_CLIENT_LIST_SIGN,
 }
-#: The original's reason for a pushListSign body that is not its table (it names the table otherwise).
+#: The original's reason for a pushListSign body that is not a ``SendClientListSign`` (its words).
 REASON_PUSH_LIST_SIGN_SCHEMA = "The schema of PushClientListSign is invalid."
 _SHARES_TABLES = {
     CipherRound.SHARE_SECRETS: (REQUEST_SHARE_SECRETS, 1),
