@@ -13,7 +13,7 @@ FLContext checked (``spec/configuration.md`` §8).
 
 :func:`scheduler_settings`, :func:`server_settings` and :func:`job_settings` are where a role starts, so they
 first call :func:`~flcluster.config.refuse_unimplemented`: a context that turns on a feature flcluster does
-not implement yet (pairwise masking) never starts a role. With
+not implement yet would never start a role (none is left). With
 ``enable_ssl`` the node's TLS files are loaded and checked there too (:func:`~flcluster.tls.load_node_tls`),
 so a role whose certificates cannot be used never opens a port.
 
@@ -153,6 +153,8 @@ def iteration_config(ctx: FLContext) -> IterationConfig:
             share_secrets_ratio=ctx.share_secrets_ratio,
             cipher_time_window=ctx.cipher_time_window,
             reconstruct_secrets_threshold=ctx.reconstruct_secrets_threshold,
+            # spec/secure-aggregation.md §R8: PW_ENCRYPT under pki_verify signs its client lists.
+            list_sign=ctx.pki_verify and ctx.encrypt_type == CipherMode.PW,
         )
     return IterationConfig(
         start_fl_job_threshold=ctx.start_fl_job_threshold,

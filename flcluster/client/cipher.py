@@ -10,6 +10,12 @@ each encrypted for that device), **getSecrets** (PW: the shares the others sent 
 **masked updateModel**, then **getClientList** (PW: U3) and **reconstructSecrets** (PW: for each device it
 holds shares of, the seed share if that device uploaded, else the key share), then getModel.
 
+With an identity (``pki_verify``; spec/secure-aggregation.md §R8) the session also checks its peers: at
+getKeys every other device's certificates and key signature (:func:`~flcluster.verify.lists.check_peer_keys`,
+which gives their keys), and after getClientList it signs U3 (:meth:`CipherSession.sign_client_list`) and
+checks the others' list signatures (:meth:`CipherSession.check_list_signatures`) before it reveals any
+share. A failed check is a :class:`~flcluster.errors.CipherInputError`: the device stops the iteration.
+
 The session is the bookkeeping between rounds; the cryptography is :mod:`flcluster.secure`'s
 (:func:`~flcluster.secure.encrypt_shares`, :func:`~flcluster.secure.open_shares`,
 :func:`~flcluster.secure.mask_update`, :func:`~flcluster.secure.reconstruction_shares`). The costly parts
@@ -28,8 +34,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from flcluster.core.cipher import DeviceKeys, Share
-from flcluster.errors import CipherInputError
+from flcluster.core.cipher import DeviceKeys, ListSignature, Share
+from flcluster.errors import CipherInputError, VerificationFailed
 from flcluster.secure import (
     ClientSecrets,
     ClientShare,
@@ -43,6 +49,14 @@ from flcluster.secure import (
     public_keys,
     reconstruction_shares,
 )
+from flcluster.verify.identity import DeviceIdentity
+from flcluster.verify.lists import (
+    check_list_signatures,
+    check_peer_keys,
+    client_list_digest,
+    exchange_keys_signed_data,
+)
+from flcluster.verify.pki import PublicKey
 
 __all__ = ["CIPHER_TYPES", "CipherSession"]
 
@@ -60,13 +74,25 @@ class CipherSession:
         encrypt_type: PW_ENCRYPT or STABLE_PW_ENCRYPT (from the FLPlan).
         t: The Shamir threshold (``PWParams.t``).
         prime: The field prime (``PWParams.prime``, 33 bytes).
+        identity: ``pki_verify``: the device's key and certificates; the keys are signed, the peers checked
+            and the client list signed (spec/secure-aggregation.md §R8).
+        iteration: The iteration (what the key signatures sign).
 
     Raises:
         CipherInputError: the prime is not a 264-bit prime (PW_ENCRYPT), or ``encrypt_type`` runs no
             cipher rounds.
     """
 
-    def __init__(self, fl_id: str, encrypt_type: str, *, t: int, prime: bytes) -> None:
+    def __init__(
+        self,
+        fl_id: str,
+        encrypt_type: str,
+        *,
+        t: int,
+        prime: bytes,
+        identity: DeviceIdentity | None = None,
+        iteration: int = 0,
+    ) -> None:
         if encrypt_type not in CIPHER_TYPES:
             raise CipherInputError(f"encrypt_type {encrypt_type!r} runs no cipher rounds")
         self.fl_id = fl_id
@@ -76,6 +102,10 @@ class CipherSession:
         self._secrets: ClientSecrets = new_client_secrets()
         self._u1: dict[str, PublicKeys] = {}
         self._opened: dict[str, OpenedShare] = {}
+        self._identity = identity
+        self.iteration = iteration
+        self._peer_keys: dict[str, PublicKey] = {}
+        self._clients: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"CipherSession(fl_id={self.fl_id!r}, pw={self.pw!r}, peers={len(self._u1)})"
@@ -87,14 +117,36 @@ class CipherSession:
         k = public_keys(self._secrets, self.fl_id)
         return DeviceKeys(k.fl_id, k.c_pk, k.s_pk, k.ind_iv, k.pw_iv, k.pw_salt)
 
+    @property
+    def signs(self) -> bool:
+        """The session has an identity: it signs its keys and client list and checks its peers' (§R8)."""
+        return self._identity is not None
+
+    def key_signature(self, keys: DeviceKeys, timestamp: str) -> tuple[bytes, tuple[str, ...]]:
+        """With an identity: exchangeKeys' signature over ``c_pk ‖ s_pk ‖ timestamp ‖ iteration`` and its
+        ``[key_attestation, equip_cert]`` (spec §R8.1); without, nothing."""
+        if self._identity is None:
+            return b"", ()
+        signed = exchange_keys_signed_data(keys.c_pk, keys.s_pk, timestamp, self.iteration)
+        identity = self._identity
+        return identity.sign(signed), (identity.key_attestation, identity.equip_cert)
+
     def take_keys(self, keys: Sequence[DeviceKeys]) -> None:
         """Keep U1 from the getKeys answer (in the order the Server listed it: the Shamir indices follow it).
 
+        With an identity, every other device's certificates and key signature are checked first (§R8.1).
+
         Raises:
-            CipherInputError: this device is not in the list, or a key has the wrong size.
+            CipherInputError: this device is not in the list, a key has the wrong size, or (identity) a
+                peer's keys do not check.
         """
         if self.fl_id not in {k.fl_id for k in keys}:
             raise CipherInputError(f"the getKeys list does not hold this device ({self.fl_id!r})")
+        if self._identity is not None:
+            try:
+                self._peer_keys = check_peer_keys(keys, self.fl_id, self.iteration)
+            except VerificationFailed as exc:
+                raise CipherInputError(f"getKeys: {exc.reason}") from None
         # STABLE_PW devices may send no c_pk (it encrypts no shares); it is never used then.
         self._u1 = {
             k.fl_id: PublicKeys(k.fl_id, k.c_pk or bytes(32), k.s_pk, b"", k.pw_iv, k.pw_salt) for k in keys
@@ -150,6 +202,30 @@ class CipherSession:
             out[name] = masked[at : at + a.size].reshape(a.shape)
             at += a.size
         return out
+
+    def sign_client_list(self, clients: Sequence[str]) -> bytes:
+        """PW with an identity: the list signature of U3 as getClientList answered it (spec §R8.2); kept for
+        :meth:`check_list_signatures`.
+
+        Raises:
+            CipherInputError: the session has no identity.
+        """
+        if self._identity is None:
+            raise CipherInputError("only a device with an identity (pki_verify) signs its client list")
+        self._clients = tuple(clients)
+        return self._identity.sign(client_list_digest(self._clients))
+
+    def check_list_signatures(self, signatures: Sequence[ListSignature]) -> None:
+        """PW with an identity: the getListSign answer's signatures, before reconstructSecrets (spec §R8.4).
+
+        Raises:
+            CipherInputError: a signer outside U3 or twice, a signature that does not verify over this
+                device's U3, or fewer than ``t + 1`` signers.
+        """
+        try:
+            check_list_signatures(signatures, self._clients, self._peer_keys, own_fl_id=self.fl_id, t=self.t)
+        except VerificationFailed as exc:
+            raise CipherInputError(f"getListSign: {exc.reason}") from None
 
     def reconstruction(self, clients: Sequence[str]) -> list[Share]:
         """PW: the reconstructSecrets shares for U3 (getClientList's answer).

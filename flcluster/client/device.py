@@ -60,7 +60,13 @@ too (spec/secure-aggregation.md §R1; :mod:`flcluster.client.cipher`): exchangeK
 shareSecrets and getSecrets) after startFLJob, a masked updateModel, then (PW) getClientList and
 reconstructSecrets before getModel, each with the reactions above; a late device whose reconstruction is no
 longer needed (OutOfTime, or "finished" after the last iteration) goes on to getModel. ``drop_after`` (tests,
-the simulator) makes a device leave after shareSecrets or updateModel.
+the simulator) makes a device leave after shareSecrets, updateModel or getClientList.
+
+A device with an identity under PW_ENCRYPT also runs the list signatures (spec/secure-aggregation.md §R8):
+its exchangeKeys carries its ``[key_attestation, equip_cert]`` and a signature of its keys, it checks its
+peers' at getKeys, and after getClientList it signs U3 (pushListSign), fetches the others' signatures
+(getListSign) and checks them before reconstructSecrets; a failed check fails the iteration for it (it
+reveals nothing). Its pushListSign and getListSign requests are signed over ``timestamp + iteration``.
 
 Training is the caller's: a :data:`Trainer` receives a :class:`TrainingTask` (the global model from
 startFLJob, the FLPlan, the declared data size) and returns a :class:`TrainResult` whose feature maps are
@@ -107,11 +113,19 @@ from flcluster.wire.cipher_client_codec import (
     decode_client_list_response,
     decode_get_keys_response,
     decode_get_secrets_response,
+    decode_list_signs_response,
     encode_exchange_keys_request,
     encode_fetch_request,
+    encode_push_list_sign_request,
     encode_shares_request,
 )
-from flcluster.wire.cipher_records import CipherAck, ClientListResponse, KeysResponse, SecretsResponse
+from flcluster.wire.cipher_records import (
+    CipherAck,
+    ClientListResponse,
+    KeysResponse,
+    ListSignsResponse,
+    SecretsResponse,
+)
 from flcluster.wire.client_codec import (
     decode_get_model_response,
     decode_start_fl_job_response,
@@ -158,6 +172,7 @@ _FETCH_DECODERS: dict[CipherRound, tuple[Callable[[bytes], Any], str]] = {
     CipherRound.GET_KEYS: (decode_get_keys_response, "ReturnExchangeKeys"),
     CipherRound.GET_SECRETS: (decode_get_secrets_response, "ReturnShareSecrets"),
     CipherRound.GET_CLIENT_LIST: (decode_client_list_response, "ReturnClientList"),
+    CipherRound.GET_LIST_SIGN: (decode_list_signs_response, "ReturnAllClientListSign"),
 }
 _EPOCH_MS = re.compile(r"[0-9]{1,18}")
 
@@ -354,7 +369,7 @@ _R = TypeVar(
 )
 
 #: Where a simulated device drops out of a PW_ENCRYPT iteration (``run_iteration(drop_after=...)``).
-DROP_POINTS = ("shareSecrets", "updateModel")
+DROP_POINTS = ("shareSecrets", "updateModel", "getClientList")
 
 
 def _decode(url: str, body: bytes, table: str, decode: Callable[[bytes], _R]) -> _R | ServerText:
@@ -614,14 +629,25 @@ class Device:
         *,
         keys: DeviceKeys | None = None,
         shares: Sequence[Share] = (),
-    ) -> CipherAck | KeysResponse | SecretsResponse | ClientListResponse | ServerText:
-        """Send one secure-aggregation request to ``/<round_>`` (spec/secure-aggregation.md §R1).
+        signature: bytes = b"",
+        certificate_chain: Sequence[str] = (),
+        key_signer: Callable[[str], tuple[bytes, tuple[str, ...]]] | None = None,
+    ) -> CipherAck | KeysResponse | SecretsResponse | ClientListResponse | ListSignsResponse | ServerText:
+        """Send one secure-aggregation request to ``/<round_>`` (spec/secure-aggregation.md §R1, §R8).
 
         Args:
             round_: The cipher round.
             iteration: The iteration (the server's, from startFLJob).
             keys: exchangeKeys: this device's public keys.
             shares: shareSecrets / reconstructSecrets: the shares to send.
+            signature: exchangeKeys: the keys' signature; pushListSign: the list signature.
+            certificate_chain: exchangeKeys: ``[key_attestation, equip_cert]`` (spec §R8.1).
+            key_signer: exchangeKeys: signs the keys with the request's timestamp (the signature and the
+                chain; :meth:`~flcluster.client.cipher.CipherSession.key_signature`), instead of
+                ``signature`` and ``certificate_chain``.
+
+        With an identity, pushListSign's ``req_signature`` and getListSign's ``signature`` are signed here,
+        over ``timestamp + str(iteration)``.
 
         Returns:
             The decoded answer table, or the plain text the server sent.
@@ -632,12 +658,44 @@ class Device:
             MalformedAnswer: A body that is neither a known text nor the round's table.
         """
         timestamp = self._timestamp()
-        answer: Callable[[bytes], CipherAck | KeysResponse | SecretsResponse | ClientListResponse]
+        identity = self._identity
+        request_signature = (
+            b"" if identity is None else identity.sign(update_model_signed_data(timestamp, iteration))
+        )
+        answer: Callable[
+            [bytes], CipherAck | KeysResponse | SecretsResponse | ClientListResponse | ListSignsResponse
+        ]
         match round_:
             case CipherRound.EXCHANGE_KEYS:
                 assert keys is not None, "exchangeKeys sends the device's keys"
-                body = encode_exchange_keys_request(keys=keys, iteration=iteration, timestamp=timestamp)
+                if key_signer is not None:
+                    signature, certificate_chain = key_signer(timestamp)
+                body = encode_exchange_keys_request(
+                    keys=keys,
+                    iteration=iteration,
+                    timestamp=timestamp,
+                    signature=signature,
+                    certificate_chain=certificate_chain,
+                )
                 answer, table = functools.partial(decode_ack, round_), "ResponseExchangeKeys"
+            case CipherRound.PUSH_LIST_SIGN:
+                body = encode_push_list_sign_request(
+                    fl_id=self._fl_id,
+                    iteration=iteration,
+                    timestamp=timestamp,
+                    signature=signature,
+                    req_signature=request_signature,
+                )
+                answer, table = functools.partial(decode_ack, round_), "ResponseClientListSign"
+            case CipherRound.GET_LIST_SIGN:
+                body = encode_fetch_request(
+                    round_,
+                    fl_id=self._fl_id,
+                    iteration=iteration,
+                    timestamp=timestamp,
+                    signature=request_signature,
+                )
+                answer, table = _FETCH_DECODERS[round_]
             case CipherRound.SHARE_SECRETS | CipherRound.RECONSTRUCT_SECRETS:
                 body = encode_shares_request(
                     round_, fl_id=self._fl_id, iteration=iteration, timestamp=timestamp, shares=shares
@@ -664,13 +722,23 @@ class Device:
         self, plan: FLPlanParams, iteration: int, progress: _Progress, drop_after: str | None
     ) -> CipherSession:
         """exchangeKeys, getKeys and (PW) shareSecrets, getSecrets; the session that masks the upload."""
-        session = CipherSession(self._fl_id, plan.encrypt_type, t=plan.pw_t, prime=plan.pw_prime)
+        session = CipherSession(
+            self._fl_id,
+            plan.encrypt_type,
+            t=plan.pw_t,
+            prime=plan.pw_prime,
+            identity=self._identity if plan.encrypt_type == "PW_ENCRYPT" else None,
+            iteration=iteration,
+        )
 
         async def ask(round_: CipherRound, **kw: Any) -> Any:
             return await self._cipher_ask(round_, iteration, progress, **kw)
 
         try:
-            await ask(CipherRound.EXCHANGE_KEYS, keys=session.keys())
+            keys = session.keys()
+            # spec §R8.1: each attempt signs the keys with its own timestamp.
+            signer = (lambda ts: session.key_signature(keys, ts)) if session.signs else None
+            await ask(CipherRound.EXCHANGE_KEYS, keys=keys, key_signer=signer)
             got = await ask(CipherRound.GET_KEYS)
             session.take_keys(got.keys)
             if session.pw:
@@ -684,8 +752,11 @@ class Device:
             raise _End(IterationOutcome.FAILED, f"secure aggregation: {exc}") from None
         return session
 
-    async def _cipher_after_upload(self, session: CipherSession, iteration: int, progress: _Progress) -> None:
-        """PW: getClientList, then reconstructSecrets with the shares U3 calls for.
+    async def _cipher_after_upload(
+        self, session: CipherSession, iteration: int, progress: _Progress, drop_after: str | None = None
+    ) -> None:
+        """PW: getClientList, (identity) pushListSign and getListSign with the check of the others' list
+        signatures (spec §R8.4), then reconstructSecrets with the shares U3 calls for.
 
         The update is in already: once ``t + 1`` others have sent their shares the iteration moves on
         without this device, and a late one is told OutOfTime, or "finished" after the last iteration.
@@ -694,8 +765,18 @@ class Device:
         try:
             listed = await self._cipher_ask(CipherRound.GET_CLIENT_LIST, iteration, progress)
             assert isinstance(listed, ClientListResponse)
+            if drop_after == "getClientList":
+                raise _End(IterationOutcome.FAILED, "dropped out after getClientList (simulated)")
             try:
                 shares = session.reconstruction(listed.clients)
+                if session.signs:
+                    signature = session.sign_client_list(listed.clients)
+                    await self._cipher_ask(
+                        CipherRound.PUSH_LIST_SIGN, iteration, progress, signature=signature
+                    )
+                    signs = await self._cipher_ask(CipherRound.GET_LIST_SIGN, iteration, progress)
+                    assert isinstance(signs, ListSignsResponse)
+                    session.check_list_signatures(signs.signatures)
             except CipherInputError as exc:
                 raise _End(IterationOutcome.FAILED, f"secure aggregation: {exc}") from None
             await self._cipher_ask(CipherRound.RECONSTRUCT_SECRETS, iteration, progress, shares=shares)
@@ -820,7 +901,7 @@ class Device:
         if drop_after == "updateModel":
             raise _End(IterationOutcome.FAILED, "dropped out after updateModel (simulated)")
         if cipher is not None and cipher.pw:
-            await self._cipher_after_upload(cipher, start.iteration, progress)
+            await self._cipher_after_upload(cipher, start.iteration, progress, drop_after)
         model = await self._ask("getModel", lambda: self.get_model(start.iteration), progress)
         progress.model_iteration = model.iteration
         self._privacy.observe(
@@ -843,7 +924,8 @@ class Device:
             data_size: The data size to declare at startFLJob (the trainer multiplies its upload by it).
 
             drop_after: Tests and the simulator: under PW_ENCRYPT, leave the iteration (FAILED) right after
-                the ``"shareSecrets"`` or the ``"updateModel"`` round succeeded, as a device that drops out.
+                the ``"shareSecrets"``, ``"updateModel"`` or ``"getClientList"`` round succeeded, as a device
+                that drops out.
 
         Returns:
             The report; :attr:`IterationReport.outcome` says whether it completed, failed or stopped.

@@ -17,7 +17,7 @@ truth, :class:`FLContext`; everything else either feeds it or is derived from it
 - :mod:`~flcluster.config.file`: ``config.json`` (:class:`ClusterConfig`, :func:`load_cluster_config`).
 - :mod:`~flcluster.config.node_id`: :func:`resolve_node_id`.
 - :mod:`~flcluster.config.startup`: :func:`refuse_unimplemented`, the start-up refusal of features flcluster
-  does not implement yet (``enable_ssl``, ``encrypt_type``).
+  does not implement yet (none is left).
 
 Each role's settings records are built from a validated FLContext by :mod:`flcluster.settings`; they have no
 defaults and no rules of their own. This package does no I/O apart from reading ``config.json`` and logging;

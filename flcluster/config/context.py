@@ -12,9 +12,9 @@ is ever replaced silently: where the original logs a warning and substitutes a d
 ``encrypt_type`` becomes ``DP_ENCRYPT``, an out-of-range ``dp_eps`` becomes 50, ...), flcluster refuses.
 
 FLContext is the one source of truth: every role's settings record (:mod:`flcluster.settings`) is derived from
-it, field by field, and has no defaults or rules of its own. FLContext may represent features flcluster does
-not implement yet (``encrypt_type`` ``PW_ENCRYPT`` or ``STABLE_PW_ENCRYPT``), so their cross-field rules
-still hold; :func:`~flcluster.config.refuse_unimplemented` refuses them when a role starts.
+it, field by field, and has no defaults or rules of its own. FLContext represents every parameter of the
+original, and their cross-field rules hold; a feature flcluster did not implement would be refused by
+:func:`~flcluster.config.refuse_unimplemented` when a role starts (none is left).
 
 The module keeps the process-wide current context, as MindSpore does, behind :func:`set_fl_context` /
 :func:`get_fl_context` / :func:`reset_fl_context` (one lock), and remembers which keys were set explicitly

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 With ``encrypt_type`` PW_ENCRYPT (or STABLE_PW_ENCRYPT) a device goes through the cipher rounds between
 startFLJob and getModel: exchangeKeys, getKeys, shareSecrets, getSecrets, then its masked updateModel, then
-getClientList and reconstructSecrets (PW only). The leader keeps the lists those rounds build (U1 and the
-public keys, K, U2 and the encrypted shares, S, L, R and the reconstruction shares) in one
+getClientList, with ``pki_verify`` pushListSign and getListSign (spec §R8), and reconstructSecrets (PW only).
+The leader keeps the lists those rounds build (U1 and the public keys, K, U2 and the encrypted shares, S, L, P
+and the list signatures, G, R and the reconstruction shares) in one
 :class:`CipherRounds`, owned by its :class:`~flcluster.core.iteration.IterationMachine`: the iteration machine
 checks what every request shares (instance state, iteration number, safemode), then hands the request here and
 carries out what comes back.
@@ -16,17 +17,19 @@ iteration, named by round so this module needs nothing of the iteration machine'
 (the iteration machine's ``WindowKind`` values are the round names), a reason to fail the iteration, and
 whether the aggregation may start. The rules (spec §R2–§R5):
 
-- a **submit** round (exchangeKeys, shareSecrets) closes when every device that can still join it has joined,
-  or when its window ends with at least its threshold of devices (a quorum, not a cap: improvement over
-  reference §8.13); it fails the iteration when its window ends below the threshold;
-- a **fetch** round (getKeys, getSecrets, getClientList) serves its list only once that list is frozen, and
-  must see its threshold of fetches before its window ends;
+- a **submit** round (exchangeKeys, shareSecrets, pushListSign) closes when every device that can still
+  join it has joined, or when its window ends with at least its threshold of devices (a quorum, not a cap:
+  improvement over reference §8.13); it fails the iteration when its window ends below the threshold;
+- a **fetch** round (getKeys, getSecrets, getClientList, getListSign) serves its list only once that list is
+  frozen, and must see its threshold of fetches before its window ends;
 - each round's window is armed when the round before it closes or reaches its threshold;
 - a repeat, a fetch before its list is frozen, a submit after it is frozen or a request from a device that is
   not entitled to the round gets its answer and changes nothing.
 
 This module is pure: no clock, no I/O, no cryptography. It checks keys and shares for their shape only
-(lengths, who they are addressed to); what they mean is for ``flcluster.secure``.
+(lengths, who they are addressed to); what they mean is for ``flcluster.secure``. Whether a list signature
+verifies over U3 is the driver's to find out (``flcluster.verify.lists``): the event says so
+(:attr:`PushListSignReceived.signs_u3`), and the rule uses it at its place in the order of checks.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import attrs
 from flcluster.errors import IllegalEvent
 from flcluster.wire.codes import (
     CIPHER_ROUNDS_PW,
+    CIPHER_ROUNDS_PW_LIST_SIGN,
     CIPHER_ROUNDS_STABLE_PW,
     IV_BYTES,
     KEY_BYTES,
@@ -66,7 +70,10 @@ __all__ = [
     "ExchangeKeysReceived",
     "GetClientListReceived",
     "GetKeysReceived",
+    "GetListSignReceived",
     "GetSecretsReceived",
+    "ListSignature",
+    "PushListSignReceived",
     "ReconstructSecretsReceived",
     "Share",
     "ShareSecretsReceived",
@@ -100,6 +107,18 @@ REASON_RECONSTRUCT_REPEAT = "Client has sended messages."
 REASON_RECONSTRUCT_WAITING = "Success, but the server is not ready to reconstruct secret yet."
 REASON_RECONSTRUCT_DONE = "Success,the secret is reconstructing."
 REASON_SUCCESS = "success"
+# The list signatures (spec §R5, §R8; the original's words, trailing space included).
+REASON_LIST_SIGN_ENOUGH = "Current amount for PushListSignKernel is enough."
+REASON_LIST_SIGN_NOT_LISTED = (
+    "client send signature is not in get update model client list. && client is illegal"
+)
+REASON_LIST_SIGN_REPEAT = "The server has received the request, please do not request again."
+REASON_LIST_SIGN_BAD = (
+    "verify signature failed: the client list signature does not verify over the update model client list"
+)
+REASON_LIST_SIGN_ACCEPTED = "send update model client list signature success. "
+REASON_LIST_SIGNS_UNSENT = "client not send list signature, but in update model client list."
+REASON_LIST_SIGNS_ILLEGAL = "client not send list signature, && client is illegal"
 
 _WRONG_ITERATION = {
     CipherRound.EXCHANGE_KEYS: "iter num is error.",
@@ -110,6 +129,8 @@ _WRONG_ITERATION = {
     CipherRound.RECONSTRUCT_SECRETS: (
         "The iteration round of the client does not match the current iteration."
     ),
+    CipherRound.PUSH_LIST_SIGN: "push list sign iteration number is invalid",
+    CipherRound.GET_LIST_SIGN: "iter num is error.",
 }
 
 
@@ -150,22 +171,36 @@ class CipherConfig:
         share_secrets_ratio: In (0, 1]; shrinks the round thresholds (§R2).
         cipher_time_window: Milliseconds each cipher round's window lasts.
         reconstruct_secrets_threshold: ``t``, the Shamir threshold (reconstructSecrets needs ``t + 1``).
+        list_sign: PW with ``pki_verify``: the list signatures run (pushListSign, getListSign; spec §R8).
     """
 
     mode: CipherMode = attrs.field(converter=CipherMode)
     share_secrets_ratio: float
     cipher_time_window: int
     reconstruct_secrets_threshold: int
+    list_sign: bool = attrs.field(default=False)
+
+    @list_sign.validator
+    def _list_sign_is_pw(self, attribute: attrs.Attribute[bool], value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"list_sign must be a bool, got {value!r:.80}")
+        if value and self.mode is not CipherMode.PW:
+            raise ValueError(
+                f"list_sign=True with mode={self.mode.value!r}: only PW_ENCRYPT has client lists to sign"
+            )
 
     @property
     def rounds(self) -> tuple[CipherRound, ...]:
         """The cipher rounds this mode runs, in the device's order."""
-        return CIPHER_ROUNDS_PW if self.mode is CipherMode.PW else CIPHER_ROUNDS_STABLE_PW
+        if self.mode is CipherMode.STABLE_PW:
+            return CIPHER_ROUNDS_STABLE_PW
+        return CIPHER_ROUNDS_PW_LIST_SIGN if self.list_sign else CIPHER_ROUNDS_PW
 
     @property
     def window_count(self) -> int:
-        """How many cipher windows an iteration runs through (6 for PW, 2 for STABLE_PW; reference §2.5)."""
-        return 6 if self.mode is CipherMode.PW else 2
+        """How many cipher windows an iteration runs through (6 for PW, 8 with the list signatures, 2 for
+        STABLE_PW; reference §2.5: one per round)."""
+        return len(self.rounds)
 
 
 @final
@@ -178,6 +213,8 @@ class CipherThresholds:
     share_secrets: int
     get_secrets: int
     get_client_list: int
+    push_list_sign: int
+    get_list_sign: int
     reconstruct_secrets: int
 
     @classmethod
@@ -190,12 +227,16 @@ class CipherThresholds:
         exchange = max(_ceil(start_fl_job_threshold, r), u)
         get_keys = max(_ceil(exchange, r), u)
         share = max(_ceil(get_keys, r), u)
+        client_list = max(_ceil(u, r), m)
+        push_list_sign = max(_ceil(client_list, r), m)
         return cls(
             exchange_keys=exchange,
             get_keys=get_keys,
             share_secrets=share,
             get_secrets=max(_ceil(share, r), u),
-            get_client_list=max(_ceil(u, r), m),
+            get_client_list=client_list,
+            push_list_sign=push_list_sign,
+            get_list_sign=max(_ceil(push_list_sign, r), m),
             reconstruct_secrets=m,
         )
 
@@ -224,6 +265,13 @@ def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int)
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(values)
+    if not all(isinstance(v, str) for v in out):
+        raise TypeError(f"expected strings, got {out!r:.80}")
+    return out
+
+
 def _cause(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{attribute.name} must be a non-empty str, got {value!r}")
@@ -234,7 +282,10 @@ def _cause(instance: object, attribute: attrs.Attribute[str], value: str) -> Non
 class DeviceKeys:
     """What a device sent at exchangeKeys: its two public keys and the IVs and salt of its masks.
 
-    ``ind_iv`` (the IV of its individual mask) stays on the leader; getKeys relays the rest.
+    ``ind_iv`` (the IV of its individual mask) stays on the leader; getKeys relays the rest. With the list
+    signatures (spec §R8.1) the keys also carry the request's ``timestamp``, its ``signature`` over
+    ``c_pk ‖ s_pk ‖ timestamp ‖ iteration`` and the device's ``certificate_chain`` (key attestation, equip
+    certificate), which getKeys relays so that the devices can check each other; otherwise they are empty.
     """
 
     fl_id: str = attrs.field(validator=_str)
@@ -243,6 +294,39 @@ class DeviceKeys:
     ind_iv: bytes = attrs.field(validator=_bytes, repr=False)
     pw_iv: bytes = attrs.field(validator=_bytes, repr=False)
     pw_salt: bytes = attrs.field(validator=_bytes, repr=False)
+    timestamp: str = attrs.field(default="", validator=_str, repr=False)
+    signature: bytes = attrs.field(default=b"", validator=_bytes, repr=False)
+    certificate_chain: tuple[str, ...] = attrs.field(default=(), converter=_strings, repr=False)
+
+    @property
+    def signed(self) -> bool:
+        """The keys carry a signature and certificates (the list signatures' relay, spec §R8.1)."""
+        return bool(self.signature or self.certificate_chain or self.timestamp)
+
+    def to_json_value(self) -> list[object]:
+        """The keys as a JSON value (``fl_id`` left out): five hex strings, then, when :attr:`signed`, the
+        timestamp, the signature in hex and the certificates."""
+        out: list[object] = [b.hex() for b in (self.c_pk, self.s_pk, self.ind_iv, self.pw_iv, self.pw_salt)]
+        if self.signed:
+            out += [self.timestamp, self.signature.hex(), list(self.certificate_chain)]
+        return out
+
+    @classmethod
+    def from_json_value(cls, fl_id: str, value: object) -> DeviceKeys:
+        """The keys :meth:`to_json_value` wrote (five entries: a row written before the relay, or unsigned).
+
+        Raises:
+            TypeError, ValueError: ``value`` is not such a list.
+        """
+        if not isinstance(value, list) or len(value) not in (5, 8):
+            raise ValueError(f"keys must be a list of 5 or 8, got {value!r:.80}")
+        c_pk, s_pk, ind_iv, pw_iv, pw_salt = (bytes.fromhex(h) for h in value[:5])
+        if len(value) == 5:
+            return cls(fl_id, c_pk, s_pk, ind_iv, pw_iv, pw_salt)
+        timestamp, signature, chain = value[5:]
+        if not isinstance(chain, list):
+            raise TypeError(f"certificate_chain must be a list, got {chain!r:.40}")
+        return cls(fl_id, c_pk, s_pk, ind_iv, pw_iv, pw_salt, timestamp, bytes.fromhex(signature), chain)
 
 
 @final
@@ -257,6 +341,15 @@ class Share:
 
 def _shares(values: Iterable[Share]) -> tuple[Share, ...]:
     return tuple(values)
+
+
+@final
+@attrs.frozen
+class ListSignature:
+    """One ``ClientListSign``: the list signature a device of P pushed (spec §R8.2)."""
+
+    fl_id: str = attrs.field(validator=_str)
+    signature: bytes = attrs.field(validator=_bytes, repr=False)
 
 
 @final
@@ -370,12 +463,46 @@ class ReconstructSecretsReceived:
     round: CipherRound = attrs.field(default=CipherRound.RECONSTRUCT_SECRETS, init=False)
 
 
+@final
+@attrs.frozen
+class PushListSignReceived:
+    """A device's pushListSign (spec §R8): its signature of U3, whose request signature the leader verified.
+
+    Attributes:
+        signature: The list signature, kept and relayed as sent.
+        signs_u3: Whether ``signature`` verifies over U3's digest with the device's key, as the driver found
+            against the machine's U3 at that moment (False while U3 is not final; spec §R8.3).
+    """
+
+    cause: str = attrs.field(validator=_cause)
+    fl_id: str = attrs.field(validator=_str)
+    iteration: int = attrs.field(validator=_int)
+    signature: bytes = attrs.field(validator=_bytes, repr=False)
+    signs_u3: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    now_ms: int = attrs.field(validator=_non_negative)
+    round: CipherRound = attrs.field(default=CipherRound.PUSH_LIST_SIGN, init=False)
+
+
+@final
+@attrs.frozen
+class GetListSignReceived:
+    """A device's getListSign (spec §R8)."""
+
+    cause: str = attrs.field(validator=_cause)
+    fl_id: str = attrs.field(validator=_str)
+    iteration: int = attrs.field(validator=_int)
+    now_ms: int = attrs.field(validator=_non_negative)
+    round: CipherRound = attrs.field(default=CipherRound.GET_LIST_SIGN, init=False)
+
+
 CipherEvent = (
     ExchangeKeysReceived
     | GetKeysReceived
     | ShareSecretsReceived
     | GetSecretsReceived
     | GetClientListReceived
+    | PushListSignReceived
+    | GetListSignReceived
     | ReconstructSecretsReceived
 )
 
@@ -392,6 +519,7 @@ class Verdict:
     keys: tuple[DeviceKeys, ...] = ()
     shares: tuple[Share, ...] = ()
     clients: tuple[str, ...] = ()
+    signatures: tuple[ListSignature, ...] = ()
 
 
 @final
@@ -408,6 +536,7 @@ class CipherAnswer:
         keys: getKeys: U1's keys.
         shares: getSecrets: the shares addressed to the caller (``Share.fl_id``: the sender).
         clients: getClientList: U3.
+        signatures: getListSign: the list signatures of P, sorted by fl_id.
     """
 
     round: CipherRound
@@ -418,6 +547,7 @@ class CipherAnswer:
     keys: tuple[DeviceKeys, ...] = ()
     shares: tuple[Share, ...] = ()
     clients: tuple[str, ...] = ()
+    signatures: tuple[ListSignature, ...] = ()
 
 
 @final
@@ -463,6 +593,8 @@ class CipherDevice:
         got_secrets: It fetched its shares (in S).
         got_clients: It fetched U3 (in L).
         reconstruction: The shares it sent back, sorted by owner (in R), or None.
+        list_signature: Its list signature (in P, spec §R8), or None.
+        got_signatures: It fetched P's signatures (in G).
     """
 
     fl_id: str = attrs.field(validator=_str)
@@ -472,6 +604,8 @@ class CipherDevice:
     got_secrets: bool = False
     got_clients: bool = False
     reconstruction: tuple[Share, ...] | None = None
+    list_signature: bytes | None = None
+    got_signatures: bool = False
 
     @property
     def empty(self) -> bool:
@@ -480,14 +614,19 @@ class CipherDevice:
             self.keys is None
             and self.shares is None
             and self.reconstruction is None
-            and not (self.got_keys or self.got_secrets or self.got_clients)
+            and self.list_signature is None
+            and not (self.got_keys or self.got_secrets or self.got_clients or self.got_signatures)
         )
 
     def to_json_value(self) -> list[object]:
-        """The record as a JSON value (bytes as hex; ``fl_id`` is the row's key and is left out)."""
+        """The record as a JSON value (bytes as hex; ``fl_id`` is the row's key and is left out).
+
+        Six entries, and two more (the list signature, whether it fetched P) once the device is in P or G:
+        a store written before the list signatures reads as it is (spec §R6, "Recovery").
+        """
         k = self.keys
-        return [
-            None if k is None else [b.hex() for b in (k.c_pk, k.s_pk, k.ind_iv, k.pw_iv, k.pw_salt)],
+        out: list[object] = [
+            None if k is None else k.to_json_value(),
             self.got_keys,
             None if self.shares is None else [[x.fl_id, x.share.hex(), x.index] for x in self.shares],
             self.got_secrets,
@@ -496,6 +635,9 @@ class CipherDevice:
             if self.reconstruction is None
             else [[x.fl_id, x.share.hex(), x.index] for x in self.reconstruction],
         ]
+        if self.list_signature is not None or self.got_signatures:
+            out += [None if self.list_signature is None else self.list_signature.hex(), self.got_signatures]
+        return out
 
     @classmethod
     def from_json_value(cls, fl_id: str, value: object) -> CipherDevice:
@@ -505,17 +647,22 @@ class CipherDevice:
             ValueError: ``value`` is not such a record (the message says what is wrong).
         """
         try:
-            if not isinstance(value, list) or len(value) != 6:
-                raise ValueError(f"expected a list of 6, got {value!r:.80}")
-            keys, got_keys, shares, got_secrets, got_clients, reconstruction = value
+            if not isinstance(value, list) or len(value) not in (6, 8):
+                raise ValueError(f"expected a list of 6 or 8, got {value!r:.80}")
+            keys, got_keys, shares, got_secrets, got_clients, reconstruction = value[:6]
+            signature, got_signatures = value[6:] if len(value) == 8 else (None, False)
+            if signature is not None and not isinstance(signature, str):
+                raise TypeError(f"the list signature must be hex text, got {signature!r:.40}")
             return cls(
                 fl_id,
-                None if keys is None else DeviceKeys(fl_id, *(bytes.fromhex(h) for h in keys)),
+                None if keys is None else DeviceKeys.from_json_value(fl_id, keys),
                 _flag(got_keys),
                 _shares_from_json(shares),
                 _flag(got_secrets),
                 _flag(got_clients),
                 _shares_from_json(reconstruction),
+                None if signature is None else bytes.fromhex(signature),
+                _flag(got_signatures),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not the cipher record of {fl_id!r}: {exc}") from None
@@ -548,12 +695,14 @@ class CipherSnapshot:
         u1_closed: U1 is frozen.
         u2_closed: U2 is frozen.
         devices: Every device in some list, sorted by fl_id.
+        p_closed: P (the list signatures, spec §R8) is frozen.
     """
 
     lost: bool = False
     u1_closed: bool = False
     u2_closed: bool = False
     devices: tuple[CipherDevice, ...] = ()
+    p_closed: bool = False
 
 
 @final
@@ -570,6 +719,9 @@ class CipherState:
     s: tuple[str, ...]
     l: tuple[str, ...]  # noqa: E741 - the list's name in the spec
     r: tuple[str, ...]
+    p: tuple[str, ...] = ()
+    p_closed: bool = False
+    g: tuple[str, ...] = ()
 
 
 def _answer(retcode: ResponseCode, reason: str, **payload: object) -> Step:
@@ -599,9 +751,12 @@ class CipherRounds:
     """The cipher lists of the current iteration and the rules of their rounds (module docstring)."""
 
     __slots__ = (
+        "_g",
         "_k",
         "_l",
         "_lost",
+        "_p",
+        "_p_closed",
         "_r",
         "_s",
         "_u1",
@@ -624,6 +779,9 @@ class CipherRounds:
         self._u2_closed = False
         self._s: set[str] = set()
         self._l: set[str] = set()
+        self._p: dict[str, bytes] = {}
+        self._p_closed = False
+        self._g: set[str] = set()
         self._r: dict[str, tuple[Share, ...]] = {}
 
     # ---------------------------------------------------------------------------------- queries
@@ -638,6 +796,11 @@ class CipherRounds:
         """True in PW_ENCRYPT (full protocol), False in STABLE_PW_ENCRYPT (keys only)."""
         return self.config.mode is CipherMode.PW
 
+    @property
+    def list_sign(self) -> bool:
+        """True when the list signatures run (PW_ENCRYPT with ``pki_verify``, spec §R8)."""
+        return self.config.list_sign
+
     def state(self) -> CipherState:
         """The lists as plain sorted records."""
         return CipherState(
@@ -650,11 +813,23 @@ class CipherRounds:
             s=tuple(sorted(self._s)),
             l=tuple(sorted(self._l)),
             r=tuple(sorted(self._r)),
+            p=tuple(sorted(self._p)),
+            p_closed=self._p_closed,
+            g=tuple(sorted(self._g)),
         )
 
     def device_ids(self) -> set[str]:
         """Every device in some list."""
-        return set(self._u1) | self._k | set(self._u2) | self._s | self._l | set(self._r)
+        return (
+            set(self._u1)
+            | self._k
+            | set(self._u2)
+            | self._s
+            | self._l
+            | set(self._r)
+            | set(self._p)
+            | self._g
+        )
 
     def device(self, fl_id: str) -> CipherDevice | None:
         """What the lists hold about ``fl_id`` (None when it is in none of them)."""
@@ -666,6 +841,8 @@ class CipherRounds:
             fl_id in self._s,
             fl_id in self._l,
             self._r.get(fl_id),
+            self._p.get(fl_id),
+            fl_id in self._g,
         )
         return None if record.empty else record
 
@@ -675,18 +852,20 @@ class CipherRounds:
         if devices:
             found = (self.device(f) for f in sorted(self.device_ids()))
             records = tuple(r for r in found if r is not None)
-        return CipherSnapshot(self._lost, self._u1_closed, self._u2_closed, records)
+        return CipherSnapshot(self._lost, self._u1_closed, self._u2_closed, records, self._p_closed)
 
     def restore(self, snapshot: CipherSnapshot) -> None:
         """Replace the lists with the snapshot's (a leader rebuilt from its store).
 
         Raises:
-            ValueError: the snapshot breaks a rule no run can break (K ⊆ U1, U2 ⊆ K, S ⊆ U2, R ⊆ L).
+            ValueError: the snapshot breaks a rule no run can break (K ⊆ U1, U2 ⊆ K, S ⊆ U2, R ⊆ L, P ⊆ L,
+                G ⊆ P; the list signatures only where they run).
         """
         self.reset()
         self._lost = snapshot.lost
         self._u1_closed = snapshot.u1_closed
         self._u2_closed = snapshot.u2_closed
+        self._p_closed = snapshot.p_closed
         for d in snapshot.devices:
             if d.keys is not None:
                 self._u1[d.fl_id] = d.keys
@@ -700,6 +879,10 @@ class CipherRounds:
                 self._l.add(d.fl_id)
             if d.reconstruction is not None:
                 self._r[d.fl_id] = d.reconstruction
+            if d.list_signature is not None:
+                self._p[d.fl_id] = d.list_signature
+            if d.got_signatures:
+                self._g.add(d.fl_id)
         problems = [
             f"{name} holds {sorted(a - b)[:3]!r}, not in {outer}"
             for name, a, outer, b in (
@@ -707,9 +890,13 @@ class CipherRounds:
                 ("U2", set(self._u2), "K", self._k),
                 ("S", self._s, "U2", set(self._u2)),
                 ("R", set(self._r), "L", self._l),
+                ("P", set(self._p), "L", self._l),
+                ("G", self._g, "P", set(self._p)),
             )
             if a - b
         ]
+        if (self._p or self._p_closed) and not self.list_sign:
+            problems.append("P is not empty or frozen but this job runs no list signatures")
         if (self._k or self._u2) and not self._u1_closed:
             problems.append("K or U2 is not empty but U1 is not frozen")
         if self._s and not self._u2_closed:
@@ -763,6 +950,9 @@ class CipherRounds:
         self._u2_closed = False
         self._s.clear()
         self._l.clear()
+        self._p.clear()
+        self._p_closed = False
+        self._g.clear()
         self._r.clear()
 
     def start_round_closed(self) -> Step:
@@ -785,6 +975,8 @@ class CipherRounds:
             return self._close_u1()
         if name == CipherRound.SHARE_SECRETS and not self._u2_closed and len(self._u2) >= t.share_secrets:
             return self._close_u2()
+        if name == CipherRound.PUSH_LIST_SIGN and not self._p_closed and len(self._p) >= t.push_list_sign:
+            return self._close_p()
         return Step(fail=_round_timeout(name))
 
     # ---------------------------------------------------------------------------------- requests
@@ -872,10 +1064,49 @@ class CipherRounds:
         self._l.add(ev.fl_id)
         step = _answer(ResponseCode.SUCCEED, REASON_CLIENT_LIST_ACCEPTED, clients=u3)
         if first and len(self._l) == self.thresholds.get_client_list:
+            after = CipherRound.PUSH_LIST_SIGN if self.list_sign else CipherRound.RECONSTRUCT_SECRETS
+            step = step.then(Step(disarm=(CipherRound.GET_CLIENT_LIST.value,), arm=(after.value,)))
+        return step
+
+    def push_list_sign(self, ev: PushListSignReceived, u3: tuple[str, ...] | None) -> Step:
+        """pushListSign (spec §R5, §R8.3): a device of L joins P with its signature of U3.
+
+        ``u3`` is U3 once final (None while not). P closes once it holds every device of U3.
+        """
+        fl_id = ev.fl_id
+        if u3 is None:
+            return _not_ready(REASON_NOT_READY)
+        listed = fl_id in u3
+        if self._p_closed:
+            return _ok(REASON_LIST_SIGN_ENOUGH) if listed else _out_of_time(REASON_LIST_SIGN_ENOUGH)
+        if fl_id not in self._l:
+            return _ok(REASON_LIST_SIGN_NOT_LISTED) if listed else _out_of_time(REASON_LIST_SIGN_NOT_LISTED)
+        if fl_id in self._p:
+            return _ok(REASON_LIST_SIGN_REPEAT)
+        if not ev.signs_u3:
+            return _request_error(REASON_LIST_SIGN_BAD)
+        self._p[fl_id] = ev.signature
+        step = _ok(REASON_LIST_SIGN_ACCEPTED)
+        if len(self._p) >= len(u3):
+            step = step.then(self._close_p())
+        return step
+
+    def get_list_sign(self, ev: GetListSignReceived, u3: tuple[str, ...] | None) -> Step:
+        """getListSign (spec §R5, §R8.3): P's signatures, once P is frozen, to a device of P (joins G)."""
+        fl_id = ev.fl_id
+        if u3 is None or not self._p_closed:
+            return _not_ready(REASON_NOT_READY)
+        signatures = tuple(ListSignature(f, self._p[f]) for f in sorted(self._p))
+        if fl_id not in self._p:
+            if fl_id in u3:
+                return _answer(ResponseCode.SUCCEED, REASON_LIST_SIGNS_UNSENT, signatures=signatures)
+            return _out_of_time(REASON_LIST_SIGNS_ILLEGAL)
+        first = fl_id not in self._g
+        self._g.add(fl_id)
+        step = _answer(ResponseCode.SUCCEED, REASON_LIST_SIGN_ACCEPTED, signatures=signatures)
+        if first and len(self._g) == self.thresholds.get_list_sign:
             step = step.then(
-                Step(
-                    disarm=(CipherRound.GET_CLIENT_LIST.value,), arm=(CipherRound.RECONSTRUCT_SECRETS.value,)
-                )
+                Step(disarm=(CipherRound.GET_LIST_SIGN.value,), arm=(CipherRound.RECONSTRUCT_SECRETS.value,))
             )
         return step
 
@@ -928,6 +1159,13 @@ class CipherRounds:
         return Step(
             disarm=(CipherRound.SHARE_SECRETS.value, CipherRound.GET_KEYS.value),
             arm=(CipherRound.GET_SECRETS.value,),
+        )
+
+    def _close_p(self) -> Step:
+        self._p_closed = True
+        return Step(
+            disarm=(CipherRound.PUSH_LIST_SIGN.value, CipherRound.GET_CLIENT_LIST.value),
+            arm=(CipherRound.GET_LIST_SIGN.value,),
         )
 
     def _malformed_keys(self, keys: DeviceKeys) -> str:

@@ -66,7 +66,9 @@ from flcluster.core.cipher import (
     ExchangeKeysReceived,
     GetClientListReceived,
     GetKeysReceived,
+    GetListSignReceived,
     GetSecretsReceived,
+    PushListSignReceived,
     ReconstructSecretsReceived,
     ShareSecretsReceived,
     Step,
@@ -268,6 +270,9 @@ class WindowKind(enum.StrEnum):
     GET_SECRETS = "getSecrets"
     GET_CLIENT_LIST = "getClientList"
     RECONSTRUCT_SECRETS = "reconstructSecrets"
+    # The list signatures' windows (PW_ENCRYPT with pki_verify, spec/secure-aggregation.md §R8).
+    PUSH_LIST_SIGN = "pushListSign"
+    GET_LIST_SIGN = "getListSign"
 
 
 # --------------------------------------------------------------------------------------- config
@@ -723,6 +728,8 @@ Event = (
     | ShareSecretsReceived
     | GetSecretsReceived
     | GetClientListReceived
+    | PushListSignReceived
+    | GetListSignReceived
     | ReconstructSecretsReceived
 )
 
@@ -1118,6 +1125,14 @@ class IterationMachine:
         """The cipher rounds' lists of the current iteration (None without cipher rounds)."""
         return None if self._cipher is None else self._cipher.state()
 
+    def client_list(self) -> tuple[str, ...] | None:
+        """U3, sorted, once it is final (unmasking, no upload still being folded); else None.
+
+        What getClientList serves; the driver checks list signatures against it (spec/secure-aggregation.md
+        §R8.3).
+        """
+        return self._final_u3()
+
     def armed_windows(self) -> tuple[ArmedWindow, ...]:
         """The windows armed now, in :class:`WindowKind` order."""
         return tuple(ArmedWindow(k, self._windows[k]) for k in WindowKind if k in self._windows)
@@ -1307,6 +1322,8 @@ class IterationMachine:
                 | ShareSecretsReceived()
                 | GetSecretsReceived()
                 | GetClientListReceived()
+                | PushListSignReceived()
+                | GetListSignReceived()
                 | ReconstructSecretsReceived()
             ):
                 reply = self._cipher_request(event, out)
@@ -1712,6 +1729,10 @@ class IterationMachine:
                 step = cipher.get_secrets(ev)
             case GetClientListReceived():
                 step = cipher.get_client_list(ev, self._final_u3())
+            case PushListSignReceived():
+                step = cipher.push_list_sign(ev, self._final_u3())
+            case GetListSignReceived():
+                step = cipher.get_list_sign(ev, self._final_u3())
             case ReconstructSecretsReceived():
                 step = cipher.reconstruct_secrets(ev, self._final_u3(), aggregating=aggregating)
             case _:
@@ -1733,6 +1754,7 @@ class IterationMachine:
             verdict.keys,
             verdict.shares,
             verdict.clients,
+            verdict.signatures,
         )
 
     def _start_round_closed(self) -> bool:
@@ -1768,6 +1790,8 @@ class IterationMachine:
             WindowKind.UPDATE_MODEL,
             WindowKind.GLOBAL,
             WindowKind.GET_CLIENT_LIST,
+            WindowKind.PUSH_LIST_SIGN,
+            WindowKind.GET_LIST_SIGN,
             WindowKind.RECONSTRUCT_SECRETS,
         )
         deadlines = [self._windows[k] for k in bounded if k in self._windows]
@@ -1839,10 +1863,12 @@ _CIPHER_WINDOWS = (
     WindowKind.SHARE_SECRETS,
     WindowKind.GET_SECRETS,
     WindowKind.GET_CLIENT_LIST,
+    WindowKind.PUSH_LIST_SIGN,
+    WindowKind.GET_LIST_SIGN,
     WindowKind.RECONSTRUCT_SECRETS,
 )
 #: The windows an unmasking iteration may arm.
-_UNMASKING_WINDOWS = frozenset((WindowKind.GET_CLIENT_LIST, WindowKind.RECONSTRUCT_SECRETS))
+_UNMASKING_WINDOWS = frozenset(_CIPHER_WINDOWS[4:])
 #: The cipher windows of the rounds before updateModel, disarmed when the unmasking starts.
 _BEFORE_UNMASKING = frozenset(_CIPHER_WINDOWS[:4])
 #: exchangeKeys / shareSecrets after their round (the unmasking) began.
@@ -2018,9 +2044,9 @@ def _check_snapshot(s: IterationSnapshot) -> None:
                 f"an unmasking iteration has at least {cfg.update_model_threshold} updates, got {n_upd}",
             )
             rule(
-                armed <= {WindowKind.GLOBAL, WindowKind.GET_CLIENT_LIST, WindowKind.RECONSTRUCT_SECRETS},
-                f"an unmasking iteration arms only the global, getClientList and reconstructSecrets windows, "
-                f"got {kinds!r}",
+                armed <= {WindowKind.GLOBAL, *_UNMASKING_WINDOWS},
+                f"an unmasking iteration arms only the global, getClientList, pushListSign, getListSign and "
+                f"reconstructSecrets windows, got {kinds!r}",
             )
         case _:
             assert_never(s.phase)

@@ -3,12 +3,13 @@
 Theory of operation (spec/secure-aggregation.md §R5, §R6)
 ----------------------------------------------------------
 A cipher request reaches the leader as the body the device sent (a direct call on rank 0, a ``cipher_call``
-frame from a follower, which has already decoded it once so that a malformed body never leaves it).
-:func:`cipher_event` decodes it again (the leader trusts no follower with the rules), checks what only the
-field prime can tell (a reconstruction share's index and value, ``flcluster.secure``), and turns it into the
-core's event; the driver feeds it to the iteration machine, waits until the machine with its effect is
-committed, and :func:`encode_reply` turns the machine's :class:`~flcluster.core.cipher.CipherAnswer` (or its
-plain text) into the response table. Anything refused here gets the round's ``RequestError`` and changes
+frame from a follower, which has already decoded it once so that a malformed body never leaves it). The
+leader decodes it again (:func:`decode_request`: it trusts no follower with the rules); with the list
+signatures of ``pki_verify`` the driver checks its signatures (spec §R8.3); :func:`cipher_event` checks what
+only the field prime can tell (a reconstruction share's index and value, ``flcluster.secure``) and turns it
+into the core's event; the driver feeds it to the iteration machine, waits until the machine with its effect
+is committed, and :func:`encode_reply` turns the machine's :class:`~flcluster.core.cipher.CipherAnswer` (or
+its plain text) into the response table. Anything refused here gets the round's ``RequestError`` and changes
 nothing.
 
 When R is complete the machine asks for the aggregation with the unmasking inputs
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -34,7 +36,9 @@ from flcluster.core.cipher import (
     ExchangeKeysReceived,
     GetClientListReceived,
     GetKeysReceived,
+    GetListSignReceived,
     GetSecretsReceived,
+    PushListSignReceived,
     ReconstructSecretsReceived,
     ShareSecretsReceived,
     UnmaskInputs,
@@ -42,36 +46,75 @@ from flcluster.core.cipher import (
 from flcluster.core.iteration import PlainText
 from flcluster.errors import AggregationError, CipherInputError, SchemaError, UnmaskError
 from flcluster.secure import ClientShare, PublicKeys, check_reconstruction_shares, shamir, unmask_noise
-from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, SharesRequest
+from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, ListSignRequest, SharesRequest
 from flcluster.wire.cipher_server_codec import (
+    CipherRequest,
     decode_cipher_request,
     encode_cipher_answer,
     encode_cipher_error,
 )
 from flcluster.wire.codes import CipherRound, ResponseCode
 
-__all__ = ["cipher_event", "encode_refusal", "encode_reply", "unmasked_model"]
+__all__ = ["cipher_event", "decode_request", "encode_refusal", "encode_reply", "unmasked_model"]
 
 
-def cipher_event(round_: CipherRound, body: bytes, *, cause: str, now_ms: int, prime: int) -> CipherEvent:
-    """The core's event for one cipher request body.
+def decode_request(round_: CipherRound, body: bytes) -> CipherRequest:
+    """The leader's decoding of one cipher request body.
 
     Raises:
-        CipherInputError: the body is not the round's table (spec §R7), or a reconstructSecrets share has an
-            index outside ``[1, 2**31)`` or a value not below the prime (spec §2.3).
+        CipherInputError: the body is not the round's table (spec §R7).
     """
     try:
-        request = decode_cipher_request(round_, body)
+        return decode_cipher_request(round_, body)
     except SchemaError as exc:
         raise CipherInputError(str(exc)) from None
+
+
+def cipher_event(
+    round_: CipherRound,
+    request: CipherRequest,
+    *,
+    cause: str,
+    now_ms: int,
+    prime: int,
+    signed_keys: bool = False,
+    signs_u3: bool = False,
+) -> CipherEvent:
+    """The core's event for one decoded cipher request.
+
+    Args:
+        round_: The round.
+        request: The decoded body (:func:`decode_request`).
+        cause: The event's cause id.
+        now_ms: The leader's now.
+        prime: The job's field prime.
+        signed_keys: exchangeKeys with the list signatures: the keys keep the request's timestamp, signature
+            and certificates, which getKeys relays (spec §R8.1; the leader verified them).
+        signs_u3: pushListSign: the list signature verifies over U3 (the leader checked, spec §R8.3).
+
+    Raises:
+        CipherInputError: a reconstructSecrets share has an index outside ``[1, 2**31)`` or a value not below
+            the prime (spec §2.3).
+    """
     match request:
         case ExchangeKeysRequest(keys=keys, iteration=iteration):
+            if signed_keys:
+                keys = attrs.evolve(
+                    keys,
+                    timestamp=request.timestamp,
+                    signature=request.signature,
+                    certificate_chain=request.certificate_chain,
+                )
             return ExchangeKeysReceived(cause, keys, iteration, now_ms)
+        case ListSignRequest(fl_id=fl_id, iteration=iteration, signature=signature):
+            return PushListSignReceived(cause, fl_id, iteration, signature, signs_u3, now_ms)
         case FetchRequest(fl_id=fl_id, iteration=iteration):
             if round_ is CipherRound.GET_KEYS:
                 return GetKeysReceived(cause, fl_id, iteration, now_ms)
             if round_ is CipherRound.GET_SECRETS:
                 return GetSecretsReceived(cause, fl_id, iteration, now_ms)
+            if round_ is CipherRound.GET_LIST_SIGN:
+                return GetListSignReceived(cause, fl_id, iteration, now_ms)
             return GetClientListReceived(cause, fl_id, iteration, now_ms)
         case SharesRequest(fl_id=fl_id, iteration=iteration, shares=shares):
             if round_ is CipherRound.SHARE_SECRETS:

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-With ``encrypt_type`` PW_ENCRYPT (all six rounds) or STABLE_PW_ENCRYPT (exchangeKeys and getKeys) the
+With ``encrypt_type`` PW_ENCRYPT (six rounds; eight with ``pki_verify``: pushListSign and getListSign, spec
+§R8) or STABLE_PW_ENCRYPT (exchangeKeys and getKeys) the
 Server's device route table gains one handler per cipher round (:func:`cipher_routes`). A handler decodes
 the body where it landed (a malformed one gets the round's ``RequestError`` and never leaves this
 Server), then forwards the body as it came to the leader through the Server's
@@ -21,7 +22,13 @@ from collections.abc import Awaitable, Callable
 from flcluster.errors import SchemaError
 from flcluster.http.device import DeviceAnswer, DeviceHandler
 from flcluster.wire.cipher_server_codec import decode_cipher_request, encode_cipher_error
-from flcluster.wire.codes import CIPHER_ROUNDS_PW, CIPHER_ROUNDS_STABLE_PW, CipherRound, ResponseCode
+from flcluster.wire.codes import (
+    CIPHER_ROUNDS_PW,
+    CIPHER_ROUNDS_PW_LIST_SIGN,
+    CIPHER_ROUNDS_STABLE_PW,
+    CipherRound,
+    ResponseCode,
+)
 
 __all__ = ["CIPHER_MODES", "cipher_routes", "runs_cipher_rounds"]
 
@@ -38,6 +45,8 @@ def cipher_routes(
     encrypt_type: str,
     forward: Callable[[CipherRound, bytes], Awaitable[DeviceAnswer]],
     view: Callable[[], tuple[int, int]],
+    *,
+    list_sign: bool = False,
 ) -> dict[str, DeviceHandler]:
     """The cipher rounds' route table entries for ``encrypt_type`` (none without cipher rounds).
 
@@ -45,6 +54,7 @@ def cipher_routes(
         encrypt_type: The job's encrypt type.
         forward: Sends one decoded-once body to the leader and returns its answer.
         view: This Server's (iteration, next_req_time_ms), for the answers it makes itself.
+        list_sign: ``pki_verify``: PW_ENCRYPT serves the list signatures too (spec/secure-aggregation.md §R8).
     """
 
     def handler(round_: CipherRound) -> DeviceHandler:
@@ -64,4 +74,7 @@ def cipher_routes(
 
         return serve
 
-    return {r.value: handler(r) for r in CIPHER_MODES.get(encrypt_type, ())}
+    rounds = CIPHER_MODES.get(encrypt_type, ())
+    if list_sign and rounds == CIPHER_ROUNDS_PW:
+        rounds = CIPHER_ROUNDS_PW_LIST_SIGN
+    return {r.value: handler(r) for r in rounds}

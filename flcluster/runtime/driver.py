@@ -94,6 +94,7 @@ from flcluster.http.device import DeviceAnswer
 from flcluster.runtime.aggregation import Aggregator
 from flcluster.runtime.cipher_leader import (
     cipher_event,
+    decode_request,
     encode_refusal,
     encode_reply,
     field_prime,
@@ -106,6 +107,9 @@ from flcluster.runtime.peer_wire import view_of
 from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
 from flcluster.store import DeviceRows, RecoveryStore, ServerState, StoredModel, Transition
 from flcluster.verify import ClientVerifier, PublicKey, VerificationFailed
+from flcluster.verify.lists import signs_client_list
+from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, ListSignRequest
+from flcluster.wire.cipher_server_codec import CipherRequest, encode_cipher_error
 from flcluster.wire.codes import SAFEMODE_TEXT, CipherRound, ResponseCode
 from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, InstanceRenewedMsg, IterationStatus
 from flcluster.wire.model_bytes import weights_to_bytes
@@ -388,9 +392,10 @@ class Leader:
     async def cipher(self, round_: CipherRound, body: bytes, server: str) -> DeviceAnswer:
         """One cipher-round request that landed on Server ``server`` (spec/secure-aggregation.md §R5, §R6).
 
-        Decoded again here, fed to the machine, answered once the machine with its effect is committed.
-        A body refused before the machine sees it (or a round this job does not run) gets the round's
-        RequestError and changes nothing.
+        Decoded again here, its signatures checked with the list signatures (spec §R8.3), fed to the machine,
+        answered once the machine with its effect is committed. A body refused before the machine sees it (or
+        a round this job does not run) gets the round's RequestError (or, for a signature check that may pass
+        later, OutOfTime) and changes nothing.
         """
         now = self.clock.now_ms()
         m = self.machine
@@ -399,16 +404,83 @@ class Leader:
         try:
             if self._prime is None:
                 self._prime = field_prime(self.rounds.plan.pw_prime)
+            request = decode_request(round_, body)
+            signed_keys, signs_u3 = self._verify_cipher(round_, request, now)
             event = cipher_event(
-                round_, body, cause=self._cause(f"{round_.value}@{server}"), now_ms=now, prime=self._prime
+                round_,
+                request,
+                cause=self._cause(f"{round_.value}@{server}"),
+                now_ms=now,
+                prime=self._prime,
+                signed_keys=signed_keys,
+                signs_u3=signs_u3,
             )
             reply = self.feed(event)
         except (IllegalEvent, CipherInputError) as exc:
             return encode_refusal(
                 round_, str(exc), iteration=m.current_iteration, next_req_time_ms=m.next_req_time_ms(now)
             )
+        except VerificationFailed as exc:
+            # Refused before the machine sees it: nothing changes (spec/secure-aggregation.md §R8.3).
+            retcode = ResponseCode.OutOfTime if exc.retry_later else ResponseCode.RequestError
+            return encode_cipher_error(
+                round_,
+                retcode=int(retcode),
+                reason=exc.reason,
+                iteration=m.current_iteration,
+                next_req_time=str(m.next_req_time_ms(now)),
+            )
         await self.wait_durable()
         return encode_reply(reply)
+
+    def _verify_cipher(self, round_: CipherRound, request: CipherRequest, now: int) -> tuple[bool, bool]:
+        """With the list signatures (spec/secure-aggregation.md §R8): check the request's signatures.
+
+        Returns:
+            (exchangeKeys: keep the keys' signature and certificates for getKeys to relay; pushListSign: the
+            list signature verifies over U3 as the machine holds it now).
+
+        Raises:
+            VerificationFailed: a request signature (or exchangeKeys' certificates) fails.
+        """
+        cipher = self.machine.config.cipher
+        verifier = self.verifier
+        if verifier is None or cipher is None or not cipher.list_sign:
+            return False, False
+        match request:
+            case ExchangeKeysRequest(keys=k):
+                verifier.admit_exchange_keys(
+                    k.fl_id,
+                    request.iteration,
+                    request.timestamp,
+                    k.c_pk,
+                    k.s_pk,
+                    request.signature,
+                    request.certificate_chain,
+                    now_ms=now,
+                )
+                return True, False
+            case ListSignRequest():
+                key = verifier.admit_list_sign_request(
+                    round_.value,
+                    request.fl_id,
+                    request.iteration,
+                    request.timestamp,
+                    request.req_signature,
+                    now_ms=now,
+                )
+                u3 = self.machine.client_list()
+                return False, u3 is not None and signs_client_list(key, u3, request.signature)
+            case FetchRequest() if round_ is CipherRound.GET_LIST_SIGN:
+                verifier.admit_list_sign_request(
+                    round_.value,
+                    request.fl_id,
+                    request.iteration,
+                    request.timestamp,
+                    request.signature,
+                    now_ms=now,
+                )
+        return False, False
 
     def _verify(self, verifier: ClientVerifier, request: CountRequest) -> PublicKey | None:
         """The leader's client verification of one request; a startFLJob's device key to keep."""

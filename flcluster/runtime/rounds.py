@@ -291,6 +291,7 @@ class RoundService:
                 self.plan.encrypt_type,
                 self.line.cipher,
                 lambda: (self.view.iteration, self.view.next_req_time_ms),
+                list_sign=self.verification is not None,
             ),
         }
 

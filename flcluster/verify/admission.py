@@ -13,8 +13,10 @@ Client verification is split where the work and the state are:
   answered there and then; the leader never hears of it.
 - **The leader** holds what is cluster-wide, in a :class:`ClientVerifier`: the key of every device it
   accepted at startFLJob (a device may send its update to another Server) and the requests it admitted
-  within the replay window. :meth:`ClientVerifier.admit_start_fl_job` and
-  :meth:`ClientVerifier.admit_update_model` run before the iteration machine sees a request;
+  within the replay window. :meth:`ClientVerifier.admit_start_fl_job`,
+  :meth:`ClientVerifier.admit_update_model` and, for the list signatures of PW_ENCRYPT
+  (spec/secure-aggregation.md §R8), :meth:`ClientVerifier.admit_exchange_keys` and
+  :meth:`ClientVerifier.admit_list_sign_request` run before the iteration machine sees a request;
   :meth:`ClientVerifier.keep_key` records the key once the machine accepted the startFLJob.
 
 Every check takes ``now_ms`` from its caller (the driver's clock) and raises
@@ -30,6 +32,7 @@ from typing import Final
 import attrs
 
 from flcluster.errors import VerificationFailed
+from flcluster.verify.lists import exchange_keys_signed_data, peer_key, same_key
 from flcluster.verify.pki import (
     PublicKey,
     TrustAnchors,
@@ -52,6 +55,9 @@ from flcluster.wire.codes import DeviceRound
 from flcluster.wire.records import StartFLJobRequest, UpdateModelRequest
 
 __all__ = [
+    "REASON_EXCHANGE_KEYS_TIMEOUT",
+    "REASON_SIGNATURE_FAILED",
+    "REASON_SIGNATURE_TIMEOUT",
     "REASON_START_FL_JOB_VERIFY",
     "ClientVerification",
     "ClientVerifier",
@@ -64,6 +70,14 @@ __all__ = [
 
 #: The original's reason for a startFLJob that fails pki_verify (``JudgeFLJobCert``); flcluster adds why.
 REASON_START_FL_JOB_VERIFY: Final = "startFLJob sign and certificate verify failed"
+
+
+#: The original's reasons of the cipher rounds' signature checks (``VerifySignatureBase``; spec
+#: secure-aggregation §R8.3): a signature that fails (``RequestError``), no key kept or a stale timestamp
+#: (``OutOfTime``; exchangeKeys says more).
+REASON_SIGNATURE_FAILED: Final = "verify signature failed."
+REASON_SIGNATURE_TIMEOUT: Final = "verify signature timestamp failed."
+REASON_EXCHANGE_KEYS_TIMEOUT: Final = "verify signature timestamp failed or cannot find its key attestation."
 
 
 def reason_signature_failed(fl_id: str) -> str:
@@ -235,6 +249,89 @@ class ClientVerifier:
             self._replays.admit(replay_key(DeviceRound.UPDATE_MODEL, fl_id, signed), timestamp_ms, now_ms)
         except VerificationFailed as exc:
             raise _refused(failed, exc) from None
+
+    def _check_signed(
+        self, fl_id: str, timestamp: str, signed: bytes, signature: bytes, now_ms: int, timeout: str
+    ) -> tuple[PublicKey, int]:
+        """Key kept, signature, timestamp (spec secure-aggregation §R8.3); the key and the timestamp's ms."""
+        key = self.device_key(fl_id)
+        if key is None:
+            raise VerificationFailed(timeout, retry_later=True)
+        try:
+            timestamp_ms = parse_timestamp(timestamp)
+        except VerificationFailed as exc:
+            raise _refused(REASON_SIGNATURE_FAILED, exc) from None
+        try:
+            verify_request_signature(key, signed, signature)
+        except VerificationFailed:
+            raise VerificationFailed(REASON_SIGNATURE_FAILED) from None
+        try:
+            check_fresh(timestamp_ms, now_ms, self._window)
+        except VerificationFailed as exc:
+            raise _refused(timeout, exc, retry_later=True) from None
+        return key, timestamp_ms
+
+    def _remember(self, round_name: str, fl_id: str, signed: bytes, timestamp_ms: int, now_ms: int) -> None:
+        try:
+            self._replays.admit(replay_key(round_name, fl_id, signed), timestamp_ms, now_ms)
+        except VerificationFailed as exc:
+            raise _refused(REASON_SIGNATURE_FAILED, exc) from None
+
+    def admit_list_sign_request(
+        self, round_name: str, fl_id: str, iteration: int, timestamp: str, signature: bytes, *, now_ms: int
+    ) -> PublicKey:
+        """The request signature of pushListSign (``req_signature``) or getListSign (``signature``), over
+        ``timestamp + str(iteration)`` (spec/secure-aggregation.md §R8.3 step 1).
+
+        Returns:
+            The device's key (the leader checks the list signature with it).
+
+        Raises:
+            VerificationFailed: ``retry_later`` (``OutOfTime`` ``verify signature timestamp failed.``) when no
+                key is kept or the timestamp is out of the window; otherwise ``RequestError``
+                (``verify signature failed.``).
+        """
+        signed = update_model_signed_data(timestamp, iteration)
+        key, timestamp_ms = self._check_signed(
+            fl_id, timestamp, signed, signature, now_ms, REASON_SIGNATURE_TIMEOUT
+        )
+        self._remember(round_name, fl_id, signed, timestamp_ms, now_ms)
+        return key
+
+    def admit_exchange_keys(
+        self,
+        fl_id: str,
+        iteration: int,
+        timestamp: str,
+        c_pk: bytes,
+        s_pk: bytes,
+        signature: bytes,
+        certificate_chain: tuple[str, ...],
+        *,
+        now_ms: int,
+    ) -> None:
+        """A signed exchangeKeys (spec/secure-aggregation.md §R8.1): the key kept, the signature over
+        ``c_pk ‖ s_pk ‖ timestamp ‖ iteration``, the timestamp, the chain (it binds the kept key to
+        ``fl_id``), then the replay check.
+
+        Raises:
+            VerificationFailed: ``retry_later`` (``OutOfTime``) when no key is kept or the timestamp is out of
+                the window; otherwise ``RequestError``.
+        """
+        signed = exchange_keys_signed_data(c_pk, s_pk, timestamp, iteration)
+        key, timestamp_ms = self._check_signed(
+            fl_id, timestamp, signed, signature, now_ms, REASON_EXCHANGE_KEYS_TIMEOUT
+        )
+        try:
+            certified = peer_key(fl_id, certificate_chain)
+        except VerificationFailed as exc:
+            raise _refused(REASON_SIGNATURE_FAILED, exc) from None
+        if not same_key(certified, key):
+            raise VerificationFailed(
+                f"{REASON_SIGNATURE_FAILED}: the certificate_chain certifies another key than the one of the "
+                "device's startFLJob"
+            )
+        self._remember("exchangeKeys", fl_id, signed, timestamp_ms, now_ms)
 
     def keep_key(self, fl_id: str, key: PublicKey, *, iteration: int) -> None:
         """Keep ``key`` for ``fl_id``: the machine accepted its startFLJob into ``iteration``.

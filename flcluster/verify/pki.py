@@ -49,6 +49,8 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "TrustAnchors",
+    "accepted_key",
+    "check_issued_by",
     "fl_id_of",
     "load_public_key",
     "load_trust_anchors",
@@ -116,6 +118,15 @@ def _device_key(key: object, what: str) -> PublicKey:
             raise VerificationFailed(f"{what} is EC on {key.curve.name}; P-256, P-384 or P-521 are accepted")
         return key
     raise VerificationFailed(f"{what} is a {type(key).__name__}; an RSA or EC key is expected")
+
+
+def accepted_key(key: object, what: str) -> PublicKey:
+    """``key`` if it is a device key flcluster accepts (RSA 2048–8192 bits, EC P-256/P-384/P-521).
+
+    Raises:
+        VerificationFailed: Another kind or size; the reason names ``what``.
+    """
+    return _device_key(key, what)
 
 
 def public_key_der(key: PublicKey) -> bytes:
@@ -301,6 +312,17 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
     except (TypeError, UnsupportedAlgorithm) as exc:
         return f"its signature cannot be checked ({exc})"
     return None
+
+
+def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
+    """Check that ``issuer`` directly issued ``cert`` (the issuer's name, then its signature).
+
+    Raises:
+        VerificationFailed: It did not; the reason starts with ``what``.
+    """
+    why = _issued_by(cert, issuer)
+    if why is not None:
+        raise VerificationFailed(f"{what}: {why}")
 
 
 def _key_ids_match(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:

@@ -17,10 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flcluster.core.cipher import DeviceKeys, Share
+from flcluster.core.cipher import DeviceKeys, ListSignature, Share
 from flcluster.errors import SchemaError
 from flcluster.wire import _flatbuf as fb
-from flcluster.wire.cipher_records import CipherAck, ClientListResponse, KeysResponse, SecretsResponse
+from flcluster.wire.cipher_records import (
+    CipherAck,
+    ClientListResponse,
+    KeysResponse,
+    ListSignsResponse,
+    SecretsResponse,
+)
 from flcluster.wire.codes import (
     MAX_CERTIFICATE_BYTES,
     MAX_CERTIFICATES,
@@ -37,13 +43,17 @@ from flcluster.wire.fbs import ClientShare as fb_share
 from flcluster.wire.fbs import GetClientList as fb_get_clients
 from flcluster.wire.fbs import GetExchangeKeys as fb_get_keys
 from flcluster.wire.fbs import GetShareSecrets as fb_get_secrets
+from flcluster.wire.fbs import RequestAllClientListSign as fb_get_list_signs
 from flcluster.wire.fbs import RequestExchangeKeys as fb_req_exchange
 from flcluster.wire.fbs import RequestShareSecrets as fb_req_share
+from flcluster.wire.fbs import SendClientListSign as fb_push_list_sign
 from flcluster.wire.fbs import SendReconstructSecret as fb_req_reconstruct
 from flcluster.wire.schema import (
     RECONSTRUCT_SECRET,
+    RESPONSE_CLIENT_LIST_SIGN,
     RESPONSE_EXCHANGE_KEYS,
     RESPONSE_SHARE_SECRETS,
+    RETURN_ALL_CLIENT_LIST_SIGN,
     RETURN_CLIENT_LIST,
     RETURN_EXCHANGE_KEYS,
     RETURN_SHARE_SECRETS,
@@ -56,8 +66,10 @@ __all__ = [
     "decode_client_list_response",
     "decode_get_keys_response",
     "decode_get_secrets_response",
+    "decode_list_signs_response",
     "encode_exchange_keys_request",
     "encode_fetch_request",
+    "encode_push_list_sign_request",
     "encode_shares_request",
 ]
 
@@ -127,8 +139,8 @@ def encode_exchange_keys_request(
 def encode_fetch_request(
     round_: CipherRound, *, fl_id: str, iteration: int, timestamp: str, signature: bytes = b""
 ) -> bytes:
-    """Encode a ``GetExchangeKeys`` / ``GetShareSecrets`` / ``GetClientList`` (round getKeys / getSecrets /
-    getClientList).
+    """Encode a ``GetExchangeKeys`` / ``GetShareSecrets`` / ``GetClientList`` / ``RequestAllClientListSign``
+    (round getKeys / getSecrets / getClientList / getListSign).
 
     Raises:
         ValueError: a limit or a field width is exceeded, or ``round_`` is not a fetch round.
@@ -137,9 +149,10 @@ def encode_fetch_request(
         CipherRound.GET_KEYS: (fb_get_keys, "GetExchangeKeys"),
         CipherRound.GET_SECRETS: (fb_get_secrets, "GetShareSecrets"),
         CipherRound.GET_CLIENT_LIST: (fb_get_clients, "GetClientList"),
+        CipherRound.GET_LIST_SIGN: (fb_get_list_signs, "RequestAllClientListSign"),
     }
     if round_ not in tables:
-        raise ValueError(f"{round_!r} is not a fetch round (getKeys, getSecrets, getClientList)")
+        raise ValueError(f"{round_!r} is not a fetch round (getKeys, getSecrets, getClientList, getListSign)")
     module, name = tables[round_]
     builder = fb.new_builder(len(signature))
     id_off = builder.CreateString(fb.limited("fl_id", fl_id, MAX_FL_ID_BYTES))
@@ -152,6 +165,32 @@ def encode_fetch_request(
     if signature_off is not None:
         getattr(module, f"{name}AddSignature")(builder, signature_off)
     return fb.finish(builder, getattr(module, f"{name}End")(builder))
+
+
+def encode_push_list_sign_request(
+    *, fl_id: str, iteration: int, timestamp: str, signature: bytes, req_signature: bytes = b""
+) -> bytes:
+    """Encode a ``SendClientListSign`` (pushListSign, spec/secure-aggregation.md §R8.2): the list signature
+    and the request signature (each left out when empty).
+
+    Raises:
+        ValueError: a limit or a field width is exceeded.
+    """
+    builder = fb.new_builder(128 + len(signature) + len(req_signature))
+    id_off = builder.CreateString(fb.limited("fl_id", fl_id, MAX_FL_ID_BYTES))
+    timestamp_off = builder.CreateString(timestamp)
+    signature_off = _signature(builder, signature)
+    req_off = _vector(builder, "req_signature", req_signature, MAX_SIGNATURE_BYTES) if req_signature else None
+    m = fb_push_list_sign
+    m.SendClientListSignStart(builder)
+    m.SendClientListSignAddFlId(builder, id_off)
+    m.SendClientListSignAddIteration(builder, fb.int32("iteration", iteration))
+    m.SendClientListSignAddTimestamp(builder, timestamp_off)
+    if signature_off is not None:
+        m.SendClientListSignAddSignature(builder, signature_off)
+    if req_off is not None:
+        m.SendClientListSignAddReqSignature(builder, req_off)
+    return fb.finish(builder, m.SendClientListSignEnd(builder))
 
 
 def encode_shares_request(
@@ -215,7 +254,8 @@ def _share(body: bytes, entry: Verified) -> Share:
 
 
 def decode_ack(round_: CipherRound, body: bytes) -> CipherAck:
-    """Decode a ``ResponseExchangeKeys`` / ``ResponseShareSecrets`` / ``ReconstructSecret``.
+    """Decode a ``ResponseExchangeKeys`` / ``ResponseShareSecrets`` / ``ReconstructSecret`` /
+    ``ResponseClientListSign``.
 
     Raises:
         SchemaError: the body is not that table; ValueError: ``round_`` has no such table.
@@ -228,6 +268,9 @@ def decode_ack(round_: CipherRound, body: bytes) -> CipherAck:
         slots = (0, 1, 3, 2)
     elif round_ is CipherRound.RECONSTRUCT_SECRETS:
         root = verify(body, RECONSTRUCT_SECRET)
+        slots = (0, 1, 2, 3)
+    elif round_ is CipherRound.PUSH_LIST_SIGN:
+        root = verify(body, RESPONSE_CLIENT_LIST_SIGN)
         slots = (0, 1, 2, 3)
     else:
         raise ValueError(f"{round_!r} answers with no acknowledgement table")
@@ -260,6 +303,9 @@ def decode_get_keys_response(body: bytes) -> KeysResponse:
                 ind_iv=b"",
                 pw_iv=_bytes(body, entry.vector(3)),
                 pw_salt=_bytes(body, entry.vector(4)),
+                timestamp=entry.string(5) or "",
+                signature=_bytes(body, entry.vector(7)),
+                certificate_chain=entry.strings(8) or (),
             )
         )
     return KeysResponse(
@@ -296,6 +342,30 @@ def decode_client_list_response(body: bytes) -> ClientListResponse:
         retcode=int(root.scalar(0, fb.I32_FMT, 0)),
         reason=root.string(1) or "",
         clients=root.strings(2) or (),
+        iteration=int(root.scalar(3, fb.I32_FMT, 0)),
+        next_req_time=root.string(4) or "",
+    )
+
+
+def decode_list_signs_response(body: bytes) -> ListSignsResponse:
+    """Decode a ``ReturnAllClientListSign`` (getListSign).
+
+    Raises:
+        SchemaError: the body is not that table, breaks a limit, or lists a signature without fl_id.
+    """
+    root = verify(body, RETURN_ALL_CLIENT_LIST_SIGN, max_objects=ANSWER_MAX_OBJECTS)
+    signatures = []
+    for i, entry in enumerate(root.tables(2) or ()):
+        fl_id = entry.string(0)
+        if fl_id is None:
+            raise SchemaError(
+                "The schema of ReturnAllClientListSign is invalid.", f"signature {i} has no fl_id"
+            )
+        signatures.append(ListSignature(fl_id, _bytes(body, entry.vector(1))))
+    return ListSignsResponse(
+        retcode=int(root.scalar(0, fb.I32_FMT, 0)),
+        reason=root.string(1) or "",
+        signatures=tuple(signatures),
         iteration=int(root.scalar(3, fb.I32_FMT, 0)),
         next_req_time=root.string(4) or "",
     )

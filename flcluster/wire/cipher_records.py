@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 One record per request table a Server reads and per response table a device reads, for the rounds
-exchangeKeys, getKeys, shareSecrets, getSecrets, getClientList and reconstructSecrets. The keys and shares
+exchangeKeys, getKeys, shareSecrets, getSecrets, getClientList, pushListSign, getListSign and
+reconstructSecrets. The keys and shares
 they carry are the core's records (:class:`~flcluster.core.cipher.DeviceKeys`,
 :class:`~flcluster.core.cipher.Share`), so what a Server decodes goes to the leader's machine as it is. The
 codecs (:mod:`flcluster.wire.cipher_server_codec`, :mod:`flcluster.wire.cipher_client_codec`) make them;
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import attrs
 
-from flcluster.core.cipher import DeviceKeys, Share
+from flcluster.core.cipher import DeviceKeys, ListSignature, Share
 
 __all__ = [
     "CipherAck",
@@ -23,6 +24,9 @@ __all__ = [
     "ExchangeKeysRequest",
     "FetchRequest",
     "KeysResponse",
+    "ListSignRequest",
+    "ListSignature",
+    "ListSignsResponse",
     "SecretsResponse",
     "Share",
     "SharesRequest",
@@ -42,7 +46,8 @@ class ExchangeKeysRequest:
 
 @attrs.frozen
 class FetchRequest:
-    """A decoded ``GetExchangeKeys``, ``GetShareSecrets`` or ``GetClientList`` (they share their fields)."""
+    """A decoded ``GetExchangeKeys``, ``GetShareSecrets``, ``GetClientList`` or ``RequestAllClientListSign``
+    (they share their fields)."""
 
     fl_id: str
     iteration: int
@@ -62,8 +67,25 @@ class SharesRequest:
 
 
 @attrs.frozen
+class ListSignRequest:
+    """A decoded ``SendClientListSign`` (pushListSign, spec/secure-aggregation.md §R8.2).
+
+    Attributes:
+        signature: The list signature (of the digest of U3).
+        req_signature: The request signature (over ``timestamp + str(iteration)``).
+    """
+
+    fl_id: str
+    iteration: int
+    timestamp: str
+    signature: bytes = b""
+    req_signature: bytes = b""
+
+
+@attrs.frozen
 class CipherAck:
-    """A decoded ``ResponseExchangeKeys``, ``ResponseShareSecrets`` or ``ReconstructSecret``."""
+    """A decoded ``ResponseExchangeKeys``, ``ResponseShareSecrets``, ``ResponseClientListSign`` or
+    ``ReconstructSecret``."""
 
     retcode: int
     reason: str
@@ -99,6 +121,17 @@ class SecretsResponse:
     def reason(self) -> str:
         """The table has no reason field; the retcode says it all."""
         return ""
+
+
+@attrs.frozen
+class ListSignsResponse:
+    """A decoded ``ReturnAllClientListSign`` (getListSign): the list signatures of P."""
+
+    retcode: int
+    reason: str
+    signatures: tuple[ListSignature, ...]
+    iteration: int
+    next_req_time: str
 
 
 @attrs.frozen

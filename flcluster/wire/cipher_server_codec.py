@@ -23,16 +23,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, assert_never
 
-from flcluster.core.cipher import CipherAnswer, DeviceKeys, Share
+from flcluster.core.cipher import CipherAnswer, DeviceKeys, ListSignature, Share
 from flcluster.errors import SchemaError
 from flcluster.wire import _flatbuf as fb
-from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, SharesRequest
-from flcluster.wire.codes import MAX_FL_ID_BYTES, CipherRound
+from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, ListSignRequest, SharesRequest
+from flcluster.wire.codes import MAX_CERTIFICATE_BYTES, MAX_FL_ID_BYTES, CipherRound
+from flcluster.wire.fbs import ClientListSign as fb_list_sign
 from flcluster.wire.fbs import ClientPublicKeys as fb_keys
 from flcluster.wire.fbs import ClientShare as fb_share
 from flcluster.wire.fbs import ReconstructSecret as fb_rsp_reconstruct
+from flcluster.wire.fbs import ResponseClientListSign as fb_rsp_push_list_sign
 from flcluster.wire.fbs import ResponseExchangeKeys as fb_rsp_exchange
 from flcluster.wire.fbs import ResponseShareSecrets as fb_rsp_share
+from flcluster.wire.fbs import ReturnAllClientListSign as fb_rsp_list_signs
 from flcluster.wire.fbs import ReturnClientList as fb_rsp_clients
 from flcluster.wire.fbs import ReturnExchangeKeys as fb_rsp_keys
 from flcluster.wire.fbs import ReturnShareSecrets as fb_rsp_secrets
@@ -40,8 +43,10 @@ from flcluster.wire.schema import (
     GET_CLIENT_LIST,
     GET_EXCHANGE_KEYS,
     GET_SHARE_SECRETS,
+    REQUEST_ALL_CLIENT_LIST_SIGN,
     REQUEST_EXCHANGE_KEYS,
     REQUEST_SHARE_SECRETS,
+    SEND_CLIENT_LIST_SIGN,
     SEND_RECONSTRUCT_SECRET,
 )
 from flcluster.wire.verify import Table, Verified, verify
@@ -51,19 +56,23 @@ __all__ = [
     "decode_cipher_request",
     "decode_exchange_keys",
     "decode_fetch",
+    "decode_push_list_sign",
     "decode_shares",
     "encode_cipher_answer",
     "encode_cipher_error",
 ]
 
-CipherRequest = ExchangeKeysRequest | FetchRequest | SharesRequest
+CipherRequest = ExchangeKeysRequest | FetchRequest | SharesRequest | ListSignRequest
 """What :func:`decode_cipher_request` returns."""
 
 _FETCH_TABLES = {
     CipherRound.GET_KEYS: GET_EXCHANGE_KEYS,
     CipherRound.GET_SECRETS: GET_SHARE_SECRETS,
     CipherRound.GET_CLIENT_LIST: GET_CLIENT_LIST,
+    CipherRound.GET_LIST_SIGN: REQUEST_ALL_CLIENT_LIST_SIGN,
 }
+#: The original's reason for a pushListSign body that is not a ``SendClientListSign`` (its words).
+REASON_PUSH_LIST_SIGN_SCHEMA = "The schema of PushClientListSign is invalid."
 _SHARES_TABLES = {
     CipherRound.SHARE_SECRETS: (REQUEST_SHARE_SECRETS, 1),
     CipherRound.RECONSTRUCT_SECRETS: (SEND_RECONSTRUCT_SECRET, 1),
@@ -110,7 +119,7 @@ def decode_exchange_keys(body: bytes) -> ExchangeKeysRequest:
 
 
 def decode_fetch(body: bytes, round_: CipherRound) -> FetchRequest:
-    """Decode a ``/getKeys``, ``/getSecrets`` or ``/getClientList`` body.
+    """Decode a ``/getKeys``, ``/getSecrets``, ``/getClientList`` or ``/getListSign`` body.
 
     Raises:
         SchemaError: malformed, over a limit, or without fl_id or timestamp.
@@ -123,6 +132,24 @@ def decode_fetch(body: bytes, round_: CipherRound) -> FetchRequest:
         iteration=int(root.scalar(1, fb.I32_FMT, 0)),
         timestamp=timestamp,
         signature=_bytes(body, root.vector(3)),
+    )
+
+
+def decode_push_list_sign(body: bytes) -> ListSignRequest:
+    """Decode a ``/pushListSign`` body (``SendClientListSign``, spec/secure-aggregation.md §R8.2).
+
+    Raises:
+        SchemaError: malformed or over a limit ("The schema of PushClientListSign is invalid.", the original's
+            words), or without fl_id or timestamp.
+    """
+    root = verify(body, SEND_CLIENT_LIST_SIGN, reason=REASON_PUSH_LIST_SIGN_SCHEMA)
+    fl_id, timestamp = _required(root, SEND_CLIENT_LIST_SIGN, 0, 2)
+    return ListSignRequest(
+        fl_id=fl_id,
+        iteration=int(root.scalar(1, fb.I32_FMT, 0)),
+        timestamp=timestamp,
+        signature=_bytes(body, root.vector(3)),
+        req_signature=_bytes(body, root.vector(4)),
     )
 
 
@@ -161,10 +188,17 @@ def decode_cipher_request(round_: CipherRound, body: bytes) -> CipherRequest:
     match round_:
         case CipherRound.EXCHANGE_KEYS:
             return decode_exchange_keys(body)
-        case CipherRound.GET_KEYS | CipherRound.GET_SECRETS | CipherRound.GET_CLIENT_LIST:
+        case (
+            CipherRound.GET_KEYS
+            | CipherRound.GET_SECRETS
+            | CipherRound.GET_CLIENT_LIST
+            | CipherRound.GET_LIST_SIGN
+        ):
             return decode_fetch(body, round_)
         case CipherRound.SHARE_SECRETS | CipherRound.RECONSTRUCT_SECRETS:
             return decode_shares(body, round_)
+        case CipherRound.PUSH_LIST_SIGN:
+            return decode_push_list_sign(body)
         case _:
             assert_never(round_)
 
@@ -187,7 +221,7 @@ def _shares_vector(builder: Any, shares: Sequence[Share]) -> int:
     return fb.offsets_vector(builder, offsets)
 
 
-def _keys_vector(builder: Any, keys: Sequence[DeviceKeys]) -> int:
+def _keys_vector(builder: Any, keys: Sequence[DeviceKeys], iteration: int) -> int:
     offsets = []
     for k in keys:
         fl_id = builder.CreateString(fb.limited("keys fl_id", k.fl_id, MAX_FL_ID_BYTES))
@@ -195,6 +229,17 @@ def _keys_vector(builder: Any, keys: Sequence[DeviceKeys]) -> int:
         s_pk = fb.bytes_vector(builder, k.s_pk)
         pw_iv = fb.bytes_vector(builder, k.pw_iv)
         pw_salt = fb.bytes_vector(builder, k.pw_salt)
+        signed = None
+        if k.signed:  # the list signatures' relay (spec/secure-aggregation.md §R8.1)
+            chain = [
+                builder.CreateString(fb.limited("certificate", c, MAX_CERTIFICATE_BYTES))
+                for c in k.certificate_chain
+            ]
+            signed = (
+                builder.CreateString(k.timestamp),
+                fb.bytes_vector(builder, k.signature),
+                fb.offsets_vector(builder, chain),
+            )
         m = fb_keys
         m.ClientPublicKeysStart(builder)
         m.ClientPublicKeysAddFlId(builder, fl_id)
@@ -203,6 +248,12 @@ def _keys_vector(builder: Any, keys: Sequence[DeviceKeys]) -> int:
         m.ClientPublicKeysAddSPk(builder, s_pk)
         m.ClientPublicKeysAddPwIv(builder, pw_iv)
         m.ClientPublicKeysAddPwSalt(builder, pw_salt)
+        if signed is not None:
+            timestamp_off, signature_off, chain_off = signed
+            m.ClientPublicKeysAddTimestamp(builder, timestamp_off)
+            m.ClientPublicKeysAddIteration(builder, fb.int32("iteration", iteration))
+            m.ClientPublicKeysAddSignature(builder, signature_off)
+            m.ClientPublicKeysAddCertificateChain(builder, chain_off)
         offsets.append(m.ClientPublicKeysEnd(builder))
     return fb.offsets_vector(builder, offsets)
 
@@ -229,6 +280,14 @@ def _ack(round_: CipherRound, retcode: int, reason: str, iteration: int, next_re
             s.ResponseShareSecretsAddNextReqTime(builder, next_off)
             s.ResponseShareSecretsAddIteration(builder, it)
             return fb.finish(builder, s.ResponseShareSecretsEnd(builder))
+        case CipherRound.PUSH_LIST_SIGN:
+            c = fb_rsp_push_list_sign
+            c.ResponseClientListSignStart(builder)
+            c.ResponseClientListSignAddRetcode(builder, code)
+            c.ResponseClientListSignAddReason(builder, reason_off)
+            c.ResponseClientListSignAddIteration(builder, it)
+            c.ResponseClientListSignAddNextReqTime(builder, next_off)
+            return fb.finish(builder, c.ResponseClientListSignEnd(builder))
         case CipherRound.RECONSTRUCT_SECRETS:
             r = fb_rsp_reconstruct
             r.ReconstructSecretStart(builder)
@@ -245,8 +304,9 @@ def encode_get_keys_response(
     *, retcode: int, iteration: int, keys: Sequence[DeviceKeys], next_req_time: str
 ) -> bytes:
     """Encode a ``ReturnExchangeKeys`` (getKeys); ``remote_publickeys`` only when there are keys."""
-    builder = fb.new_builder(sum(160 + len(k.fl_id) for k in keys))
-    keys_off = _keys_vector(builder, keys) if keys else None
+    size = sum(160 + len(k.fl_id) + len(k.signature) + sum(len(c) for c in k.certificate_chain) for k in keys)
+    builder = fb.new_builder(size)
+    keys_off = _keys_vector(builder, keys, iteration) if keys else None
     next_off = builder.CreateString(next_req_time)
     m = fb_rsp_keys
     m.ReturnExchangeKeysStart(builder)
@@ -294,6 +354,34 @@ def encode_client_list_response(
     return fb.finish(builder, m.ReturnClientListEnd(builder))
 
 
+def encode_list_signs_response(
+    *, retcode: int, reason: str, signatures: Sequence[ListSignature], iteration: int, next_req_time: str
+) -> bytes:
+    """Encode a ``ReturnAllClientListSign`` (getListSign); ``client_list_sign`` only when there are
+    signatures, as the original."""
+    builder = fb.new_builder(sum(32 + len(x.fl_id) + len(x.signature) for x in signatures) + len(reason) * 4)
+    reason_off = builder.CreateString(reason)
+    offsets = []
+    for x in signatures:
+        fl_id = builder.CreateString(fb.limited("list signature fl_id", x.fl_id, MAX_FL_ID_BYTES))
+        signature = fb.bytes_vector(builder, x.signature)
+        fb_list_sign.ClientListSignStart(builder)
+        fb_list_sign.ClientListSignAddFlId(builder, fl_id)
+        fb_list_sign.ClientListSignAddSignature(builder, signature)
+        offsets.append(fb_list_sign.ClientListSignEnd(builder))
+    signs_off = fb.offsets_vector(builder, offsets) if offsets else None
+    next_off = builder.CreateString(next_req_time)
+    m = fb_rsp_list_signs
+    m.ReturnAllClientListSignStart(builder)
+    m.ReturnAllClientListSignAddRetcode(builder, fb.int32("retcode", retcode))
+    m.ReturnAllClientListSignAddReason(builder, reason_off)
+    if signs_off is not None:
+        m.ReturnAllClientListSignAddClientListSign(builder, signs_off)
+    m.ReturnAllClientListSignAddIteration(builder, fb.int32("iteration", iteration))
+    m.ReturnAllClientListSignAddNextReqTime(builder, next_off)
+    return fb.finish(builder, m.ReturnAllClientListSignEnd(builder))
+
+
 def encode_cipher_error(
     round_: CipherRound, *, retcode: int, reason: str, iteration: int, next_req_time: str
 ) -> bytes:
@@ -302,8 +390,21 @@ def encode_cipher_error(
     The getKeys and getSecrets tables have no reason field: there the retcode alone travels (as the original).
     """
     match round_:
-        case CipherRound.EXCHANGE_KEYS | CipherRound.SHARE_SECRETS | CipherRound.RECONSTRUCT_SECRETS:
+        case (
+            CipherRound.EXCHANGE_KEYS
+            | CipherRound.SHARE_SECRETS
+            | CipherRound.RECONSTRUCT_SECRETS
+            | CipherRound.PUSH_LIST_SIGN
+        ):
             return _ack(round_, retcode, reason, iteration, next_req_time)
+        case CipherRound.GET_LIST_SIGN:
+            return encode_list_signs_response(
+                retcode=retcode,
+                reason=reason,
+                signatures=(),
+                iteration=iteration,
+                next_req_time=next_req_time,
+            )
         case CipherRound.GET_KEYS:
             return encode_get_keys_response(
                 retcode=retcode, iteration=iteration, keys=(), next_req_time=next_req_time
@@ -341,7 +442,20 @@ def encode_cipher_answer(answer: CipherAnswer) -> bytes:
                 iteration=a.iteration,
                 next_req_time=next_req_time,
             )
-        case CipherRound.EXCHANGE_KEYS | CipherRound.SHARE_SECRETS | CipherRound.RECONSTRUCT_SECRETS:
+        case CipherRound.GET_LIST_SIGN:
+            return encode_list_signs_response(
+                retcode=int(a.retcode),
+                reason=a.reason,
+                signatures=a.signatures,
+                iteration=a.iteration,
+                next_req_time=next_req_time,
+            )
+        case (
+            CipherRound.EXCHANGE_KEYS
+            | CipherRound.SHARE_SECRETS
+            | CipherRound.RECONSTRUCT_SECRETS
+            | CipherRound.PUSH_LIST_SIGN
+        ):
             return _ack(a.round, int(a.retcode), a.reason, a.iteration, next_req_time)
         case _:
             assert_never(a.round)

@@ -21,6 +21,7 @@ from typing import Final
 
 __all__ = [
     "CIPHER_ROUNDS_PW",
+    "CIPHER_ROUNDS_PW_LIST_SIGN",
     "CIPHER_ROUNDS_STABLE_PW",
     "EMPTY_BODY_MESSAGE",
     "IV_BYTES",
@@ -128,7 +129,7 @@ class CipherRound(enum.StrEnum):
     """The secure-aggregation rounds (spec/secure-aggregation.md §R1), by the last part of their URL.
 
     They join the device app's route table only when ``encrypt_type`` runs them
-    (:data:`CIPHER_ROUNDS_PW`, :data:`CIPHER_ROUNDS_STABLE_PW`).
+    (:data:`CIPHER_ROUNDS_PW`, :data:`CIPHER_ROUNDS_PW_LIST_SIGN`, :data:`CIPHER_ROUNDS_STABLE_PW`).
     """
 
     EXCHANGE_KEYS = "exchangeKeys"
@@ -137,10 +138,27 @@ class CipherRound(enum.StrEnum):
     GET_SECRETS = "getSecrets"
     GET_CLIENT_LIST = "getClientList"
     RECONSTRUCT_SECRETS = "reconstructSecrets"
+    #: The list signatures of PW_ENCRYPT under ``pki_verify`` (spec/secure-aggregation.md §R8).
+    PUSH_LIST_SIGN = "pushListSign"
+    GET_LIST_SIGN = "getListSign"
 
 
 #: The cipher rounds of PW_ENCRYPT, in the device's order.
-CIPHER_ROUNDS_PW: Final = tuple(CipherRound)
+CIPHER_ROUNDS_PW: Final = (
+    CipherRound.EXCHANGE_KEYS,
+    CipherRound.GET_KEYS,
+    CipherRound.SHARE_SECRETS,
+    CipherRound.GET_SECRETS,
+    CipherRound.GET_CLIENT_LIST,
+    CipherRound.RECONSTRUCT_SECRETS,
+)
+#: The cipher rounds of PW_ENCRYPT with ``pki_verify``: the list signatures before reconstructSecrets.
+CIPHER_ROUNDS_PW_LIST_SIGN: Final = (
+    *CIPHER_ROUNDS_PW[:5],
+    CipherRound.PUSH_LIST_SIGN,
+    CipherRound.GET_LIST_SIGN,
+    CipherRound.RECONSTRUCT_SECRETS,
+)
 #: The cipher rounds of STABLE_PW_ENCRYPT (keys only).
 CIPHER_ROUNDS_STABLE_PW: Final = (CipherRound.EXCHANGE_KEYS, CipherRound.GET_KEYS)
 
@@ -150,16 +168,16 @@ MAX_KEY_BYTES: Final = 256
 #: Longest ``ind_iv`` / ``pw_iv`` / ``pw_salt`` a decoder accepts, in bytes.
 MAX_IV_BYTES: Final = 64
 MAX_SALT_BYTES: Final = 64
-#: Longest ``signature`` / ``req_signature`` a decoder accepts, in bytes (pki_verify; not read yet).
+#: Longest ``signature`` / ``req_signature`` a decoder accepts, in bytes (pki_verify, §R8).
 MAX_SIGNATURE_BYTES: Final = 1024
-#: Most ``certificate_chain`` entries, and the longest one, in UTF-8 bytes (pki_verify; not read yet).
+#: Most ``certificate_chain`` entries, and the longest one, in UTF-8 bytes (pki_verify, §R8.1).
 MAX_CERTIFICATES: Final = 8
 MAX_CERTIFICATE_BYTES: Final = 16 * 1024
 #: Most shares in one request or answer.
 MAX_SHARES: Final = 16_384
 #: Longest ``ClientShare.share``, in bytes.
 MAX_SHARE_BYTES: Final = 1024
-#: Most keys or client ids in one answer.
+#: Most keys, client ids or list signatures in one answer.
 MAX_CIPHER_CLIENTS: Final = 16_384
 #: The exact length of an X25519 public key (raw), the only one the leader takes.
 KEY_BYTES: Final = 32

@@ -33,6 +33,7 @@ from flcluster.wire.verify import Field, Table
 __all__ = [
     "CIPHER_PUBLIC_PARAMS",
     "CIPHER_TABLES",
+    "CLIENT_LIST_SIGN",
     "CLIENT_PUBLIC_KEYS",
     "CLIENT_SHARE",
     "COMPRESS_FEATURE_MAP",
@@ -45,19 +46,23 @@ __all__ = [
     "GET_SHARE_SECRETS",
     "PW_PARAMS",
     "RECONSTRUCT_SECRET",
+    "REQUEST_ALL_CLIENT_LIST_SIGN",
     "REQUEST_EXCHANGE_KEYS",
     "REQUEST_FL_JOB",
     "REQUEST_GET_MODEL",
     "REQUEST_SHARE_SECRETS",
     "REQUEST_UPDATE_MODEL",
+    "RESPONSE_CLIENT_LIST_SIGN",
     "RESPONSE_EXCHANGE_KEYS",
     "RESPONSE_FL_JOB",
     "RESPONSE_GET_MODEL",
     "RESPONSE_SHARE_SECRETS",
     "RESPONSE_UPDATE_MODEL",
+    "RETURN_ALL_CLIENT_LIST_SIGN",
     "RETURN_CLIENT_LIST",
     "RETURN_EXCHANGE_KEYS",
     "RETURN_SHARE_SECRETS",
+    "SEND_CLIENT_LIST_SIGN",
     "SEND_RECONSTRUCT_SECRET",
     "TABLES",
 ]
@@ -212,6 +217,11 @@ CLIENT_PUBLIC_KEYS = Table(
         _V("s_pk", 1, MAX_KEY_BYTES),
         _V("pw_iv", 1, MAX_IV_BYTES),
         _V("pw_salt", 1, MAX_SALT_BYTES),
+        # Relayed with the list signatures (spec/secure-aggregation.md §R8.1).
+        Field.string("timestamp"),
+        _S("iteration", 4),
+        _SIGNATURE,
+        _CERTIFICATES,
     ),
 )
 REQUEST_EXCHANGE_KEYS = Table(
@@ -279,6 +289,32 @@ RETURN_CLIENT_LIST = Table(
         Field.string("next_req_time"),
     ),
 )
+CLIENT_LIST_SIGN = Table("ClientListSign", (_FL_ID, _SIGNATURE))
+SEND_CLIENT_LIST_SIGN = Table(
+    "SendClientListSign",
+    (
+        _FL_ID,
+        _S("iteration", 4),
+        Field.string("timestamp"),
+        _SIGNATURE,
+        _V("req_signature", 1, MAX_SIGNATURE_BYTES),
+    ),
+)
+RESPONSE_CLIENT_LIST_SIGN = Table(
+    "ResponseClientListSign",
+    (_S("retcode", 4), Field.string("reason"), _S("iteration", 4), Field.string("next_req_time")),
+)
+REQUEST_ALL_CLIENT_LIST_SIGN = Table("RequestAllClientListSign", _FETCH_FIELDS)
+RETURN_ALL_CLIENT_LIST_SIGN = Table(
+    "ReturnAllClientListSign",
+    (
+        _S("retcode", 4),
+        Field.string("reason"),
+        _T("client_list_sign", CLIENT_LIST_SIGN, MAX_CIPHER_CLIENTS),
+        _S("iteration", 4),
+        Field.string("next_req_time"),
+    ),
+)
 SEND_RECONSTRUCT_SECRET = Table(
     "SendReconstructSecret",
     (
@@ -299,6 +335,8 @@ CIPHER_TABLES: tuple[Table, ...] = (
     CLIENT_SHARE, CLIENT_PUBLIC_KEYS, REQUEST_EXCHANGE_KEYS, RESPONSE_EXCHANGE_KEYS, GET_EXCHANGE_KEYS,
     RETURN_EXCHANGE_KEYS, REQUEST_SHARE_SECRETS, RESPONSE_SHARE_SECRETS, GET_SHARE_SECRETS,
     RETURN_SHARE_SECRETS, GET_CLIENT_LIST, RETURN_CLIENT_LIST, SEND_RECONSTRUCT_SECRET, RECONSTRUCT_SECRET,
+    CLIENT_LIST_SIGN, SEND_CLIENT_LIST_SIGN, RESPONSE_CLIENT_LIST_SIGN, REQUEST_ALL_CLIENT_LIST_SIGN,
+    RETURN_ALL_CLIENT_LIST_SIGN,
 )  # fmt: skip
 
 #: Every description above, for tests that hold them against the schema files.

@@ -161,7 +161,14 @@ def test_the_routes_exist_only_for_the_rounds_of_the_mode() -> None:
     def view() -> tuple[int, int]:
         return 1, 0
 
-    assert set(cipher_routes("PW_ENCRYPT", forward, view)) == {r.value for r in CipherRound}
+    list_rounds = {"pushListSign", "getListSign"}
+    assert set(cipher_routes("PW_ENCRYPT", forward, view)) == {r.value for r in CipherRound} - list_rounds
+    # pki_verify: the list signatures too (spec/secure-aggregation.md §R8); STABLE_PW has no list to sign.
+    assert set(cipher_routes("PW_ENCRYPT", forward, view, list_sign=True)) == {r.value for r in CipherRound}
     assert set(cipher_routes("STABLE_PW_ENCRYPT", forward, view)) == {"exchangeKeys", "getKeys"}
+    assert set(cipher_routes("STABLE_PW_ENCRYPT", forward, view, list_sign=True)) == {
+        "exchangeKeys",
+        "getKeys",
+    }
     assert cipher_routes("NOT_ENCRYPT", forward, view) == {}
     assert cipher_routes("DP_ENCRYPT", forward, view) == {}

@@ -20,13 +20,17 @@ from flcluster.config import FLContext
 from flcluster.core.cipher import (
     CipherAnswer,
     CipherConfig,
+    CipherDevice,
     CipherMode,
     CipherThresholds,
     DeviceKeys,
     ExchangeKeysReceived,
     GetClientListReceived,
     GetKeysReceived,
+    GetListSignReceived,
     GetSecretsReceived,
+    ListSignature,
+    PushListSignReceived,
     ReconstructSecretsReceived,
     Share,
     ShareSecretsReceived,
@@ -82,6 +86,11 @@ def config(mode: str = "PW_ENCRYPT", **overrides: object) -> IterationConfig:
     return iteration_config(FLContext.from_kwargs(**values))
 
 
+def signed_config(**overrides: object) -> IterationConfig:
+    """PW_ENCRYPT with pki_verify: the list signatures run (spec §R8; the root files are not read here)."""
+    return config(pki_verify=True, root_first_ca_path="a.pem", root_second_ca_path="b.pem", **overrides)
+
+
 def keys(fl_id: str, *, stable: bool = False) -> DeviceKeys:
     return DeviceKeys(fl_id, b"" if stable else b"c" * 32, b"s" * 32, b"i" * 16, b"p" * 16, b"t" * 32)
 
@@ -134,6 +143,13 @@ class Run:
     def client_list(self, fl_id: str) -> object:
         return self.feed(GetClientListReceived(self.cause(), fl_id, self.it(), self.now))
 
+    def push(self, fl_id: str, *, good: bool = True, signature: bytes | None = None) -> object:
+        sig = signature if signature is not None else f"sig:{fl_id}".encode()
+        return self.feed(PushListSignReceived(self.cause(), fl_id, self.it(), sig, good, self.now))
+
+    def get_signs(self, fl_id: str) -> object:
+        return self.feed(GetListSignReceived(self.cause(), fl_id, self.it(), self.now))
+
     def reconstruct(self, fl_id: str, of: Iterable[str] | None = None) -> object:
         owners = sorted(of) if of is not None else [f for f in self.m.cipher_state().u2 if f != fl_id]  # type: ignore[union-attr]
         shares = [Share(o, f"{o}@{fl_id}".encode()) for o in owners]
@@ -178,11 +194,11 @@ def test_thresholds_follow_the_original_formulas() -> None:
     cfg = CipherConfig(
         mode="PW_ENCRYPT", share_secrets_ratio=0.85, cipher_time_window=1, reconstruct_secrets_threshold=10
     )
-    assert CipherThresholds.of(cfg, 20, 15) == CipherThresholds(17, 15, 15, 15, 13, 11)
+    assert CipherThresholds.of(cfg, 20, 15) == CipherThresholds(17, 15, 15, 15, 13, 12, 11, 11)
     cfg = CipherConfig(
         mode="PW_ENCRYPT", share_secrets_ratio=1.0, cipher_time_window=1, reconstruct_secrets_threshold=3
     )
-    assert CipherThresholds.of(cfg, 8, 4) == CipherThresholds(8, 8, 8, 8, 4, 4)
+    assert CipherThresholds.of(cfg, 8, 4) == CipherThresholds(8, 8, 8, 8, 4, 4, 4, 4)
     # The ratio's decimal value: 10 x 0.7 is 7, not 8.
     cfg = CipherConfig(
         mode="PW_ENCRYPT", share_secrets_ratio=0.7, cipher_time_window=1, reconstruct_secrets_threshold=1
@@ -275,7 +291,7 @@ def test_drop_outs_after_share_secrets_and_after_update_model() -> None:
     run = Run(config(start_fl_job_threshold=8, update_model_ratio=0.5, share_secrets_ratio=0.75,
                      reconstruct_secrets_threshold=2))  # fmt: skip
     t = run.m.config.cipher_thresholds
-    assert t == CipherThresholds(6, 5, 4, 4, 3, 3)
+    assert t == CipherThresholds(6, 5, 4, 4, 3, 3, 3, 3)
     for d in devices:
         run.start(d)
     for d in devices:
@@ -606,6 +622,7 @@ class CipherRules(RuleBasedStateMachine):
         self.frozen_u1: tuple[str, ...] | None = None
         self.frozen_u2: tuple[str, ...] | None = None
         self.frozen_u3: tuple[str, ...] | None = None
+        self.frozen_p: tuple[str, ...] | None = None
         self.iteration = 1
         self.stored = StoredMachine()
 
@@ -614,20 +631,29 @@ class CipherRules(RuleBasedStateMachine):
         threshold=st.integers(3, 5),
         ratio=st.sampled_from([0.6, 0.8, 1.0]),
         share_ratio=st.sampled_from([0.5, 0.75, 1.0]),
+        signed=st.booleans(),
     )
-    def setup(self, mode: str, threshold: int, ratio: float, share_ratio: float) -> None:
+    def setup(self, mode: str, threshold: int, ratio: float, share_ratio: float, signed: bool) -> None:
+        pki: dict[str, object] = {}
+        if signed:  # PW: the list signatures run (spec §R8); STABLE_PW: nothing changes
+            pki = {"pki_verify": True, "root_first_ca_path": "a", "root_second_ca_path": "b"}
         try:
             cfg = config(mode, start_fl_job_threshold=threshold, update_model_ratio=ratio,
-                         share_secrets_ratio=share_ratio, reconstruct_secrets_threshold=1)  # fmt: skip
+                         share_secrets_ratio=share_ratio, reconstruct_secrets_threshold=1, **pki)  # fmt: skip
         except ConfigError:
             cfg = config(mode, start_fl_job_threshold=threshold, update_model_ratio=1.0,
-                         share_secrets_ratio=1.0, reconstruct_secrets_threshold=1)  # fmt: skip
+                         share_secrets_ratio=1.0, reconstruct_secrets_threshold=1, **pki)  # fmt: skip
         self.run = Run(cfg)
         self.stored = StoredMachine()
 
     @property
     def m(self) -> IterationMachine:
         return self.run.m
+
+    @property
+    def signed(self) -> bool:
+        cipher = self.m.config.cipher
+        return cipher is not None and cipher.list_sign
 
     def cipher_event(self, what: str, fl_id: str, *, good: bool, wrong_iteration: bool) -> Event:
         it = self.m.current_iteration + (1 if wrong_iteration else 0)
@@ -648,6 +674,10 @@ class CipherRules(RuleBasedStateMachine):
                 return GetSecretsReceived(cause, fl_id, it, now)
             case "client_list":
                 return GetClientListReceived(cause, fl_id, it, now)
+            case "push":
+                return PushListSignReceived(cause, fl_id, it, f"sig:{fl_id}".encode(), good, now)
+            case "get_signs":
+                return GetListSignReceived(cause, fl_id, it, now)
             case _:
                 owners = [f for f in state.u2 if f != fl_id] if good else ["nobody"]
                 return ReconstructSecretsReceived(cause, fl_id, it, [Share(o, b"r") for o in owners], now)
@@ -670,6 +700,8 @@ class CipherRules(RuleBasedStateMachine):
                     "client sharesecret already exists.",
                     "Client has sended messages.",
                     "Current amount for ReconstructSecretsKernel is enough.",
+                    "Current amount for PushListSignKernel is enough.",
+                    "client send signature is not in get update model client list. && client is illegal",
                 }
                 or reply.reason.endswith("but in update model client list.")
             )
@@ -683,7 +715,18 @@ class CipherRules(RuleBasedStateMachine):
         self.feed_checked(StartFLJobReceived(self.run.cause(), fl_id, 5, self.run.now))
 
     @rule(
-        what=st.sampled_from(["exchange", "get_keys", "share", "get_secrets", "client_list", "reconstruct"]),
+        what=st.sampled_from(
+            [
+                "exchange",
+                "get_keys",
+                "share",
+                "get_secrets",
+                "client_list",
+                "push",
+                "get_signs",
+                "reconstruct",
+            ]
+        ),
         fl_id=st.sampled_from([*FLEET, "stranger"]),
         good=st.booleans(),
         wrong_iteration=st.booleans(),
@@ -710,15 +753,20 @@ class CipherRules(RuleBasedStateMachine):
                 self.update(fl_id)
             elif fl_id not in s.l:
                 self.cipher("client_list", fl_id, True, False)
+            elif self.signed and fl_id not in s.p and not s.p_closed:
+                self.cipher("push", fl_id, True, False)
+            elif self.signed and fl_id in s.p and fl_id not in s.g:
+                self.cipher("get_signs", fl_id, True, False)
             else:
                 self.cipher("reconstruct", fl_id, True, False)
 
-    @rule(skip=st.sampled_from([*FLEET, None]))
-    def everyone_advances(self, skip: str | None) -> None:
-        """Every device but ``skip`` (a drop-out) takes its next step."""
-        for fl_id in FLEET:
-            if fl_id != skip:
-                self.advance(fl_id, 1)
+    @rule(skip=st.sampled_from([*FLEET, None]), times=st.sampled_from([1, 1, 1, 4]))
+    def everyone_advances(self, skip: str | None, times: int) -> None:
+        """Every device but ``skip`` (a drop-out) takes its next step (``times`` over)."""
+        for _ in range(times):
+            for fl_id in FLEET:
+                if fl_id != skip:
+                    self.advance(fl_id, 1)
 
     @rule(fl_id=st.sampled_from(FLEET))
     def update(self, fl_id: str) -> None:
@@ -755,7 +803,7 @@ class CipherRules(RuleBasedStateMachine):
         assert s is not None
         if self.m.current_iteration != self.iteration:
             self.iteration = self.m.current_iteration
-            self.frozen_u1 = self.frozen_u2 = self.frozen_u3 = None
+            self.frozen_u1 = self.frozen_u2 = self.frozen_u3 = self.frozen_p = None
         if s.lost:
             return
         devices = {d.fl_id for d in self.m.snapshot().devices}
@@ -764,6 +812,12 @@ class CipherRules(RuleBasedStateMachine):
         assert set(s.k) <= set(s.u1) and set(s.u2) <= set(s.k) and set(s.s) <= set(s.u2)
         assert counted <= (set(s.s) if self.m.config.cipher.mode is CipherMode.PW else set(s.k))  # type: ignore[union-attr]
         assert set(s.l) <= counted and set(s.r) <= set(s.l)
+        assert set(s.p) <= set(s.l) and set(s.g) <= set(s.p)
+        assert self.signed or not (s.p or s.p_closed or s.g)
+        assert not s.g or s.p_closed
+        if s.p_closed:
+            assert self.frozen_p in (None, s.p)
+            self.frozen_p = s.p
         assert not s.k or s.u1_closed
         assert not s.s or s.u2_closed
         # A frozen list never changes until the iteration ends.
@@ -784,6 +838,7 @@ class CipherRules(RuleBasedStateMachine):
         assert s is not None
         event(f"phase {self.m.phase.value}")
         event(f"U2 closed: {s.u2_closed}")
+        event(f"P closed: {s.p_closed}")
 
     @invariant()
     def snapshot_round_trips(self) -> None:
@@ -796,3 +851,226 @@ class CipherRules(RuleBasedStateMachine):
 
 TestCipherRules = CipherRules.TestCase
 TestCipherRules.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+# ------------------------------------------------------------------------ list signatures (spec §R8)
+
+
+def through_client_list(run: Run, uploaders: list[str] = DEVICES[:3]) -> None:
+    through_secrets(run)
+    for d in uploaders:
+        assert isinstance(run.update(d), Accepted)
+    for d in uploaders:
+        ok(run.client_list(d))
+
+
+def test_list_signatures_run_only_with_pw_and_pki_verify() -> None:
+    cfg = signed_config()
+    assert cfg.cipher is not None and cfg.cipher.list_sign
+    assert [r.value for r in cfg.cipher.rounds][-3:] == ["pushListSign", "getListSign", "reconstructSecrets"]
+    assert cfg.iteration_time_window == 10_000 + 20_000 + 8 * CW  # one window per round (reference §2.5)
+    assert config().cipher is not None and not config().cipher.list_sign  # type: ignore[union-attr]
+    stable = config("STABLE_PW_ENCRYPT", pki_verify=True, root_first_ca_path="a", root_second_ca_path="b")
+    assert stable.cipher is not None and not stable.cipher.list_sign
+    with pytest.raises(ValueError, match="list_sign=True with mode='STABLE_PW_ENCRYPT'"):
+        CipherConfig(mode="STABLE_PW_ENCRYPT", share_secrets_ratio=1.0, cipher_time_window=1,
+                     reconstruct_secrets_threshold=1, list_sign=True)  # fmt: skip
+    with pytest.raises(IllegalEvent, match="pushListSign is not a round of PW_ENCRYPT"):
+        Run(config()).push("d0")
+    with pytest.raises(IllegalEvent, match="getListSign is not a round of PW_ENCRYPT"):
+        Run(config()).get_signs("d0")
+
+
+def test_a_signed_pw_iteration_from_client_list_to_unmasked_aggregation() -> None:
+    run = Run(signed_config())
+    through_secrets(run)
+    for d in DEVICES[:3]:
+        run.update(d)
+    assert {w.kind for w in run.m.armed_windows()} == {WindowKind.GLOBAL, WindowKind.GET_CLIENT_LIST}
+    for d in DEVICES[:3]:
+        ok(run.client_list(d))
+    # L reached its threshold: the pushListSign window, not reconstructSecrets' (§R3).
+    assert {w.kind for w in run.m.armed_windows()} == {WindowKind.GLOBAL, WindowKind.PUSH_LIST_SIGN}
+    assert answer(run.get_signs("d0")).retcode is ResponseCode.SucNotReady  # P is not frozen
+    assert ok(run.push("d2")).reason == "send update model client list signature success. "
+    assert ok(run.push("d0")).reason == "send update model client list signature success. "
+    state = run.m.cipher_state()
+    assert state is not None and state.p == ("d0", "d2") and not state.p_closed
+    ok(run.push("d1"))  # P holds all of U3: it closes
+    state = run.m.cipher_state()
+    assert state is not None and state.p_closed
+    assert {w.kind for w in run.m.armed_windows()} == {WindowKind.GLOBAL, WindowKind.GET_LIST_SIGN}
+    signs = ok(run.get_signs("d1"))
+    assert signs.reason == "send update model client list signature success. "
+    assert signs.signatures == tuple(ListSignature(d, f"sig:{d}".encode()) for d in ("d0", "d1", "d2"))
+    ok(run.get_signs("d0"))
+    assert WindowKind.RECONSTRUCT_SECRETS not in {w.kind for w in run.m.armed_windows()}
+    ok(run.get_signs("d2"))  # G reaches its threshold (3)
+    assert {w.kind for w in run.m.armed_windows()} == {WindowKind.GLOBAL, WindowKind.RECONSTRUCT_SECRETS}
+    assert run.m.cipher_state().g == ("d0", "d1", "d2")  # type: ignore[union-attr]
+    for d in DEVICES[:3]:
+        ok(run.reconstruct(d))
+    assert run.m.phase is Phase.AGGREGATING and not run.m.armed_windows()
+    (agg,) = [i for i in run.instructions if isinstance(i, AggregateIteration)]
+    assert agg.unmask is not None and agg.unmask.u3 == ("d0", "d1", "d2")
+    assert run.push("d0") == PlainText(SAFEMODE_TEXT) and run.get_signs("d0") == PlainText(SAFEMODE_TEXT)
+    run.feed(AggregationDone(run.cause(), 1, run.now))
+    assert run.it() == 2 and run.m.cipher_state().p == () and not run.m.cipher_state().p_closed  # type: ignore[union-attr]
+
+
+def test_every_answer_of_the_list_signature_rounds() -> None:
+    run = Run(signed_config())
+    through_secrets(run)
+    # Before U3 is final.
+    assert answer(run.push("d0")).retcode is ResponseCode.SucNotReady
+    assert answer(run.get_signs("d0")).reason == "The server is not ready."
+    for d in DEVICES[:3]:
+        run.update(d)
+    ok(run.client_list("d0"))
+    ok(run.client_list("d1"))
+    # Not in L: in U3 it may go on (SUCCEED), else OutOfTime; nothing kept either way.
+    not_listed = "client send signature is not in get update model client list. && client is illegal"
+    assert ok(run.push("d2")).reason == not_listed
+    stranger = answer(run.push("d4"))
+    assert (stranger.retcode, stranger.reason) == (ResponseCode.OutOfTime, not_listed)
+    assert stranger.next_req_time_ms > run.now
+    wrong = run.feed(PushListSignReceived("x", "d0", 7, b"s", True, run.now))
+    assert answer(wrong).retcode is ResponseCode.OutOfTime
+    assert answer(wrong).reason == "push list sign iteration number is invalid"
+    wrong = run.feed(GetListSignReceived("y", "d0", 7, run.now))
+    assert (answer(wrong).retcode, answer(wrong).reason) == (ResponseCode.OutOfTime, "iter num is error.")
+    # A signature that does not verify over U3 is refused and changes nothing; a good one then passes.
+    before = run.m.snapshot()
+    bad = answer(run.push("d0", good=False))
+    assert bad.retcode is ResponseCode.RequestError
+    assert bad.reason == (
+        "verify signature failed: the client list signature does not verify over the update model client list"
+    )
+    assert run.m.snapshot() == before and run.m.cipher_state().p == ()  # type: ignore[union-attr]
+    ok(run.push("d0"))
+    repeat = ok(run.push("d0", signature=b"other"))
+    assert repeat.reason == "The server has received the request, please do not request again."
+    ok(run.client_list("d2"))
+    ok(run.push("d2"))
+    ok(run.client_list("d1"))
+    ok(run.push("d1"))
+    state = run.m.cipher_state()
+    assert state is not None and state.p_closed
+    # P frozen: "enough", SUCCEED in U3, OutOfTime outside; the first signatures stand.
+    enough = ok(run.push("d1", signature=b"late"))
+    assert enough.reason == "Current amount for PushListSignKernel is enough."
+    assert answer(run.push("d5")).retcode is ResponseCode.OutOfTime
+    signs = ok(run.get_signs("d0")).signatures
+    assert dict((x.fl_id, x.signature) for x in signs)["d0"] == b"sig:d0"
+    illegal = answer(run.get_signs("d5"))
+    assert (illegal.retcode, illegal.reason) == (
+        ResponseCode.OutOfTime,
+        "client not send list signature, && client is illegal",
+    )
+    assert illegal.signatures == ()
+
+
+def test_a_device_that_drops_before_push_list_sign_is_left_out_at_the_window() -> None:
+    """U3 = d0..d3; d3 never pushes: P closes at the window end with Q = 3 and the unmasking goes on."""
+    run = Run(signed_config(update_model_ratio=0.6, share_secrets_ratio=0.75))  # u = 4, c = Q = 3
+    t = run.m.config.cipher_thresholds
+    assert t is not None and (t.get_client_list, t.push_list_sign, t.get_list_sign) == (3, 3, 3)
+    through_secrets(run)
+    for d in DEVICES[:4]:
+        assert isinstance(run.update(d), Accepted)
+    for d in DEVICES[:4]:
+        ok(run.client_list(d))
+    for d in DEVICES[:3]:
+        ok(run.push(d))
+    state = run.m.cipher_state()
+    assert state is not None and not state.p_closed  # P waits for d3
+    run.close(WindowKind.PUSH_LIST_SIGN)
+    state = run.m.cipher_state()
+    assert state is not None and state.p_closed and state.p == ("d0", "d1", "d2")
+    assert not any(isinstance(i, IterationFailed) for i in run.instructions)
+    late = ok(run.push("d3"))  # too late: it may still go on, but P stays as it is
+    assert late.reason == "Current amount for PushListSignKernel is enough."
+    unsent = ok(run.get_signs("d3"))
+    assert unsent.reason == "client not send list signature, but in update model client list."
+    assert [x.fl_id for x in unsent.signatures] == ["d0", "d1", "d2"]
+    for d in DEVICES[:3]:
+        ok(run.get_signs(d))
+    for d in DEVICES[:3]:
+        ok(run.reconstruct(d))
+    (agg,) = [i for i in run.instructions if isinstance(i, AggregateIteration)]
+    assert agg.unmask is not None and agg.unmask.u3 == ("d0", "d1", "d2", "d3")  # d3's update is in the sum
+
+
+@pytest.mark.parametrize("kind", [WindowKind.PUSH_LIST_SIGN, WindowKind.GET_LIST_SIGN])
+def test_a_list_signature_round_below_its_threshold_fails_the_iteration(kind: WindowKind) -> None:
+    run = Run(signed_config())
+    through_client_list(run)
+    pushers = DEVICES[:2] if kind is WindowKind.PUSH_LIST_SIGN else DEVICES[:3]
+    for d in pushers:
+        ok(run.push(d))
+    if kind is WindowKind.GET_LIST_SIGN:
+        ok(run.get_signs("d0"))
+    run.close(kind)
+    (failed,) = [i for i in run.instructions if isinstance(i, IterationFailed)]
+    assert (
+        failed.reason == f"Round {kind.value} timeout! This iteration is invalid. Proceed to next iteration."
+    )
+    assert run.it() == 2 and run.m.cipher_state().p == ()  # type: ignore[union-attr]
+
+
+def test_a_leader_restarted_from_its_store_keeps_the_list_signatures() -> None:
+    run = Run(signed_config())
+    stored = StoredMachine()
+    signed_keys = {
+        d: attrs.evolve(keys(d), timestamp="1700000000000", signature=b"k" * 70, certificate_chain=("a", "b"))
+        for d in DEVICES
+    }
+    for d in DEVICES:
+        run.start(d)
+    for d in DEVICES:
+        ok(run.exchange(d, signed_keys[d]))
+        stored.commit(run.m)
+    for step in (run.get_keys, run.share, run.get_secrets):
+        for d in DEVICES:
+            ok(step(d))
+            stored.commit(run.m)
+    relayed = ok(run.get_keys("d0")).keys
+    assert relayed[1].signature == b"k" * 70 and relayed[1].certificate_chain == ("a", "b")
+    for d in DEVICES[:3]:
+        run.update(d)
+    for d in DEVICES[:3]:
+        ok(run.client_list(d))
+        ok(run.push(d))
+        stored.commit(run.m)
+    ok(run.get_signs("d0"))
+    stored.commit(run.m)
+    rebuilt = stored.restored()
+    assert rebuilt == run.m and rebuilt.cipher_state() == run.m.cipher_state()
+    state = rebuilt.cipher_state()
+    assert state is not None and state.p_closed and state.g == ("d0",)
+    run.m = rebuilt
+    assert [x.signature for x in ok(run.get_signs("d1")).signatures] == [
+        f"sig:{d}".encode() for d in DEVICES[:3]
+    ]
+    assert ok(run.get_keys("d0")).keys[2].certificate_chain == ("a", "b")
+
+
+def test_cipher_records_written_before_the_list_signatures_read_as_they_are() -> None:
+    old = [["00" * 32, "11" * 32, "22" * 16, "33" * 16, "44" * 32], True, None, False, False, None]
+    record = CipherDevice.from_json_value("d0", old)
+    assert record.keys is not None and not record.keys.signed and record.list_signature is None
+    assert record.to_json_value() == old  # unchanged text for an unsigned device
+    signed = attrs.evolve(
+        record,
+        keys=attrs.evolve(record.keys, timestamp="12", signature=b"\x01", certificate_chain=("x", "y")),
+        got_clients=True,
+        list_signature=b"\x02\x03",
+        got_signatures=True,
+    )
+    value = signed.to_json_value()
+    assert len(value) == 8 and value[6:] == ["0203", True] and value[0][5:] == ["12", "01", ["x", "y"]]  # type: ignore[index]
+    assert CipherDevice.from_json_value("d0", value) == signed
+    with pytest.raises(ValueError, match="not the cipher record"):
+        CipherDevice.from_json_value("d0", [*old, "zz", True])
+    with pytest.raises(ValueError, match="a list of 6 or 8"):
+        CipherDevice.from_json_value("d0", [*old, None])

@@ -19,11 +19,6 @@ REPO = EXAMPLES.parents[1]
     ("flag", "said"),
     [
         ("--enable_ssl=True", "enable_ssl=True needs config_file_path"),
-        (
-            "--encrypt_type=PW_ENCRYPT --pki_verify=True --start_fl_job_threshold=4 "
-            "--reconstruct_secrets_threshold=2 --root_first_ca_path=a.pem --root_second_ca_path=b.pem",
-            "not implemented yet",
-        ),
         ("--start_fl_job_threshold=-3", "start_fl_job_threshold"),
     ],
 )

@@ -1,7 +1,7 @@
 """Tests for flcluster.settings: every settings record is derived from FLContext, and nothing else.
 
-Also the start-up refusals (flcluster.config.refuse_unimplemented): a role never starts with device PKI
-or an encrypt_type it does not implement, and the message says so.
+Also the start-up refusals (flcluster.config.refuse_unimplemented, none left: PW_ENCRYPT with pki_verify
+starts since the list signatures exist) and the refusals of a role whose files cannot be used.
 """
 
 from __future__ import annotations
@@ -252,41 +252,27 @@ def test_job_settings_from_the_context(tmp_path: Path) -> None:
 # Start-up refusals: features FLContext represents but flcluster does not implement yet
 # ---------------------------------------------------------------------------------------------------------
 
-UNIMPLEMENTED: list[tuple[dict[str, object], str, str]] = [
-    (
-        {
-            "encrypt_type": "PW_ENCRYPT",
-            "start_fl_job_threshold": 4,
-            "reconstruct_secrets_threshold": 2,
-            "pki_verify": True,
-            "root_first_ca_path": "ca1.pem",
-            "root_second_ca_path": "ca2.pem",
-        },
-        "encrypt_type='PW_ENCRYPT' with pki_verify=True",
-        "set pki_verify=False or encrypt_type='STABLE_PW_ENCRYPT'",
-    ),
-]
 
+def test_pw_encrypt_with_pki_verify_starts_and_signs_its_client_lists(tmp_path: Path) -> None:
+    """The last start-up refusal is lifted: the list signatures exist (spec/secure-aggregation.md §R8)."""
+    from tests.pki import write_trust
 
-@pytest.mark.parametrize(("kwargs", "named", "instead"), UNIMPLEMENTED)
-def test_unimplemented_features_are_refused_at_start_up(
-    kwargs: dict[str, object], named: str, instead: str
-) -> None:
-    # FLContext represents them (their cross-field rules still hold) ...
-    ctx = FLContext.from_kwargs(**kwargs)
-    # ... but no role starts with them.
-    for start in (
-        lambda: refuse_unimplemented(ctx),
-        lambda: scheduler_settings(ctx, "sched"),
-        lambda: server_settings(ctx, "s0"),
-        lambda: job_settings(ctx),
-    ):
-        with pytest.raises(ConfigError) as info:
-            start()
-        message = str(info.value)
-        assert message.startswith(f"{named} is refused: ")
-        assert "not implemented yet" in message
-        assert instead in message
+    ctx = FLContext.from_kwargs(
+        encrypt_type="PW_ENCRYPT", start_fl_job_threshold=4, reconstruct_secrets_threshold=2,
+        **write_trust(tmp_path),
+    )  # fmt: skip
+    refuse_unimplemented(ctx)
+    scheduler_settings(ctx, "sched")
+    server_settings(ctx, "s0")
+    job = job_settings(ctx)
+    assert job.client_verification is not None
+    cipher = iteration_config(ctx).cipher
+    assert cipher is not None and cipher.list_sign
+    assert [r.value for r in cipher.rounds][-3:] == ["pushListSign", "getListSign", "reconstructSecrets"]
+    # Without pki_verify, or with STABLE_PW_ENCRYPT, there are no list signatures.
+    assert not iteration_config(ctx.evolve(pki_verify=False)).cipher.list_sign  # type: ignore[union-attr]
+    stable = iteration_config(ctx.evolve(encrypt_type="STABLE_PW_ENCRYPT")).cipher
+    assert stable is not None and not stable.list_sign
 
 
 def test_tls_is_no_longer_refused_but_its_files_are_checked() -> None:
@@ -353,18 +339,10 @@ def test_flcluster_server_refuses_before_launching_any_server(
         "--server_num=2",
         "--local_server_num=2",
         "--background",
-        "--encrypt_type=PW_ENCRYPT",
-        "--pki_verify=True",
-        "--start_fl_job_threshold=4",
-        "--reconstruct_secrets_threshold=2",
-        "--root_first_ca_path=ca1.pem",
-        "--root_second_ca_path=ca2.pem",
+        "--enable_ssl=True",
     ]
     assert main(argv) == 1
-    assert (
-        "encrypt_type='PW_ENCRYPT' with pki_verify=True is refused: the client-list signatures "
-        "(/pushListSign, /getListSign) are not implemented yet" in capsys.readouterr().err
-    )
+    assert "enable_ssl=True needs config_file_path" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no server_<i> directory: nothing was launched
 
 

@@ -17,11 +17,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flcluster.core.cipher import CipherAnswer, DeviceKeys, Share
+from flcluster.core.cipher import CipherAnswer, DeviceKeys, ListSignature, Share
 from flcluster.errors import SchemaError
 from flcluster.wire import cipher_client_codec as client
 from flcluster.wire import cipher_server_codec as server
-from flcluster.wire.cipher_records import CipherAck, ExchangeKeysRequest, FetchRequest, SharesRequest
+from flcluster.wire.cipher_records import (
+    CipherAck,
+    ExchangeKeysRequest,
+    FetchRequest,
+    ListSignRequest,
+    ListSignsResponse,
+    SharesRequest,
+)
 from flcluster.wire.codes import (
     MAX_FL_ID_BYTES,
     MAX_IV_BYTES,
@@ -29,6 +36,7 @@ from flcluster.wire.codes import (
     MAX_SALT_BYTES,
     MAX_SHARE_BYTES,
     MAX_SHARES,
+    MAX_SIGNATURE_BYTES,
     CipherRound,
     ResponseCode,
 )
@@ -36,12 +44,24 @@ from flcluster.wire.fbs import ClientShare as fb_share
 from flcluster.wire.fbs import GetExchangeKeys as fb_get_keys
 from flcluster.wire.fbs import RequestExchangeKeys as fb_req_exchange
 from flcluster.wire.fbs import RequestShareSecrets as fb_req_share
+from flcluster.wire.fbs import SendClientListSign as fb_push_list_sign
 
 KEYS = DeviceKeys("fl_lenet_3", b"c" * 32, b"s" * 32, b"i" * 16, b"p" * 16, b"t" * 32)
 SHARES = (Share("fl_lenet_1", b"\x01" * 80, 0), Share("fl_lenet_2", b"\x02" * 80, 7))
-FETCHES = (CipherRound.GET_KEYS, CipherRound.GET_SECRETS, CipherRound.GET_CLIENT_LIST)
+FETCHES = (
+    CipherRound.GET_KEYS,
+    CipherRound.GET_SECRETS,
+    CipherRound.GET_CLIENT_LIST,
+    CipherRound.GET_LIST_SIGN,
+)
 SUBMITS = (CipherRound.SHARE_SECRETS, CipherRound.RECONSTRUCT_SECRETS)
-ACKS = (CipherRound.EXCHANGE_KEYS, CipherRound.SHARE_SECRETS, CipherRound.RECONSTRUCT_SECRETS)
+ACKS = (
+    CipherRound.EXCHANGE_KEYS,
+    CipherRound.SHARE_SECRETS,
+    CipherRound.RECONSTRUCT_SECRETS,
+    CipherRound.PUSH_LIST_SIGN,
+)
+SIGNATURES = (ListSignature("fl_lenet_1", b"\x05" * 256), ListSignature("fl_lenet_2", b"\x06" * 72))
 
 
 def exchange_body(keys: DeviceKeys = KEYS) -> bytes:
@@ -55,6 +75,12 @@ def valid_requests() -> dict[str, tuple[CipherRound, bytes]]:
     for r in SUBMITS:
         body = client.encode_shares_request(r, fl_id="fl_lenet_3", iteration=4, timestamp="t", shares=SHARES)
         bodies[r.value] = (r, body)
+    bodies["pushListSign"] = (
+        CipherRound.PUSH_LIST_SIGN,
+        client.encode_push_list_sign_request(
+            fl_id="fl_lenet_3", iteration=4, timestamp="t", signature=b"L" * 256, req_signature=b"R" * 256
+        ),
+    )
     return bodies
 
 
@@ -70,6 +96,7 @@ def answers() -> dict[str, tuple[CipherRound, bytes]]:
             keys=(KEYS,) if r is CipherRound.GET_KEYS else (),
             shares=SHARES if r is CipherRound.GET_SECRETS else (),
             clients=("a", "b") if r is CipherRound.GET_CLIENT_LIST else (),
+            signatures=SIGNATURES if r is CipherRound.GET_LIST_SIGN else (),
         )
         out[r.value] = (r, server.encode_cipher_answer(answer))
     return out
@@ -83,6 +110,8 @@ def decode_answer(round_: CipherRound, body: bytes) -> object:
             return client.decode_get_secrets_response(body)
         case CipherRound.GET_CLIENT_LIST:
             return client.decode_client_list_response(body)
+        case CipherRound.GET_LIST_SIGN:
+            return client.decode_list_signs_response(body)
         case _:
             return client.decode_ack(round_, body)
 
@@ -138,6 +167,8 @@ def test_every_answer_round_trips(round_: CipherRound) -> None:
     elif round_ is CipherRound.GET_CLIENT_LIST:
         assert getattr(decoded, "clients") == ("a", "b")  # noqa: B009
         assert getattr(decoded, "reason") == "ok"  # noqa: B009
+    elif round_ is CipherRound.GET_LIST_SIGN:
+        assert decoded == ListSignsResponse(200, "ok", SIGNATURES, 4, "1700000001000")
     else:
         assert decoded == CipherAck(200, "ok", 4, "1700000001000")
 
@@ -148,8 +179,85 @@ def test_error_answers_carry_the_retcode(round_: CipherRound) -> None:
     decoded = decode_answer(round_, body)
     assert getattr(decoded, "retcode") == 300  # noqa: B009
     assert getattr(decoded, "next_req_time") == "5"  # noqa: B009
-    if round_ in ACKS or round_ is CipherRound.GET_CLIENT_LIST:
+    if round_ in ACKS or round_ in (CipherRound.GET_CLIENT_LIST, CipherRound.GET_LIST_SIGN):
         assert getattr(decoded, "reason") == "no"  # noqa: B009
+    if round_ is CipherRound.GET_LIST_SIGN:
+        assert getattr(decoded, "signatures") == ()  # noqa: B009
+
+
+def test_push_list_sign_round_trip_and_its_schema_reason() -> None:
+    body = client.encode_push_list_sign_request(
+        fl_id="x", iteration=3, timestamp="17", signature=b"L" * 70, req_signature=b"R" * 71
+    )
+    assert server.decode_cipher_request(CipherRound.PUSH_LIST_SIGN, body) == ListSignRequest(
+        "x", 3, "17", b"L" * 70, b"R" * 71
+    )
+    # Unsigned (a device without pki): both signatures read as empty, for the leader to refuse.
+    bare = client.encode_push_list_sign_request(fl_id="x", iteration=3, timestamp="17", signature=b"")
+    assert server.decode_push_list_sign(bare) == ListSignRequest("x", 3, "17")
+    with pytest.raises(SchemaError) as caught:
+        server.decode_push_list_sign(b"garbage!" * 4)
+    assert caught.value.reason == "The schema of PushClientListSign is invalid."  # the original's words
+    with pytest.raises(SchemaError) as caught:
+        server.decode_fetch(b"garbage!" * 4, CipherRound.GET_LIST_SIGN)
+    assert caught.value.reason == "The schema of RequestAllClientListSign is invalid."
+
+
+def test_push_list_sign_as_the_java_client_builds_it_and_its_limits() -> None:
+    """``SendClientListSign.createSendClientListSign(builder, id, iteration, time, signed, reqSigned)``."""
+
+    def body(signature: int, req_signature: int, *, fl_id: bool = True) -> bytes:
+        b = flatbuffers.Builder(0)
+        fid, ts = b.CreateString("java"), b.CreateString("123")
+        sig, req = b.CreateByteVector(b"s" * signature), b.CreateByteVector(b"r" * req_signature)
+        m = fb_push_list_sign
+        m.SendClientListSignStart(b)
+        if fl_id:
+            m.SendClientListSignAddFlId(b, fid)
+        m.SendClientListSignAddIteration(b, 5)
+        m.SendClientListSignAddTimestamp(b, ts)
+        m.SendClientListSignAddSignature(b, sig)
+        m.SendClientListSignAddReqSignature(b, req)
+        b.Finish(m.SendClientListSignEnd(b))
+        return bytes(b.Output())
+
+    assert server.decode_push_list_sign(body(256, 256)) == ListSignRequest(
+        "java", 5, "123", b"s" * 256, b"r" * 256
+    )
+    server.decode_push_list_sign(body(MAX_SIGNATURE_BYTES, MAX_SIGNATURE_BYTES))
+    for sizes, field in (
+        ((MAX_SIGNATURE_BYTES + 1, 1), "signature"),
+        ((1, MAX_SIGNATURE_BYTES + 1), "req_signature"),
+    ):
+        with pytest.raises(SchemaError) as caught:
+            server.decode_push_list_sign(body(*sizes))
+        assert (
+            caught.value.reason == "The schema of PushClientListSign is invalid."
+            and field in caught.value.detail
+        )
+    with pytest.raises(SchemaError) as caught:
+        server.decode_push_list_sign(body(1, 1, fl_id=False))
+    assert caught.value.reason == "Verify flatbuffers schema failed for SendClientListSign."
+    with pytest.raises(ValueError, match="req_signature may hold at most 1024 bytes"):
+        client.encode_push_list_sign_request(
+            fl_id="x", iteration=1, timestamp="t", signature=b"", req_signature=b"r" * 1025
+        )
+
+
+def test_signed_keys_are_relayed_by_get_keys() -> None:
+    """With the list signatures ClientPublicKeys carries timestamp, iteration, signature, chain (§R8.1)."""
+    signed = DeviceKeys(
+        "d", b"c" * 32, b"s" * 32, b"i" * 16, b"p" * 16, b"t" * 32, "1700000000000", b"S" * 256, ("A", "E")
+    )
+    body = server.encode_get_keys_response(retcode=200, iteration=7, keys=[signed, KEYS], next_req_time="1")
+    got, plain = client.decode_get_keys_response(body).keys
+    assert got == DeviceKeys(
+        "d", b"c" * 32, b"s" * 32, b"", b"p" * 16, b"t" * 32, "1700000000000", b"S" * 256, ("A", "E")
+    )
+    assert not plain.signed  # unsigned keys relay no pki fields, as before
+    from flcluster.wire.fbs import ReturnExchangeKeys as fb_rsp_keys
+
+    assert fb_rsp_keys.ReturnExchangeKeys.GetRootAs(body, 0).RemotePublickeys(0).Iteration() == 7
 
 
 def test_stable_keys_answer_leaves_c_pk_out() -> None:

@@ -1,0 +1,288 @@
+"""PW_ENCRYPT with pki_verify end to end in process: the client-list signatures (spec/secure-aggregation.md
+§R8).
+
+A Scheduler and two Servers run in this trio process over loopback with the trust files of tests/pki.py;
+devices of the SDK with real identities (RSA and EC) go through every cipher round spread over both Servers,
+the list signatures included: they sign their keys, check each other's at getKeys, sign U3 and check the
+others' signatures before they reveal any share. The published model equals plain FedAvg of the acknowledged
+uploads within the stated bound. A device whose list signature (or request signature) is wrong is refused
+with the protocol's answer and changes nothing; a device that drops before pushListSign is left out of P when
+the pushListSign window ends, and its update stays in the (unmasked) sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import trio
+
+from flcluster.client.device import Device, IterationOutcome
+from flcluster.core.cipher import CipherState
+from flcluster.runtime.driver import Leader
+from flcluster.settings import job_settings
+from flcluster.verify import DeviceIdentity, client_list_digest, signs_client_list
+from flcluster.wire.cipher_client_codec import decode_ack, decode_list_signs_response
+from flcluster.wire.cipher_records import CipherAck, ListSignsResponse
+from flcluster.wire.codes import CipherRound, ResponseCode, ServerText
+from tests.helpers import FL_NAME, InProcessCluster, open_cluster
+from tests.pki import pki_context, shared
+from tests.unit.test_cipher_cluster import (
+    POLICY,
+    STEP_TIMEOUT,
+    Trainers,
+    Uploads,
+    assert_within_bound,
+    published,
+)
+
+TEXTS = {t.value.encode() for t in ServerText}
+
+
+def identities(n: int) -> list[DeviceIdentity]:
+    """``n`` devices of the session's PKIs: RSA devices of the first root and the EC one of the second."""
+    pki = shared()
+    return [*pki.devices[: n - 1], pki.ec_device]
+
+
+def signed_pw_job(directory: Path, devices: int, **cipher: Any) -> Any:
+    ctx = pki_context(directory, devices, 1).evolve(encrypt_type="PW_ENCRYPT", **cipher)
+    return partial(job_settings, ctx)
+
+
+def leader_of(cluster: InProcessCluster) -> Leader:
+    leader = cluster.by_rank()[0].leader
+    assert leader is not None
+    return leader
+
+
+class ListSigns:
+    """Every getListSign answer the devices received (an httpx response hook)."""
+
+    def __init__(self) -> None:
+        self.seen: list[ListSignsResponse] = []
+
+    async def hook(self, response: httpx.Response) -> None:
+        if response.request.url.path.endswith("/getListSign"):
+            await response.aread()
+            if response.content not in TEXTS:
+                self.seen.append(decode_list_signs_response(response.content))
+
+
+async def run_devices(
+    devices: Sequence[Device], trainers: Trainers, sizes: Sequence[int], drops: dict[str, str]
+) -> dict[str, Any]:
+    reports: dict[str, Any] = {}
+
+    async def one(i: int) -> None:
+        d = devices[i]
+        report = await d.run_iteration(
+            trainers.of(i, d.fl_id), data_size=sizes[i], drop_after=drops.get(d.fl_id)
+        )
+        reports[d.fl_id] = report
+
+    with trio.fail_after(STEP_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(devices)):
+                nursery.start_soon(one, i)
+    return reports
+
+
+async def test_signed_devices_train_pw_encrypt_and_check_each_others_client_lists(tmp_path: Path) -> None:
+    # 6 devices, u = 6, t = 2: every threshold 6 but reconstructSecrets (3); P closes with all six signatures.
+    job = signed_pw_job(tmp_path, 6, reconstruct_secrets_threshold=2, cipher_time_window=60_000)
+    uploads, trainers, signs = Uploads(), Trainers(), ListSigns()
+    ids = identities(6)
+    sizes = [3, 5, 8, 13, 21, 34]
+    hooks = {"response": [uploads.hook, signs.hook]}
+    async with (
+        open_cluster(2, job) as cluster,
+        httpx.AsyncClient(timeout=60, event_hooks=hooks) as client,
+    ):
+        devices = [
+            Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
+                   seed=n, identity=i)
+            for n, i in enumerate(ids)
+        ]  # fmt: skip
+        reports = await run_devices(devices, trainers, sizes, {})
+        assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
+            r.reason for r in reports.values()
+        ]
+        assert leader_of(cluster).machine.completed == (1,)
+        model = await published(cluster.urls, client, 1)
+        u3 = sorted(uploads.seen)
+        assert u3 == sorted(i.fl_id for i in ids)
+        assert_within_bound(
+            model, [trainers.clear[f] for f in u3], [sizes[[i.fl_id for i in ids].index(f)] for f in u3], m=6
+        )
+        # Every getListSign answer held the six signatures of the same U3, each the signer's (RSA and EC).
+        keys = {i.fl_id: i.private_key.public_key() for i in ids}
+        ok = [a for a in signs.seen if a.retcode == ResponseCode.SUCCEED]
+        assert len(ok) >= 6
+        for answer in ok:
+            assert [s.fl_id for s in answer.signatures] == u3
+            assert all(signs_client_list(keys[s.fl_id], u3, s.signature) for s in answer.signatures)
+
+
+class BadSigner(Device):
+    """A device that first pushes a wrong list signature and a wrongly signed request, then the right one.
+
+    The refused requests are real ones, through the same Servers; the answers and the leader's P after each
+    refusal are recorded (the other devices go on meanwhile, so only this device's part is compared).
+    """
+
+    def __init__(self, *args: Any, leader: Leader, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.leader = leader
+        self.refusals: list[tuple[CipherAck, CipherState | None]] = []
+        self.accepted: CipherAck | None = None
+        self.imposter: DeviceIdentity | None = None
+
+    async def cipher_request(self, round_: CipherRound, iteration: int, **kw: Any) -> Any:
+        if round_ is CipherRound.PUSH_LIST_SIGN and not self.refusals:
+            assert self._identity is not None
+            # 1. A signature of another list (U3 without this device).
+            lists = self.leader.machine.client_list()
+            assert lists is not None
+            other = self._identity.sign(client_list_digest([f for f in lists if f != self.fl_id]))
+            await self._refused(round_, iteration, signature=other)
+            # 2. The right list signature, in a request signed by another device's key.
+            right = kw["signature"]
+            honest, self._identity = self._identity, self.imposter
+            try:
+                await self._refused(round_, iteration, signature=right)
+            finally:
+                self._identity = honest
+            answer = await super().cipher_request(round_, iteration, **kw)
+            assert isinstance(answer, CipherAck), answer
+            self.accepted = answer
+            return answer
+        return await super().cipher_request(round_, iteration, **kw)
+
+    async def _refused(self, round_: CipherRound, iteration: int, **kw: Any) -> None:
+        answer = await super().cipher_request(round_, iteration, **kw)
+        assert isinstance(answer, CipherAck), answer
+        self.refusals.append((answer, self.leader.machine.cipher_state()))
+
+
+async def test_a_wrong_list_signature_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    job = signed_pw_job(tmp_path, 4, reconstruct_secrets_threshold=2, cipher_time_window=60_000)
+    uploads, trainers = Uploads(), Trainers()
+    ids = identities(4)
+    sizes = [4, 6, 9, 11]
+    async with (
+        open_cluster(2, job) as cluster,
+        httpx.AsyncClient(timeout=60, event_hooks={"response": [uploads.hook]}) as client,
+    ):
+        leader = leader_of(cluster)
+        common = {"fl_name": FL_NAME, "client": client, "policy": POLICY, "use_elb": True}
+        bad = BadSigner(ids[0].fl_id, cluster.urls, identity=ids[0], leader=leader, seed=0, **common)
+        bad.imposter = ids[1]
+        devices = [bad] + [
+            Device(i.fl_id, cluster.urls, identity=i, seed=n, **common) for n, i in enumerate(ids[1:], 1)
+        ]
+        reports = await run_devices(devices, trainers, sizes, {})
+        assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
+            r.reason for r in reports.values()
+        ]
+        (wrong_list, after), (wrong_key, after2) = bad.refusals
+        assert (wrong_list.retcode, wrong_list.reason) == (
+            ResponseCode.RequestError,
+            "verify signature failed: the client list signature does not verify over the update model client "
+            "list",
+        )
+        assert (wrong_key.retcode, wrong_key.reason) == (
+            ResponseCode.RequestError,
+            "verify signature failed.",
+        )
+        # Nothing kept: the device is not in P after either refusal, and its right signature is then taken
+        # as its first (not answered as a repeat).
+        for state in (after, after2):
+            assert state is not None and ids[0].fl_id not in state.p and not state.p_closed
+        for answer in (wrong_list, wrong_key):
+            assert answer.iteration == 1 and int(answer.next_req_time) > 0
+        assert bad.accepted is not None
+        assert bad.accepted.reason == "send update model client list signature success. "
+        # Then its right signature was taken and the iteration completed with it.
+        model = await published(cluster.urls, client, 1)
+        u3 = sorted(uploads.seen)
+        assert u3 == sorted(i.fl_id for i in ids)
+        index = {i.fl_id: n for n, i in enumerate(ids)}
+        assert_within_bound(model, [trainers.clear[f] for f in u3], [sizes[index[f]] for f in u3], m=4)
+
+
+async def test_a_device_that_drops_before_push_list_sign_is_left_out_of_p(tmp_path: Path) -> None:
+    # 6 devices; u = ceil(6 × 0.8) = 5, r = 0.8, t = 2: getClientList 4, pushListSign Q = 4, getListSign 4.
+    # Device 0 drops after shareSecrets (so exactly five upload), device 1 after getClientList: it is in U3
+    # and L but never pushes, so P cannot hold all of U3 and closes with four when the pushListSign window
+    # ends; device 1's update stays in the sum and is unmasked with the others' b-shares (§R8.5).
+    window = 8_000
+    job = signed_pw_job(
+        tmp_path, 6, update_model_ratio=0.8, share_secrets_ratio=0.8, reconstruct_secrets_threshold=2,
+        cipher_time_window=window,
+    )  # fmt: skip
+    uploads, trainers, signs = Uploads(), Trainers(), ListSigns()
+    ids = identities(6)
+    sizes = [3, 5, 8, 13, 21, 34]
+    drops = {ids[0].fl_id: "shareSecrets", ids[1].fl_id: "getClientList"}
+    hooks = {"response": [uploads.hook, signs.hook]}
+    async with (
+        open_cluster(2, job) as cluster,
+        httpx.AsyncClient(timeout=60, event_hooks=hooks) as client,
+    ):
+        devices = [
+            Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
+                   seed=n, identity=i)
+            for n, i in enumerate(ids)
+        ]  # fmt: skip
+        reports = await run_devices(devices, trainers, sizes, drops)
+        assert {f for f, r in reports.items() if r.outcome is IterationOutcome.FAILED} == set(drops)
+        assert all(r.outcome is IterationOutcome.COMPLETED for f, r in reports.items() if f not in drops), [
+            r.reason for r in reports.values()
+        ]
+        assert leader_of(cluster).machine.completed == (1,)
+        u3 = sorted(uploads.seen)
+        assert u3 == sorted(i.fl_id for i in ids[1:])  # device 1 uploaded: it is in U3
+        signers = sorted(i.fl_id for i in ids[2:])
+        ok = [a for a in signs.seen if a.retcode == ResponseCode.SUCCEED]
+        assert ok and all([s.fl_id for s in a.signatures] == signers for a in ok)
+        model = await published(cluster.urls, client, 1)
+        index = {i.fl_id: n for n, i in enumerate(ids)}
+        assert_within_bound(model, [trainers.clear[f] for f in u3], [sizes[index[f]] for f in u3], m=6)
+        assert np.isfinite(np.concatenate([v.ravel() for v in model.values()])).all()
+
+
+async def test_the_simulator_runs_pw_encrypt_with_list_signatures(tmp_path: Path) -> None:
+    from flcluster.client.simulator import SimulatorConfig, simulate
+    from tests.unit.test_cipher_cluster import _synthetic
+
+    ids = identities(4)
+    job = signed_pw_job(tmp_path, 4, reconstruct_secrets_threshold=2, cipher_time_window=60_000)
+    async with open_cluster(2, job) as cluster, httpx.AsyncClient(timeout=60) as client:
+        config = SimulatorConfig(
+            servers=tuple(cluster.urls), num_devices=4, mode="synthetic", iterations=1, seed=7,
+            progress=False, policy=POLICY, fl_name=FL_NAME, use_elb=True, identities=tuple(ids),
+        )  # fmt: skip
+        with trio.fail_after(STEP_TIMEOUT):
+            report = await simulate(config)
+        assert report.iterations[0].completed == 4
+        model = await published(cluster.urls, client, 1)
+        # Each device's signed requests the leader admitted: startFLJob, exchangeKeys, updateModel, and at
+        # least one pushListSign and one getListSign (spec §R8.3): the list signatures ran.
+        verifier = leader_of(cluster).verifier
+        assert verifier is not None and verifier.statistics()[1] >= 5 * 4
+    assert_within_bound(model, _synthetic(model, [0, 1, 2, 3]), [32] * 4, m=4)
+
+
+def test_the_ack_decoder_reads_a_push_list_sign_answer() -> None:
+    """(The answers above are decoded with the SDK's decoder: ResponseClientListSign, slot for slot.)"""
+    from flcluster.wire.cipher_server_codec import encode_cipher_error
+
+    body = encode_cipher_error(
+        CipherRound.PUSH_LIST_SIGN, retcode=400, reason="why", iteration=3, next_req_time="9"
+    )
+    assert decode_ack(CipherRound.PUSH_LIST_SIGN, body) == CipherAck(400, "why", 3, "9")
