@@ -121,8 +121,10 @@ async def test_signed_devices_train_pw_encrypt_and_check_each_others_client_list
         )
         # Every getListSign answer held the six signatures of the same U3, each the signer's (RSA and EC).
         keys = {i.fl_id: i.private_key.public_key() for i in ids}
+        # Each device that sent reconstructSecrets had its getListSign answered first, and the iteration
+        # needed t + 1 = 3 of them; a device later than that is told OutOfTime (on to getModel).
         ok = [a for a in signs.seen if a.retcode == ResponseCode.SUCCEED]
-        assert len(ok) >= 6
+        assert len(ok) >= 3, [(a.retcode, a.reason) for a in signs.seen]
         for answer in ok:
             assert [s.fl_id for s in answer.signatures] == u3
             assert all(signs_client_list(keys[s.fl_id], u3, s.signature) for s in answer.signatures)
