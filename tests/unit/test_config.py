@@ -599,7 +599,6 @@ def test_adding_flags_twice_is_an_argparse_error() -> None:
 
 
 # a valid value for every field; cross-field rules are repaired in _valid_kwargs
-_HOST_TEXT = st.from_regex(r"[A-Za-z0-9._:%\[\]-]{1,100}", fullmatch=True)
 _POSITIVE_INT = st.integers(min_value=1, max_value=2**40)
 _UINT32 = st.integers(min_value=1, max_value=0xFFFFFFFF)
 _POSITIVE_FLOAT = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
@@ -607,6 +606,7 @@ _RATIO = st.floats(min_value=0, max_value=1, exclude_min=True)
 # argparse treats a lone "--" as the end of options even in "--flag=--" and hands back [] (refused
 # with a clear ConfigError, but not a round trip), so that one value is left out of the property.
 _ANY_TEXT = st.text(max_size=30).filter(lambda text: text != "--")
+_HOST_TEXT = st.from_regex(r"[A-Za-z0-9._:%\[\]-]{1,100}", fullmatch=True).filter(lambda text: text != "--")
 FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "server_mode": st.sampled_from(["FEDERATED_LEARNING", "HYBRID_TRAINING"]),
     "ms_role": st.sampled_from(["MS_SERVER", "MS_WORKER", "MS_SCHED"]),
