@@ -646,8 +646,9 @@ class Device:
                 chain; :meth:`~flcluster.client.cipher.CipherSession.key_signature`), instead of
                 ``signature`` and ``certificate_chain``.
 
-        With an identity, pushListSign's ``req_signature`` and getListSign's ``signature`` are signed here,
-        over ``timestamp + str(iteration)``.
+        With an identity, the request signature of every round but exchangeKeys (pushListSign's
+        ``req_signature``, the others' ``signature``) is signed here, over ``timestamp + str(iteration)``
+        (spec/secure-aggregation.md §R8.3, §R8.6); without one none is sent.
 
         Returns:
             The decoded answer table, or the plain text the server sent.
@@ -687,24 +688,29 @@ class Device:
                     req_signature=request_signature,
                 )
                 answer, table = functools.partial(decode_ack, round_), "ResponseClientListSign"
-            case CipherRound.GET_LIST_SIGN:
+            case CipherRound.SHARE_SECRETS | CipherRound.RECONSTRUCT_SECRETS:
+                body = encode_shares_request(
+                    round_,
+                    fl_id=self._fl_id,
+                    iteration=iteration,
+                    timestamp=timestamp,
+                    shares=shares,
+                    signature=request_signature,
+                )
+                answer = functools.partial(decode_ack, round_)
+                table = "ResponseShareSecrets" if round_ is CipherRound.SHARE_SECRETS else "ReconstructSecret"
+            case (
+                CipherRound.GET_KEYS
+                | CipherRound.GET_SECRETS
+                | CipherRound.GET_CLIENT_LIST
+                | CipherRound.GET_LIST_SIGN
+            ):
                 body = encode_fetch_request(
                     round_,
                     fl_id=self._fl_id,
                     iteration=iteration,
                     timestamp=timestamp,
                     signature=request_signature,
-                )
-                answer, table = _FETCH_DECODERS[round_]
-            case CipherRound.SHARE_SECRETS | CipherRound.RECONSTRUCT_SECRETS:
-                body = encode_shares_request(
-                    round_, fl_id=self._fl_id, iteration=iteration, timestamp=timestamp, shares=shares
-                )
-                answer = functools.partial(decode_ack, round_)
-                table = "ResponseShareSecrets" if round_ is CipherRound.SHARE_SECRETS else "ReconstructSecret"
-            case CipherRound.GET_KEYS | CipherRound.GET_SECRETS | CipherRound.GET_CLIENT_LIST:
-                body = encode_fetch_request(
-                    round_, fl_id=self._fl_id, iteration=iteration, timestamp=timestamp
                 )
                 answer, table = _FETCH_DECODERS[round_]
             case _:

@@ -108,7 +108,7 @@ from flcluster.runtime.rounds import CountRequest, LeaderReply, RoundService
 from flcluster.store import DeviceRows, RecoveryStore, ServerState, StoredModel, Transition
 from flcluster.verify import ClientVerifier, PublicKey, VerificationFailed
 from flcluster.verify.lists import signs_client_list
-from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, ListSignRequest
+from flcluster.wire.cipher_records import ExchangeKeysRequest, FetchRequest, ListSignRequest, SharesRequest
 from flcluster.wire.cipher_server_codec import CipherRequest, encode_cipher_error
 from flcluster.wire.codes import SAFEMODE_TEXT, CipherRound, ResponseCode
 from flcluster.wire.messages import CountOp, DropPartials, HeldUpdates, InstanceRenewedMsg, IterationStatus
@@ -434,7 +434,9 @@ class Leader:
         return encode_reply(reply)
 
     def _verify_cipher(self, round_: CipherRound, request: CipherRequest, now: int) -> tuple[bool, bool]:
-        """With the list signatures (spec/secure-aggregation.md §R8): check the request's signatures.
+        """With the list signatures (spec/secure-aggregation.md §R8): check the request's signatures, every
+        round's (exchangeKeys: its keys' signature and certificates, §R8.1; the others: the request signature
+        over ``timestamp + str(iteration)``, §R8.3, §R8.6).
 
         Returns:
             (exchangeKeys: keep the keys' signature and certificates for getKeys to relay; pushListSign: the
@@ -461,8 +463,8 @@ class Leader:
                 )
                 return True, False
             case ListSignRequest():
-                key = verifier.admit_list_sign_request(
-                    round_.value,
+                key = verifier.admit_cipher_request(
+                    round_,
                     request.fl_id,
                     request.iteration,
                     request.timestamp,
@@ -471,15 +473,18 @@ class Leader:
                 )
                 u3 = self.machine.client_list()
                 return False, u3 is not None and signs_client_list(key, u3, request.signature)
-            case FetchRequest() if round_ is CipherRound.GET_LIST_SIGN:
-                verifier.admit_list_sign_request(
-                    round_.value,
+            case FetchRequest() | SharesRequest():
+                # getKeys, shareSecrets, getSecrets, getClientList, getListSign, reconstructSecrets (§R8.6).
+                verifier.admit_cipher_request(
+                    round_,
                     request.fl_id,
                     request.iteration,
                     request.timestamp,
                     request.signature,
                     now_ms=now,
                 )
+            case _:
+                assert_never(request)
         return False, False
 
     def _verify(self, verifier: ClientVerifier, request: CountRequest) -> PublicKey | None:

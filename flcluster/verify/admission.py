@@ -15,8 +15,9 @@ Client verification is split where the work and the state are:
   accepted at startFLJob (a device may send its update to another Server) and the requests it admitted
   within the replay window. :meth:`ClientVerifier.admit_start_fl_job`,
   :meth:`ClientVerifier.admit_update_model` and, for the list signatures of PW_ENCRYPT
-  (spec/secure-aggregation.md §R8), :meth:`ClientVerifier.admit_exchange_keys` and
-  :meth:`ClientVerifier.admit_list_sign_request` run before the iteration machine sees a request;
+  (spec/secure-aggregation.md §R8), :meth:`ClientVerifier.admit_exchange_keys` and, for the request
+  signature of every other cipher round, :meth:`ClientVerifier.admit_cipher_request` run before the
+  iteration machine sees a request;
   :meth:`ClientVerifier.keep_key` records the key once the machine accepted the startFLJob.
 
 Every check takes ``now_ms`` from its caller (the driver's clock) and raises
@@ -51,7 +52,7 @@ from flcluster.verify.timestamps import (
     parse_timestamp,
     replay_key,
 )
-from flcluster.wire.codes import DeviceRound
+from flcluster.wire.codes import CipherRound, DeviceRound
 from flcluster.wire.records import StartFLJobRequest, UpdateModelRequest
 
 __all__ = [
@@ -78,6 +79,10 @@ REASON_START_FL_JOB_VERIFY: Final = "startFLJob sign and certificate verify fail
 REASON_SIGNATURE_FAILED: Final = "verify signature failed."
 REASON_SIGNATURE_TIMEOUT: Final = "verify signature timestamp failed."
 REASON_EXCHANGE_KEYS_TIMEOUT: Final = "verify signature timestamp failed or cannot find its key attestation."
+
+#: The rounds whose stale-or-keyless answer is not :data:`REASON_SIGNATURE_TIMEOUT` (the original's
+#: ``ShareSecretsKernel`` says what exchangeKeys says).
+_REQUEST_TIMEOUT_REASONS: Final[dict[str, str]] = {CipherRound.SHARE_SECRETS: REASON_EXCHANGE_KEYS_TIMEOUT}
 
 
 def reason_signature_failed(fl_id: str) -> str:
@@ -254,6 +259,8 @@ class ClientVerifier:
         self, fl_id: str, timestamp: str, signed: bytes, signature: bytes, now_ms: int, timeout: str
     ) -> tuple[PublicKey, int]:
         """Key kept, signature, timestamp (spec secure-aggregation §R8.3); the key and the timestamp's ms."""
+        if not signature:  # the original's VerifySignatureBase: none fails before the key is looked up
+            raise VerificationFailed(REASON_SIGNATURE_FAILED)
         key = self.device_key(fl_id)
         if key is None:
             raise VerificationFailed(timeout, retry_later=True)
@@ -277,25 +284,34 @@ class ClientVerifier:
         except VerificationFailed as exc:
             raise _refused(REASON_SIGNATURE_FAILED, exc) from None
 
-    def admit_list_sign_request(
-        self, round_name: str, fl_id: str, iteration: int, timestamp: str, signature: bytes, *, now_ms: int
+    def admit_cipher_request(
+        self,
+        round_: CipherRound,
+        fl_id: str,
+        iteration: int,
+        timestamp: str,
+        signature: bytes,
+        *,
+        now_ms: int,
     ) -> PublicKey:
-        """The request signature of pushListSign (``req_signature``) or getListSign (``signature``), over
-        ``timestamp + str(iteration)`` (spec/secure-aggregation.md §R8.3 step 1).
+        """The request signature of a cipher round other than exchangeKeys, over
+        ``timestamp + str(iteration)`` (spec/secure-aggregation.md §R8.3 step 1, §R8.6): getKeys,
+        shareSecrets, getSecrets, getClientList, reconstructSecrets and getListSign (their ``signature``),
+        pushListSign (its ``req_signature``).
 
         Returns:
-            The device's key (the leader checks the list signature with it).
+            The device's key (the leader checks pushListSign's list signature with it).
 
         Raises:
-            VerificationFailed: ``retry_later`` (``OutOfTime`` ``verify signature timestamp failed.``) when no
-                key is kept or the timestamp is out of the window; otherwise ``RequestError``
-                (``verify signature failed.``).
+            VerificationFailed: ``retry_later`` (``OutOfTime``, :data:`REASON_SIGNATURE_TIMEOUT`;
+                shareSecrets: :data:`REASON_EXCHANGE_KEYS_TIMEOUT`, the original's words) when no key is
+                kept or the timestamp is out of the window; otherwise ``RequestError``
+                (``verify signature failed.``), an absent signature first of all.
         """
         signed = update_model_signed_data(timestamp, iteration)
-        key, timestamp_ms = self._check_signed(
-            fl_id, timestamp, signed, signature, now_ms, REASON_SIGNATURE_TIMEOUT
-        )
-        self._remember(round_name, fl_id, signed, timestamp_ms, now_ms)
+        timeout = _REQUEST_TIMEOUT_REASONS.get(round_, REASON_SIGNATURE_TIMEOUT)
+        key, timestamp_ms = self._check_signed(fl_id, timestamp, signed, signature, now_ms, timeout)
+        self._remember(round_.value, fl_id, signed, timestamp_ms, now_ms)
         return key
 
     def admit_exchange_keys(

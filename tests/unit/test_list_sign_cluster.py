@@ -25,8 +25,16 @@ from flcluster.client.device import Device, IterationOutcome
 from flcluster.core.cipher import CipherState
 from flcluster.runtime.driver import Leader
 from flcluster.settings import job_settings
-from flcluster.verify import DeviceIdentity, client_list_digest, signs_client_list
-from flcluster.wire.cipher_client_codec import decode_ack, decode_list_signs_response
+from flcluster.verify import DeviceIdentity, client_list_digest, signs_client_list, update_model_signed_data
+from flcluster.wire.cipher_client_codec import (
+    decode_ack,
+    decode_client_list_response,
+    decode_get_keys_response,
+    decode_get_secrets_response,
+    decode_list_signs_response,
+    encode_fetch_request,
+    encode_shares_request,
+)
 from flcluster.wire.cipher_records import CipherAck, ListSignsResponse
 from flcluster.wire.codes import CipherRound, ResponseCode, ServerText
 from tests.helpers import FL_NAME, InProcessCluster, open_cluster
@@ -210,6 +218,160 @@ async def test_a_wrong_list_signature_is_refused_and_changes_nothing(tmp_path: P
         assert bad.accepted is not None
         assert bad.accepted.reason == "send update model client list signature success. "
         # Then its right signature was taken and the iteration completed with it.
+        model = await published(cluster.urls, client, 1)
+        u3 = sorted(uploads.seen)
+        assert u3 == sorted(i.fl_id for i in ids)
+        index = {i.fl_id: n for n, i in enumerate(ids)}
+        assert_within_bound(model, [trainers.clear[f] for f in u3], [sizes[index[f]] for f in u3], m=4)
+
+
+#: The rounds whose request signature §R8.6 adds (pushListSign's and getListSign's are checked above).
+PROBED = (
+    CipherRound.GET_KEYS,
+    CipherRound.SHARE_SECRETS,
+    CipherRound.GET_SECRETS,
+    CipherRound.GET_CLIENT_LIST,
+    CipherRound.RECONSTRUCT_SECRETS,
+)
+#: What the original answers a stale timestamp (or no key) in each: shareSecrets says more.
+STALE = {r: "verify signature timestamp failed." for r in PROBED} | {
+    CipherRound.SHARE_SECRETS: "verify signature timestamp failed or cannot find its key attestation."
+}
+
+
+def decode_cipher_answer(round_: CipherRound, body: bytes | str) -> Any:
+    assert isinstance(body, bytes), body
+    match round_:
+        case CipherRound.GET_KEYS:
+            return decode_get_keys_response(body)
+        case CipherRound.GET_SECRETS:
+            return decode_get_secrets_response(body)
+        case CipherRound.GET_CLIENT_LIST:
+            return decode_client_list_response(body)
+        case _:
+            return decode_ack(round_, body)
+
+
+class RequestProber(Device):
+    """A device that sends each round of :data:`PROBED` wrongly before it sends it right.
+
+    Before its first request of such a round it sends the same request unsigned and signed with another
+    device's key, through the Servers (what a device is told: ``over_http``); then, straight to the leader's
+    ``cipher`` between two snapshots of its machine and its verifier, unsigned, signed by another device,
+    signed over a stale timestamp, and (once its right request went out) that right body again, a replay.
+    A refusal does not reach a checkpoint, so nothing else runs between the snapshots: they must be equal.
+    """
+
+    def __init__(self, *args: Any, leader: Leader, imposter: DeviceIdentity, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.leader = leader
+        self.imposter = imposter
+        self.over_http: dict[CipherRound, dict[str, Any]] = {}
+        self.at_leader: dict[CipherRound, dict[str, tuple[Any, bool]]] = {}
+
+    def _state(self) -> tuple[Any, Any]:
+        verifier = self.leader.verifier
+        assert verifier is not None
+        return self.leader.machine.snapshot(), verifier.statistics()
+
+    async def _at_leader(self, round_: CipherRound, kind: str, body: bytes) -> None:
+        before = self._state()
+        answer = await self.leader.cipher(round_, body, "probe")
+        self.at_leader.setdefault(round_, {})[kind] = (
+            decode_cipher_answer(round_, answer),
+            before == self._state(),
+        )
+
+    def _body(self, round_: CipherRound, iteration: int, timestamp: str, signature: bytes, kw: Any) -> bytes:
+        common = {"fl_id": self.fl_id, "iteration": iteration, "timestamp": timestamp, "signature": signature}
+        if round_ in (CipherRound.SHARE_SECRETS, CipherRound.RECONSTRUCT_SECRETS):
+            return encode_shares_request(round_, shares=kw["shares"], **common)
+        return encode_fetch_request(round_, **common)
+
+    async def cipher_request(self, round_: CipherRound, iteration: int, **kw: Any) -> Any:
+        if round_ in PROBED and round_ not in self.over_http:
+            honest = self._identity
+            assert honest is not None
+            self.over_http[round_] = {}
+            try:
+                for kind, identity in (("unsigned", None), ("imposter", self.imposter)):
+                    self._identity = identity
+                    self.over_http[round_][kind] = await super().cipher_request(round_, iteration, **kw)
+            finally:
+                self._identity = honest
+            fresh = self._timestamp()
+            signed = update_model_signed_data(fresh, iteration)
+            await self._at_leader(round_, "unsigned", self._body(round_, iteration, fresh, b"", kw))
+            await self._at_leader(
+                round_, "imposter", self._body(round_, iteration, fresh, self.imposter.sign(signed), kw)
+            )
+            stale = str(self.leader.clock.now_ms() - 600_000 - 60_000)
+            stale_signature = honest.sign(update_model_signed_data(stale, iteration))
+            await self._at_leader(round_, "stale", self._body(round_, iteration, stale, stale_signature, kw))
+        return await super().cipher_request(round_, iteration, **kw)
+
+    async def _post(self, round_name: str, body: bytes) -> tuple[str, bytes]:
+        answer = await super()._post(round_name, body)
+        round_ = CipherRound(round_name) if round_name in set(CipherRound) else None
+        # The right request (after both probes over HTTP), once: send its body again.
+        sent = self.over_http.get(round_) if round_ in PROBED else None
+        if sent is not None and len(sent) == 2 and "replay" not in self.at_leader.get(round_, {}):
+            await self._at_leader(round_, "replay", body)
+        return answer
+
+
+async def test_wrongly_signed_requests_of_the_other_cipher_rounds_are_refused_and_change_nothing(
+    tmp_path: Path,
+) -> None:
+    """getKeys, shareSecrets, getSecrets, getClientList, reconstructSecrets under pki_verify (§R8.6)."""
+    # t = 3 with 4 devices: the reconstruction needs every device, the prober included.
+    job = signed_pw_job(tmp_path, 4, reconstruct_secrets_threshold=3, cipher_time_window=60_000)
+    uploads, trainers = Uploads(), Trainers()
+    ids = identities(4)
+    sizes = [4, 6, 9, 11]
+    async with (
+        open_cluster(2, job) as cluster,
+        httpx.AsyncClient(timeout=60, event_hooks={"response": [uploads.hook]}) as client,
+    ):
+        leader = leader_of(cluster)
+        common = {"fl_name": FL_NAME, "client": client, "policy": POLICY, "use_elb": True}
+        prober = RequestProber(
+            ids[0].fl_id, cluster.urls, identity=ids[0], leader=leader, imposter=ids[1], seed=0, **common
+        )
+        devices = [prober] + [
+            Device(i.fl_id, cluster.urls, identity=i, seed=n, **common) for n, i in enumerate(ids[1:], 1)
+        ]
+        reports = await run_devices(devices, trainers, sizes, {})
+        assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
+            r.reason for r in reports.values()
+        ]
+        assert set(prober.over_http) == set(PROBED) == set(prober.at_leader)
+        failed = "verify signature failed."
+        for round_ in PROBED:
+            expected = {
+                "unsigned": (ResponseCode.RequestError, failed),
+                "imposter": (ResponseCode.RequestError, failed),
+                "stale": (ResponseCode.OutOfTime, STALE[round_]),
+                "replay": (ResponseCode.RequestError, f"{failed}: replayed"),
+            }
+            told = {k: (a, True) for k, a in prober.over_http[round_].items()}
+            for where, answers in (("http", told), ("leader", prober.at_leader[round_])):
+                assert set(answers) == ({"unsigned", "imposter"} if where == "http" else set(expected))
+                for kind, (answer, unchanged) in answers.items():
+                    retcode, reason = expected[kind]
+                    why = (round_, where, kind, answer)
+                    assert unchanged, why
+                    assert (answer.retcode, answer.iteration) == (retcode, 1), why
+                    assert int(answer.next_req_time) > 0, why
+                    if round_ in (CipherRound.GET_KEYS, CipherRound.GET_SECRETS):
+                        assert answer.reason == "", why  # their tables have no reason field
+                    elif kind in ("stale", "replay"):
+                        assert answer.reason.startswith(reason), why  # and why, after ": "
+                    else:
+                        assert answer.reason == reason, why
+                    assert not getattr(answer, "keys", ()) and not getattr(answer, "shares", ()), why
+                    assert not getattr(answer, "clients", ()), why
+        assert leader.machine.completed == (1,)
         model = await published(cluster.urls, client, 1)
         u3 = sorted(uploads.seen)
         assert u3 == sorted(i.fl_id for i in ids)

@@ -1,7 +1,8 @@
 """The list signatures' cryptography (flcluster/verify/lists.py; spec/secure-aggregation.md §R8): what is
 signed (byte for byte), the key a certificate pair binds to an fl_id, the leader's checks of signed
-exchangeKeys, pushListSign and getListSign (the original's reasons, OutOfTime or RequestError, replays), and
-the device's checks of getKeys and getListSign answers, with real certificates of tests/pki.py."""
+exchangeKeys and of every other cipher round's request signature (the original's reasons, OutOfTime or
+RequestError, replays), and the device's checks of getKeys and getListSign answers, with real certificates
+of tests/pki.py."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from flcluster.verify import (
     signs_client_list,
     update_model_signed_data,
 )
+from flcluster.wire.codes import CipherRound
 from tests.pki import shared
 
 WINDOW = 600_000
@@ -209,30 +211,66 @@ def test_the_leader_checks_a_signed_exchange_keys() -> None:
     assert other_chain.reason.startswith(f"{REASON_SIGNATURE_FAILED}: ")
 
 
-@pytest.mark.parametrize("round_name", ["pushListSign", "getListSign"])
-def test_the_leader_checks_the_request_signatures_of_the_list_rounds(round_name: str) -> None:
+REQUEST_SIGNED_ROUNDS = [r for r in CipherRound if r is not CipherRound.EXCHANGE_KEYS]
+
+
+@pytest.mark.parametrize("round_", REQUEST_SIGNED_ROUNDS)
+def test_the_leader_checks_the_request_signature_of_every_other_cipher_round(round_: CipherRound) -> None:
+    """getKeys, shareSecrets, getSecrets, getClientList, pushListSign, getListSign, reconstructSecrets
+    (spec/secure-aggregation.md §R8.3, §R8.6): the original's reasons, shareSecrets' OutOfTime its own."""
     pki = shared()
     device, other = pki.devices[0], pki.devices[1]
     verifier = leader_with(device)
+    timeout = (
+        REASON_EXCHANGE_KEYS_TIMEOUT if round_ is CipherRound.SHARE_SECRETS else REASON_SIGNATURE_TIMEOUT
+    )
 
-    def admit(*, timestamp: int = NOW, signer: DeviceIdentity = device, fl_id: str = device.fl_id) -> object:
+    def admit(
+        *,
+        timestamp: int = NOW,
+        signer: DeviceIdentity = device,
+        fl_id: str = device.fl_id,
+        iteration: int = 2,
+    ) -> object:
         ts = str(timestamp)
-        signature = signer.sign(update_model_signed_data(ts, 2))
-        return verifier.admit_list_sign_request(round_name, fl_id, 2, ts, signature, now_ms=NOW)
+        signature = signer.sign(update_model_signed_data(ts, iteration))
+        return verifier.admit_cipher_request(round_, fl_id, 2, ts, signature, now_ms=NOW)
 
     no_key = refused(lambda: admit(fl_id=other.fl_id, signer=other))
-    assert (no_key.reason, no_key.retry_later) == (REASON_SIGNATURE_TIMEOUT, True)
+    assert (no_key.reason, no_key.retry_later) == (timeout, True)
     assert refused(lambda: admit(signer=other)).reason == REASON_SIGNATURE_FAILED
+    # Signed over another iteration than the request's field: the signed data is the request's own.
+    assert refused(lambda: admit(iteration=3)).reason == REASON_SIGNATURE_FAILED
     stale = refused(lambda: admit(timestamp=NOW + WINDOW + 1))
-    assert stale.retry_later and stale.reason.startswith(f"{REASON_SIGNATURE_TIMEOUT}: ")
+    assert stale.retry_later and stale.reason.startswith(f"{timeout}: ")
+    assert verifier.statistics() == (1, 0)  # nothing refused is remembered
     key = admit()
     assert public_key_der(key) == der(device)  # type: ignore[arg-type]
-    assert refused(lambda: admit()).reason.startswith(f"{REASON_SIGNATURE_FAILED}: replayed")
+    assert verifier.statistics() == (1, 1)
+    replay = refused(lambda: admit())
+    assert replay.reason.startswith(f"{REASON_SIGNATURE_FAILED}: replayed") and not replay.retry_later
+    assert verifier.statistics() == (1, 1)
     malformed = refused(
-        lambda: verifier.admit_list_sign_request(round_name, device.fl_id, 2, "soon", b"x", now_ms=NOW)
+        lambda: verifier.admit_cipher_request(round_, device.fl_id, 2, "soon", b"x", now_ms=NOW)
     )
     assert malformed.reason.startswith(f"{REASON_SIGNATURE_FAILED}: timestamp 'soon'")
     empty = refused(
-        lambda: verifier.admit_list_sign_request(round_name, device.fl_id, 2, str(NOW + 5), b"", now_ms=NOW)
+        lambda: verifier.admit_cipher_request(round_, device.fl_id, 2, str(NOW + 5), b"", now_ms=NOW)
     )
-    assert empty.reason == REASON_SIGNATURE_FAILED
+    assert (empty.reason, empty.retry_later) == (REASON_SIGNATURE_FAILED, False)
+    # No signature fails before the key is looked up (the original's VerifySignatureBase).
+    unsigned = refused(
+        lambda: verifier.admit_cipher_request(round_, other.fl_id, 2, str(NOW + 5), b"", now_ms=NOW)
+    )
+    assert (unsigned.reason, unsigned.retry_later) == (REASON_SIGNATURE_FAILED, False)
+
+
+def test_a_request_admitted_in_one_round_is_not_a_replay_in_another() -> None:
+    """The replay check names the round: getKeys and getSecrets polled with the same timestamp both pass."""
+    device = shared().devices[0]
+    verifier = leader_with(device)
+    ts = str(NOW)
+    signature = device.sign(update_model_signed_data(ts, 2))
+    for round_ in REQUEST_SIGNED_ROUNDS:
+        verifier.admit_cipher_request(round_, device.fl_id, 2, ts, signature, now_ms=NOW)
+    assert verifier.statistics() == (1, len(REQUEST_SIGNED_ROUNDS))

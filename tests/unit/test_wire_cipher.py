@@ -140,6 +140,20 @@ def test_fetch_round_trip(round_: CipherRound) -> None:
 
 
 @pytest.mark.parametrize("round_", SUBMITS)
+def test_shares_request_signature_round_trip(round_: CipherRound) -> None:
+    """The request signature of shareSecrets and reconstructSecrets (field 4, spec/secure-aggregation.md
+    §R8.6); an unsigned request reads as empty, for the leader to refuse under pki_verify."""
+    body = client.encode_shares_request(
+        round_, fl_id="x", iteration=9, timestamp="t", shares=SHARES, signature=b"S" * 256
+    )
+    assert server.decode_cipher_request(round_, body) == SharesRequest("x", 9, "t", SHARES, b"S" * 256)
+    with pytest.raises(ValueError, match="signature may hold at most 1024 bytes"):
+        client.encode_shares_request(
+            round_, fl_id="x", iteration=9, timestamp="t", shares=SHARES, signature=b"S" * 1025
+        )
+
+
+@pytest.mark.parametrize("round_", SUBMITS)
 def test_shares_round_trip(round_: CipherRound) -> None:
     body = client.encode_shares_request(round_, fl_id="x", iteration=9, timestamp="t", shares=SHARES)
     decoded = server.decode_cipher_request(round_, body)
