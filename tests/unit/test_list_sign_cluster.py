@@ -32,7 +32,7 @@ from flcluster.verify import (
     signs_client_list,
     update_model_signed_data,
 )
-from flcluster.verify.admission import REASON_EXCHANGE_KEYS_TIMEOUT
+from flcluster.verify.admission import REASON_EXCHANGE_KEYS_TIMEOUT, REASON_START_FL_JOB_VERIFY
 from flcluster.wire.cipher_client_codec import (
     decode_ack,
     decode_client_list_response,
@@ -475,6 +475,15 @@ async def test_signed_devices_train_stable_pw_encrypt_and_the_keys_signatures_ar
         assert leader.verifier is not None
         cipher = leader.machine.config.cipher
         assert cipher is not None and not cipher.list_sign
+        # A device without an identity is refused at startFLJob (RequestError: it stops), before any cipher
+        # round, and nothing is counted (spec/device-protocol.md "Client verification", §R8.7).
+        stranger = Device("unsigned", cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, seed=9)
+        report = await stranger.run_iteration(trainers.of(9, "unsigned"), data_size=5)
+        assert report.outcome is IterationOutcome.STOPPED, report
+        assert report.reason.startswith("startFLJob answered RequestError: "), report
+        assert f"{REASON_START_FL_JOB_VERIFY}: " in report.reason, report
+        before = leader.machine.cipher_state()
+        assert before is None or not before.u1
         devices = [
             Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
                    seed=n, identity=i)
