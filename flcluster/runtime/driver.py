@@ -392,10 +392,10 @@ class Leader:
     async def cipher(self, round_: CipherRound, body: bytes, server: str) -> DeviceAnswer:
         """One cipher-round request that landed on Server ``server`` (spec/secure-aggregation.md §R5, §R6).
 
-        Decoded again here, its signatures checked with ``pki_verify`` (spec §R8.1, §R8.3, §R8.6), fed to the machine,
-        answered once the machine with its effect is committed. A body refused before the machine sees it (or
-        a round this job does not run) gets the round's RequestError (or, for a signature check that may pass
-        later, OutOfTime) and changes nothing.
+        Decoded again here, its signatures checked with ``pki_verify`` (spec §R8.1, §R8.3, §R8.6, §R8.7), fed
+        to the machine, answered once the machine with its effect is committed. A body refused before the
+        machine sees it (or a round this job does not run) gets the round's RequestError (or, for a signature
+        check that may pass later, OutOfTime) and changes nothing.
         """
         now = self.clock.now_ms()
         m = self.machine

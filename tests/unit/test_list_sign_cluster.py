@@ -349,7 +349,7 @@ class RequestProber(Device):
                 wrong = dict(kw)
                 if round_ is CipherRound.EXCHANGE_KEYS:
 
-                    def signer(ts: str, by: DeviceIdentity | None = identity) -> tuple[bytes, tuple[str, ...]]:
+                    def signer(ts: str, by: DeviceIdentity | None = identity) -> tuple[bytes, Any]:
                         sig = b"" if by is None else by.sign(self._signed(round_, iteration, ts, kw))
                         return sig, self._chain(sig)
 
