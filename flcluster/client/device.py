@@ -62,11 +62,12 @@ reconstructSecrets before getModel, each with the reactions above; a late device
 longer needed (OutOfTime, or "finished" after the last iteration) goes on to getModel. ``drop_after`` (tests,
 the simulator) makes a device leave after shareSecrets, updateModel or getClientList.
 
-A device with an identity under PW_ENCRYPT also runs the list signatures (spec/secure-aggregation.md §R8):
-its exchangeKeys carries its ``[key_attestation, equip_cert]`` and a signature of its keys, it checks its
-peers' at getKeys, and after getClientList it signs U3 (pushListSign), fetches the others' signatures
-(getListSign) and checks them before reconstructSecrets; a failed check fails the iteration for it (it
-reveals nothing). Its pushListSign and getListSign requests are signed over ``timestamp + iteration``.
+A device with an identity under PW_ENCRYPT or STABLE_PW_ENCRYPT signs its keys (spec/secure-aggregation.md
+§R8.1, §R8.7): its exchangeKeys carries its ``[key_attestation, equip_cert]`` and a signature of its keys,
+and it checks its peers' at getKeys; its other cipher requests are signed over ``timestamp + iteration``.
+Under PW_ENCRYPT it also runs the list signatures (§R8): after getClientList it signs U3 (pushListSign),
+fetches the others' signatures (getListSign) and checks them before reconstructSecrets; a failed check fails
+the iteration for it (it reveals nothing).
 
 Training is the caller's: a :data:`Trainer` receives a :class:`TrainingTask` (the global model from
 startFLJob, the FLPlan, the declared data size) and returns a :class:`TrainResult` whose feature maps are
@@ -733,7 +734,7 @@ class Device:
             plan.encrypt_type,
             t=plan.pw_t,
             prime=plan.pw_prime,
-            identity=self._identity if plan.encrypt_type == "PW_ENCRYPT" else None,
+            identity=self._identity,
             iteration=iteration,
         )
 

@@ -392,10 +392,10 @@ class Leader:
     async def cipher(self, round_: CipherRound, body: bytes, server: str) -> DeviceAnswer:
         """One cipher-round request that landed on Server ``server`` (spec/secure-aggregation.md §R5, §R6).
 
-        Decoded again here, its signatures checked with the list signatures (spec §R8.3), fed to the machine,
-        answered once the machine with its effect is committed. A body refused before the machine sees it (or
-        a round this job does not run) gets the round's RequestError (or, for a signature check that may pass
-        later, OutOfTime) and changes nothing.
+        Decoded again here, its signatures checked with ``pki_verify`` (spec §R8.1, §R8.3, §R8.6, §R8.7), fed
+        to the machine, answered once the machine with its effect is committed. A body refused before the
+        machine sees it (or a round this job does not run) gets the round's RequestError (or, for a signature
+        check that may pass later, OutOfTime) and changes nothing.
         """
         now = self.clock.now_ms()
         m = self.machine
@@ -434,9 +434,11 @@ class Leader:
         return encode_reply(reply)
 
     def _verify_cipher(self, round_: CipherRound, request: CipherRequest, now: int) -> tuple[bool, bool]:
-        """With the list signatures (spec/secure-aggregation.md §R8): check the request's signatures, every
-        round's (exchangeKeys: its keys' signature and certificates, §R8.1; the others: the request signature
-        over ``timestamp + str(iteration)``, §R8.3, §R8.6).
+        """With ``pki_verify`` (a verifier and a cipher job, PW_ENCRYPT or STABLE_PW_ENCRYPT;
+        spec/secure-aggregation.md §R8): check the request's signatures, every round's (exchangeKeys: its
+        keys' signature and certificates, §R8.1; the others: the request signature over
+        ``timestamp + str(iteration)``, §R8.3, §R8.6, §R8.7). The list signature itself (pushListSign) is
+        judged only with the list signatures (PW_ENCRYPT): STABLE_PW has no U3 to sign.
 
         Returns:
             (exchangeKeys: keep the keys' signature and certificates for getKeys to relay; pushListSign: the
@@ -447,7 +449,7 @@ class Leader:
         """
         cipher = self.machine.config.cipher
         verifier = self.verifier
-        if verifier is None or cipher is None or not cipher.list_sign:
+        if verifier is None or cipher is None:
             return False, False
         match request:
             case ExchangeKeysRequest(keys=k):
@@ -471,7 +473,7 @@ class Leader:
                     request.req_signature,
                     now_ms=now,
                 )
-                u3 = self.machine.client_list()
+                u3 = self.machine.client_list() if cipher.list_sign else None
                 return False, u3 is not None and signs_client_list(key, u3, request.signature)
             case FetchRequest() | SharesRequest():
                 # getKeys, shareSecrets, getSecrets, getClientList, getListSign, reconstructSecrets (§R8.6).

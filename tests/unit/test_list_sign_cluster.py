@@ -25,17 +25,25 @@ from flcluster.client.device import Device, IterationOutcome
 from flcluster.core.cipher import CipherState
 from flcluster.runtime.driver import Leader
 from flcluster.settings import job_settings
-from flcluster.verify import DeviceIdentity, client_list_digest, signs_client_list, update_model_signed_data
+from flcluster.verify import (
+    DeviceIdentity,
+    client_list_digest,
+    exchange_keys_signed_data,
+    signs_client_list,
+    update_model_signed_data,
+)
+from flcluster.verify.admission import REASON_EXCHANGE_KEYS_TIMEOUT, REASON_START_FL_JOB_VERIFY
 from flcluster.wire.cipher_client_codec import (
     decode_ack,
     decode_client_list_response,
     decode_get_keys_response,
     decode_get_secrets_response,
     decode_list_signs_response,
+    encode_exchange_keys_request,
     encode_fetch_request,
     encode_shares_request,
 )
-from flcluster.wire.cipher_records import CipherAck, ListSignsResponse
+from flcluster.wire.cipher_records import CipherAck, KeysResponse, ListSignsResponse
 from flcluster.wire.codes import CipherRound, ResponseCode, ServerText
 from tests.helpers import FL_NAME, InProcessCluster, open_cluster
 from tests.pki import pki_context, shared
@@ -57,9 +65,17 @@ def identities(n: int) -> list[DeviceIdentity]:
     return [*pki.devices[: n - 1], pki.ec_device]
 
 
-def signed_pw_job(directory: Path, devices: int, **cipher: Any) -> Any:
-    ctx = pki_context(directory, devices, 1).evolve(encrypt_type="PW_ENCRYPT", **cipher)
+def signed_job(directory: Path, devices: int, encrypt_type: str, **cipher: Any) -> Any:
+    ctx = pki_context(directory, devices, 1).evolve(encrypt_type=encrypt_type, **cipher)
     return partial(job_settings, ctx)
+
+
+def signed_pw_job(directory: Path, devices: int, **cipher: Any) -> Any:
+    return signed_job(directory, devices, "PW_ENCRYPT", **cipher)
+
+
+def signed_stable_pw_job(directory: Path, devices: int, **cipher: Any) -> Any:
+    return signed_job(directory, devices, "STABLE_PW_ENCRYPT", **cipher)
 
 
 def leader_of(cluster: InProcessCluster) -> Leader:
@@ -233,9 +249,12 @@ PROBED = (
     CipherRound.GET_CLIENT_LIST,
     CipherRound.RECONSTRUCT_SECRETS,
 )
-#: What the original answers a stale timestamp (or no key) in each: shareSecrets says more.
+#: The rounds STABLE_PW_ENCRYPT runs under pki_verify with a signature to check (§R8.1, §R8.6, §R8.7).
+PROBED_STABLE = (CipherRound.EXCHANGE_KEYS, CipherRound.GET_KEYS)
+#: What the original answers a stale timestamp (or no key) in each: shareSecrets and exchangeKeys say more.
 STALE = {r: "verify signature timestamp failed." for r in PROBED} | {
-    CipherRound.SHARE_SECRETS: "verify signature timestamp failed or cannot find its key attestation."
+    CipherRound.SHARE_SECRETS: REASON_EXCHANGE_KEYS_TIMEOUT,
+    CipherRound.EXCHANGE_KEYS: REASON_EXCHANGE_KEYS_TIMEOUT,
 }
 
 
@@ -253,19 +272,32 @@ def decode_cipher_answer(round_: CipherRound, body: bytes | str) -> Any:
 
 
 class RequestProber(Device):
-    """A device that sends each round of :data:`PROBED` wrongly before it sends it right.
+    """A device that sends each round of ``probed`` (:data:`PROBED` unless told) wrongly before it sends it
+    right.
 
     Before its first request of such a round it sends the same request unsigned and signed with another
     device's key, through the Servers (what a device is told: ``over_http``); then, straight to the leader's
     ``cipher`` between two snapshots of its machine and its verifier, unsigned, signed by another device,
     signed over a stale timestamp, and (once its right request went out) that right body again, a replay.
     A refusal does not reach a checkpoint, so nothing else runs between the snapshots: they must be equal.
+    exchangeKeys signs its keys (§R8.1): "unsigned" sends neither signature nor certificates, "imposter" the
+    device's own certificates with the other device's signature of the keys.
     """
 
-    def __init__(self, *args: Any, leader: Leader, imposter: DeviceIdentity, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        leader: Leader,
+        imposter: DeviceIdentity,
+        probed: Sequence[CipherRound] = PROBED,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.leader = leader
         self.imposter = imposter
+        self.probed = tuple(probed)
+        assert self._identity is not None
+        self.honest: DeviceIdentity = self._identity
         self.over_http: dict[CipherRound, dict[str, Any]] = {}
         self.at_leader: dict[CipherRound, dict[str, tuple[Any, bool]]] = {}
 
@@ -282,31 +314,59 @@ class RequestProber(Device):
             before == self._state(),
         )
 
+    @staticmethod
+    def _signed(round_: CipherRound, iteration: int, timestamp: str, kw: Any) -> bytes:
+        """What the round signs: exchangeKeys its keys (§R8.1), the others ``timestamp + iteration``."""
+        if round_ is CipherRound.EXCHANGE_KEYS:
+            return exchange_keys_signed_data(kw["keys"].c_pk, kw["keys"].s_pk, timestamp, iteration)
+        return update_model_signed_data(timestamp, iteration)
+
+    def _chain(self, signature: bytes) -> tuple[str, ...]:
+        """exchangeKeys: the device's own ``[key_attestation, equip_cert]`` with any signature."""
+        honest = self.honest
+        return (honest.key_attestation, honest.equip_cert) if signature else ()
+
     def _body(self, round_: CipherRound, iteration: int, timestamp: str, signature: bytes, kw: Any) -> bytes:
+        if round_ is CipherRound.EXCHANGE_KEYS:
+            return encode_exchange_keys_request(
+                keys=kw["keys"],
+                iteration=iteration,
+                timestamp=timestamp,
+                signature=signature,
+                certificate_chain=self._chain(signature),
+            )
         common = {"fl_id": self.fl_id, "iteration": iteration, "timestamp": timestamp, "signature": signature}
         if round_ in (CipherRound.SHARE_SECRETS, CipherRound.RECONSTRUCT_SECRETS):
             return encode_shares_request(round_, shares=kw["shares"], **common)
         return encode_fetch_request(round_, **common)
 
     async def cipher_request(self, round_: CipherRound, iteration: int, **kw: Any) -> Any:
-        if round_ in PROBED and round_ not in self.over_http:
+        if round_ in self.probed and round_ not in self.over_http:
             honest = self._identity
             assert honest is not None
             self.over_http[round_] = {}
-            try:
-                for kind, identity in (("unsigned", None), ("imposter", self.imposter)):
+            for kind, identity in (("unsigned", None), ("imposter", self.imposter)):
+                wrong = dict(kw)
+                if round_ is CipherRound.EXCHANGE_KEYS:
+
+                    def signer(ts: str, by: DeviceIdentity | None = identity) -> tuple[bytes, Any]:
+                        sig = b"" if by is None else by.sign(self._signed(round_, iteration, ts, kw))
+                        return sig, self._chain(sig)
+
+                    wrong["key_signer"] = signer
+                try:
                     self._identity = identity
-                    self.over_http[round_][kind] = await super().cipher_request(round_, iteration, **kw)
-            finally:
-                self._identity = honest
+                    self.over_http[round_][kind] = await super().cipher_request(round_, iteration, **wrong)
+                finally:
+                    self._identity = honest
             fresh = self._timestamp()
-            signed = update_model_signed_data(fresh, iteration)
+            signed = self._signed(round_, iteration, fresh, kw)
             await self._at_leader(round_, "unsigned", self._body(round_, iteration, fresh, b"", kw))
             await self._at_leader(
                 round_, "imposter", self._body(round_, iteration, fresh, self.imposter.sign(signed), kw)
             )
             stale = str(self.leader.clock.now_ms() - 600_000 - 60_000)
-            stale_signature = honest.sign(update_model_signed_data(stale, iteration))
+            stale_signature = honest.sign(self._signed(round_, iteration, stale, kw))
             await self._at_leader(round_, "stale", self._body(round_, iteration, stale, stale_signature, kw))
         return await super().cipher_request(round_, iteration, **kw)
 
@@ -314,10 +374,40 @@ class RequestProber(Device):
         answer = await super()._post(round_name, body)
         round_ = CipherRound(round_name) if round_name in set(CipherRound) else None
         # The right request (after both probes over HTTP), once: send its body again.
-        sent = self.over_http.get(round_) if round_ in PROBED else None
+        sent = self.over_http.get(round_) if round_ in self.probed else None
         if sent is not None and len(sent) == 2 and "replay" not in self.at_leader.get(round_, {}):
             await self._at_leader(round_, "replay", body)
         return answer
+
+
+def assert_probes_refused(prober: RequestProber) -> None:
+    """Every probe of :class:`RequestProber` got the original's answer and changed nothing (§R8.1, §R8.6)."""
+    assert set(prober.over_http) == set(prober.probed) == set(prober.at_leader)
+    failed = "verify signature failed."
+    for round_ in prober.probed:
+        expected = {
+            "unsigned": (ResponseCode.RequestError, failed),
+            "imposter": (ResponseCode.RequestError, failed),
+            "stale": (ResponseCode.OutOfTime, STALE[round_]),
+            "replay": (ResponseCode.RequestError, f"{failed}: replayed"),
+        }
+        told = {k: (a, True) for k, a in prober.over_http[round_].items()}
+        for where, answers in (("http", told), ("leader", prober.at_leader[round_])):
+            assert set(answers) == ({"unsigned", "imposter"} if where == "http" else set(expected))
+            for kind, (answer, unchanged) in answers.items():
+                retcode, reason = expected[kind]
+                why = (round_, where, kind, answer)
+                assert unchanged, why
+                assert (answer.retcode, answer.iteration) == (retcode, 1), why
+                assert int(answer.next_req_time) > 0, why
+                if round_ in (CipherRound.GET_KEYS, CipherRound.GET_SECRETS):
+                    assert answer.reason == "", why  # their tables have no reason field
+                elif kind in ("stale", "replay"):
+                    assert answer.reason.startswith(reason), why  # and why, after ": "
+                else:
+                    assert answer.reason == reason, why
+                assert not getattr(answer, "keys", ()) and not getattr(answer, "shares", ()), why
+                assert not getattr(answer, "clients", ()), why
 
 
 async def test_wrongly_signed_requests_of_the_other_cipher_rounds_are_refused_and_change_nothing(
@@ -345,38 +435,127 @@ async def test_wrongly_signed_requests_of_the_other_cipher_rounds_are_refused_an
         assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
             r.reason for r in reports.values()
         ]
-        assert set(prober.over_http) == set(PROBED) == set(prober.at_leader)
-        failed = "verify signature failed."
-        for round_ in PROBED:
-            expected = {
-                "unsigned": (ResponseCode.RequestError, failed),
-                "imposter": (ResponseCode.RequestError, failed),
-                "stale": (ResponseCode.OutOfTime, STALE[round_]),
-                "replay": (ResponseCode.RequestError, f"{failed}: replayed"),
-            }
-            told = {k: (a, True) for k, a in prober.over_http[round_].items()}
-            for where, answers in (("http", told), ("leader", prober.at_leader[round_])):
-                assert set(answers) == ({"unsigned", "imposter"} if where == "http" else set(expected))
-                for kind, (answer, unchanged) in answers.items():
-                    retcode, reason = expected[kind]
-                    why = (round_, where, kind, answer)
-                    assert unchanged, why
-                    assert (answer.retcode, answer.iteration) == (retcode, 1), why
-                    assert int(answer.next_req_time) > 0, why
-                    if round_ in (CipherRound.GET_KEYS, CipherRound.GET_SECRETS):
-                        assert answer.reason == "", why  # their tables have no reason field
-                    elif kind in ("stale", "replay"):
-                        assert answer.reason.startswith(reason), why  # and why, after ": "
-                    else:
-                        assert answer.reason == reason, why
-                    assert not getattr(answer, "keys", ()) and not getattr(answer, "shares", ()), why
-                    assert not getattr(answer, "clients", ()), why
+        assert_probes_refused(prober)
         assert leader.machine.completed == (1,)
         model = await published(cluster.urls, client, 1)
         u3 = sorted(uploads.seen)
         assert u3 == sorted(i.fl_id for i in ids)
         index = {i.fl_id: n for n, i in enumerate(ids)}
         assert_within_bound(model, [trainers.clear[f] for f in u3], [sizes[index[f]] for f in u3], m=4)
+
+
+class KeysAnswers:
+    """Every getKeys answer with keys the devices received (an httpx response hook)."""
+
+    def __init__(self) -> None:
+        self.seen: list[KeysResponse] = []
+
+    async def hook(self, response: httpx.Response) -> None:
+        if response.request.url.path.endswith("/getKeys"):
+            await response.aread()
+            if response.content not in TEXTS:
+                answer = decode_get_keys_response(response.content)
+                if answer.keys:
+                    self.seen.append(answer)
+
+
+async def test_signed_devices_train_stable_pw_encrypt_and_the_keys_signatures_are_relayed(
+    tmp_path: Path,
+) -> None:
+    """STABLE_PW_ENCRYPT under pki_verify (§R8.1, §R8.7): signed keys, relayed and checked by the peers."""
+    job = signed_stable_pw_job(tmp_path, 4, cipher_time_window=60_000)
+    uploads, trainers, got = Uploads(), Trainers(), KeysAnswers()
+    ids = identities(4)
+    sizes = [2, 7, 11, 19]
+    async with (
+        open_cluster(2, job) as cluster,
+        httpx.AsyncClient(timeout=60, event_hooks={"response": [uploads.hook, got.hook]}) as client,
+    ):
+        leader = leader_of(cluster)
+        assert leader.verifier is not None
+        cipher = leader.machine.config.cipher
+        assert cipher is not None and not cipher.list_sign
+        # A device without an identity is refused at startFLJob (RequestError: it stops), before any cipher
+        # round, and nothing is counted (spec/device-protocol.md "Client verification", §R8.7).
+        stranger = Device("unsigned", cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, seed=9)
+        report = await stranger.run_iteration(trainers.of(9, "unsigned"), data_size=5)
+        assert report.outcome is IterationOutcome.STOPPED, report
+        assert report.reason.startswith("startFLJob answered RequestError: "), report
+        assert f"{REASON_START_FL_JOB_VERIFY}: " in report.reason, report
+        before = leader.machine.cipher_state()
+        assert before is None or not before.u1
+        devices = [
+            Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
+                   seed=n, identity=i)
+            for n, i in enumerate(ids)
+        ]  # fmt: skip
+        reports = await run_devices(devices, trainers, sizes, {})
+        assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
+            r.reason for r in reports.values()
+        ]
+        assert leader.machine.completed == (1,)
+        model = await published(cluster.urls, client, 1)
+        assert sorted(uploads.seen) == sorted(i.fl_id for i in ids)
+        assert_within_bound(model, [trainers.clear[i.fl_id] for i in ids], sizes, m=4)
+        # Every getKeys answer relayed each device's keys with the signature the leader checked and the
+        # device's [key_attestation, equip_cert].
+        assert got.seen
+        by_id = {i.fl_id: i for i in ids}
+        for answer in got.seen:
+            assert sorted(k.fl_id for k in answer.keys) == sorted(by_id)
+            for k in answer.keys:
+                i = by_id[k.fl_id]
+                assert k.certificate_chain == (i.key_attestation, i.equip_cert)
+                signed = exchange_keys_signed_data(k.c_pk, k.s_pk, k.timestamp, 1)
+                assert verifies(i, signed, k.signature)
+
+
+def verifies(identity: DeviceIdentity, data: bytes, signature: bytes) -> bool:
+    from flcluster.verify import VerificationFailed, verify_request_signature
+
+    try:
+        verify_request_signature(identity.private_key.public_key(), data, signature)
+    except VerificationFailed:
+        return False
+    return True
+
+
+async def test_wrongly_signed_stable_pw_exchange_keys_and_get_keys_are_refused_and_change_nothing(
+    tmp_path: Path,
+) -> None:
+    """STABLE_PW_ENCRYPT under pki_verify checks exchangeKeys (§R8.1) and getKeys (§R8.6) as PW does."""
+    job = signed_stable_pw_job(tmp_path, 4, cipher_time_window=60_000)
+    uploads, trainers = Uploads(), Trainers()
+    ids = identities(4)
+    sizes = [4, 6, 9, 11]
+    async with (
+        open_cluster(2, job) as cluster,
+        httpx.AsyncClient(timeout=60, event_hooks={"response": [uploads.hook]}) as client,
+    ):
+        leader = leader_of(cluster)
+        common = {"fl_name": FL_NAME, "client": client, "policy": POLICY, "use_elb": True}
+        prober = RequestProber(
+            ids[0].fl_id,
+            cluster.urls,
+            identity=ids[0],
+            leader=leader,
+            imposter=ids[1],
+            probed=PROBED_STABLE,
+            seed=0,
+            **common,
+        )
+        devices = [prober] + [
+            Device(i.fl_id, cluster.urls, identity=i, seed=n, **common) for n, i in enumerate(ids[1:], 1)
+        ]
+        reports = await run_devices(devices, trainers, sizes, {})
+        assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
+            r.reason for r in reports.values()
+        ]
+        assert_probes_refused(prober)
+        assert leader.machine.completed == (1,)
+        model = await published(cluster.urls, client, 1)
+        assert sorted(uploads.seen) == sorted(i.fl_id for i in ids)
+        assert_within_bound(model, [trainers.clear[i.fl_id] for i in ids], sizes, m=4)
 
 
 async def test_a_device_that_drops_before_push_list_sign_is_left_out_of_p(tmp_path: Path) -> None:
