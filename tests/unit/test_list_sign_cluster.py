@@ -12,10 +12,10 @@ the pushListSign window ends, and its update stays in the (unmasked) sum.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import numpy as np
@@ -43,7 +43,7 @@ from flcluster.wire.cipher_client_codec import (
     encode_fetch_request,
     encode_shares_request,
 )
-from flcluster.wire.cipher_records import CipherAck, KeysResponse, ListSignsResponse
+from flcluster.wire.cipher_records import CipherAck
 from flcluster.wire.codes import CipherRound, ResponseCode, ServerText
 from tests.helpers import FL_NAME, InProcessCluster, open_cluster
 from tests.pki import pki_context, shared
@@ -84,17 +84,25 @@ def leader_of(cluster: InProcessCluster) -> Leader:
     return leader
 
 
-class ListSigns:
-    """Every getListSign answer the devices received (an httpx response hook)."""
+_A = TypeVar("_A")
 
-    def __init__(self) -> None:
-        self.seen: list[ListSignsResponse] = []
+
+class RoundAnswers(Generic[_A]):
+    """Every answer of one round the devices received, decoded (an httpx response hook); ``keep`` chooses."""
+
+    def __init__(
+        self, path: str, decode: Callable[[bytes], _A], keep: Callable[[_A], object] = lambda _a: True
+    ) -> None:
+        self.seen: list[_A] = []
+        self._path, self._decode, self._keep = path, decode, keep
 
     async def hook(self, response: httpx.Response) -> None:
-        if response.request.url.path.endswith("/getListSign"):
+        if response.request.url.path.endswith(self._path):
             await response.aread()
             if response.content not in TEXTS:
-                self.seen.append(decode_list_signs_response(response.content))
+                answer = self._decode(response.content)
+                if self._keep(answer):
+                    self.seen.append(answer)
 
 
 async def run_devices(
@@ -119,7 +127,7 @@ async def run_devices(
 async def test_signed_devices_train_pw_encrypt_and_check_each_others_client_lists(tmp_path: Path) -> None:
     # 6 devices, u = 6, t = 2: every threshold 6 but reconstructSecrets (3); P closes with all six signatures.
     job = signed_pw_job(tmp_path, 6, reconstruct_secrets_threshold=2, cipher_time_window=60_000)
-    uploads, trainers, signs = Uploads(), Trainers(), ListSigns()
+    uploads, trainers, signs = Uploads(), Trainers(), RoundAnswers("/getListSign", decode_list_signs_response)
     ids = identities(6)
     sizes = [3, 5, 8, 13, 21, 34]
     hooks = {"response": [uploads.hook, signs.hook]}
@@ -444,27 +452,16 @@ async def test_wrongly_signed_requests_of_the_other_cipher_rounds_are_refused_an
         assert_within_bound(model, [trainers.clear[f] for f in u3], [sizes[index[f]] for f in u3], m=4)
 
 
-class KeysAnswers:
-    """Every getKeys answer with keys the devices received (an httpx response hook)."""
-
-    def __init__(self) -> None:
-        self.seen: list[KeysResponse] = []
-
-    async def hook(self, response: httpx.Response) -> None:
-        if response.request.url.path.endswith("/getKeys"):
-            await response.aread()
-            if response.content not in TEXTS:
-                answer = decode_get_keys_response(response.content)
-                if answer.keys:
-                    self.seen.append(answer)
-
-
 async def test_signed_devices_train_stable_pw_encrypt_and_the_keys_signatures_are_relayed(
     tmp_path: Path,
 ) -> None:
     """STABLE_PW_ENCRYPT under pki_verify (§R8.1, §R8.7): signed keys, relayed and checked by the peers."""
     job = signed_stable_pw_job(tmp_path, 4, cipher_time_window=60_000)
-    uploads, trainers, got = Uploads(), Trainers(), KeysAnswers()
+    uploads, trainers, got = (
+        Uploads(),
+        Trainers(),
+        RoundAnswers("/getKeys", decode_get_keys_response, lambda answer: answer.keys),
+    )
     ids = identities(4)
     sizes = [2, 7, 11, 19]
     async with (
@@ -568,7 +565,7 @@ async def test_a_device_that_drops_before_push_list_sign_is_left_out_of_p(tmp_pa
         tmp_path, 6, update_model_ratio=0.8, share_secrets_ratio=0.8, reconstruct_secrets_threshold=2,
         cipher_time_window=window,
     )  # fmt: skip
-    uploads, trainers, signs = Uploads(), Trainers(), ListSigns()
+    uploads, trainers, signs = Uploads(), Trainers(), RoundAnswers("/getListSign", decode_list_signs_response)
     ids = identities(6)
     sizes = [3, 5, 8, 13, 21, 34]
     drops = {ids[0].fl_id: "shareSecrets", ids[1].fl_id: "getClientList"}
