@@ -105,6 +105,17 @@ class RoundAnswers(Generic[_A]):
                     self.seen.append(answer)
 
 
+def signed_devices(
+    ids: Sequence[DeviceIdentity], cluster: InProcessCluster, client: httpx.AsyncClient
+) -> list[Device]:
+    """One SDK device per identity of ``ids``, on every Server of ``cluster`` (seeded by its index)."""
+    return [
+        Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
+               seed=n, identity=i)
+        for n, i in enumerate(ids)
+    ]  # fmt: skip
+
+
 async def run_devices(
     devices: Sequence[Device], trainers: Trainers, sizes: Sequence[int], drops: dict[str, str]
 ) -> dict[str, Any]:
@@ -135,11 +146,7 @@ async def test_signed_devices_train_pw_encrypt_and_check_each_others_client_list
         open_cluster(2, job) as cluster,
         httpx.AsyncClient(timeout=60, event_hooks=hooks) as client,
     ):
-        devices = [
-            Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
-                   seed=n, identity=i)
-            for n, i in enumerate(ids)
-        ]  # fmt: skip
+        devices = signed_devices(ids, cluster, client)
         reports = await run_devices(devices, trainers, sizes, {})
         assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
             r.reason for r in reports.values()
@@ -481,11 +488,7 @@ async def test_signed_devices_train_stable_pw_encrypt_and_the_keys_signatures_ar
         assert f"{REASON_START_FL_JOB_VERIFY}: " in report.reason, report
         before = leader.machine.cipher_state()
         assert before is None or not before.u1
-        devices = [
-            Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
-                   seed=n, identity=i)
-            for n, i in enumerate(ids)
-        ]  # fmt: skip
+        devices = signed_devices(ids, cluster, client)
         reports = await run_devices(devices, trainers, sizes, {})
         assert all(r.outcome is IterationOutcome.COMPLETED for r in reports.values()), [
             r.reason for r in reports.values()
@@ -574,11 +577,7 @@ async def test_a_device_that_drops_before_push_list_sign_is_left_out_of_p(tmp_pa
         open_cluster(2, job) as cluster,
         httpx.AsyncClient(timeout=60, event_hooks=hooks) as client,
     ):
-        devices = [
-            Device(i.fl_id, cluster.urls, fl_name=FL_NAME, client=client, policy=POLICY, use_elb=True,
-                   seed=n, identity=i)
-            for n, i in enumerate(ids)
-        ]  # fmt: skip
+        devices = signed_devices(ids, cluster, client)
         reports = await run_devices(devices, trainers, sizes, drops)
         assert {f for f, r in reports.items() if r.outcome is IterationOutcome.FAILED} == set(drops)
         assert all(r.outcome is IterationOutcome.COMPLETED for f, r in reports.items() if f not in drops), [
