@@ -233,15 +233,44 @@ class ClientVerifier:
             VerificationFailed: ``retry_later`` (``OutOfTime``) when no key is kept or the timestamp is
                 out of the window; otherwise ``RequestError``.
         """
+        signed = update_model_signed_data(timestamp, iteration)
+        failed = reason_signature_failed(fl_id)
+        _key, timestamp_ms = self._check_signed(
+            fl_id,
+            timestamp,
+            signed,
+            signature,
+            now_ms,
+            reason_signature_timeout(fl_id),
+            failed=failed,
+            signature_first=False,
+        )
+        self._remember(DeviceRound.UPDATE_MODEL, fl_id, signed, timestamp_ms, now_ms, failed=failed)
+
+    def _check_signed(
+        self,
+        fl_id: str,
+        timestamp: str,
+        signed: bytes,
+        signature: bytes,
+        now_ms: int,
+        timeout: str,
+        *,
+        failed: str = REASON_SIGNATURE_FAILED,
+        signature_first: bool = True,
+    ) -> tuple[PublicKey, int]:
+        """Key kept, signature, timestamp (spec secure-aggregation §R8.3, updateModel's order too); the key
+        and the timestamp's ms. ``failed`` and ``timeout`` are the round's reasons; with ``signature_first``
+        an absent signature fails before the key is looked up (the cipher rounds)."""
+        if signature_first and not signature:  # the original's VerifySignatureBase
+            raise VerificationFailed(failed)
         key = self.device_key(fl_id)
         if key is None:
-            raise VerificationFailed(reason_signature_timeout(fl_id), retry_later=True)
-        failed = reason_signature_failed(fl_id)
+            raise VerificationFailed(timeout, retry_later=True)
         try:
             timestamp_ms = parse_timestamp(timestamp)
         except VerificationFailed as exc:
             raise _refused(failed, exc) from None
-        signed = update_model_signed_data(timestamp, iteration)
         try:
             verify_request_signature(key, signed, signature)
         except VerificationFailed:
@@ -249,40 +278,23 @@ class ClientVerifier:
         try:
             check_fresh(timestamp_ms, now_ms, self._window)
         except VerificationFailed as exc:
-            raise _refused(reason_signature_timeout(fl_id), exc, retry_later=True) from None
-        try:
-            self._replays.admit(replay_key(DeviceRound.UPDATE_MODEL, fl_id, signed), timestamp_ms, now_ms)
-        except VerificationFailed as exc:
-            raise _refused(failed, exc) from None
-
-    def _check_signed(
-        self, fl_id: str, timestamp: str, signed: bytes, signature: bytes, now_ms: int, timeout: str
-    ) -> tuple[PublicKey, int]:
-        """Key kept, signature, timestamp (spec secure-aggregation §R8.3); the key and the timestamp's ms."""
-        if not signature:  # the original's VerifySignatureBase: none fails before the key is looked up
-            raise VerificationFailed(REASON_SIGNATURE_FAILED)
-        key = self.device_key(fl_id)
-        if key is None:
-            raise VerificationFailed(timeout, retry_later=True)
-        try:
-            timestamp_ms = parse_timestamp(timestamp)
-        except VerificationFailed as exc:
-            raise _refused(REASON_SIGNATURE_FAILED, exc) from None
-        try:
-            verify_request_signature(key, signed, signature)
-        except VerificationFailed:
-            raise VerificationFailed(REASON_SIGNATURE_FAILED) from None
-        try:
-            check_fresh(timestamp_ms, now_ms, self._window)
-        except VerificationFailed as exc:
             raise _refused(timeout, exc, retry_later=True) from None
         return key, timestamp_ms
 
-    def _remember(self, round_name: str, fl_id: str, signed: bytes, timestamp_ms: int, now_ms: int) -> None:
+    def _remember(
+        self,
+        round_name: str,
+        fl_id: str,
+        signed: bytes,
+        timestamp_ms: int,
+        now_ms: int,
+        *,
+        failed: str = REASON_SIGNATURE_FAILED,
+    ) -> None:
         try:
             self._replays.admit(replay_key(round_name, fl_id, signed), timestamp_ms, now_ms)
         except VerificationFailed as exc:
-            raise _refused(REASON_SIGNATURE_FAILED, exc) from None
+            raise _refused(failed, exc) from None
 
     def admit_cipher_request(
         self,
