@@ -99,18 +99,18 @@ def stored(path: str) -> tuple[list[int], int | None, int | None]:
     return models, None if partial is None else partial[0], None if server is None else server[0]
 
 
-async def open_two(nursery: trio.Nursery, tmp_path: Path) -> tuple[Cluster, str, str]:
+async def open_two(nursery: trio.Nursery, tmp_path: Path) -> tuple[SchedulerNode, Cluster, str, str]:
+    """A Scheduler and Servers "0" and "1" with their stores; (scheduler, cluster, leader id, follower id)."""
     scheduler = SchedulerNode(loopback_scheduler(2))
     addrs = await nursery.start(scheduler.serve)
     cluster = Cluster(nursery, tmp_path, addrs.port)
-    cluster.scheduler = scheduler  # type: ignore[attr-defined]
     for node_id in ("0", "1"):
         await cluster.start(node_id, job())  # type: ignore[arg-type]
     for node in list(cluster.nodes.values()):
         with trio.fail_after(20):
             await node.wait_started()
     leader = next(i for i, n in cluster.nodes.items() if n.rank == 0)
-    return cluster, leader, next(i for i in cluster.nodes if i != leader)
+    return scheduler, cluster, leader, next(i for i in cluster.nodes if i != leader)
 
 
 async def run_iteration(client: httpx.AsyncClient, c: Cluster, leader: str, iteration: int) -> None:
@@ -134,10 +134,10 @@ async def restart(c: Cluster, node_id: str) -> ServerNode:
 
 async def test_a_new_instance_between_iterations_is_a_new_history_that_restarts_keep(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
-        c, leader, follower = await open_two(nursery, tmp_path)
+        scheduler, c, leader, follower = await open_two(nursery, tmp_path)
         for iteration in (1, 2):
             await run_iteration(client, c, leader, iteration)
-        reply, result = await c.scheduler.new_instance({"fl_iteration_num": 3})  # type: ignore[attr-defined]
+        reply, result = await scheduler.new_instance({"fl_iteration_num": 3})
         assert (
             reply.ok
             and result is not None
@@ -179,10 +179,10 @@ async def test_a_new_instance_between_iterations_is_a_new_history_that_restarts_
 
 async def test_a_pending_new_instance_takes_the_ended_iterations_model_as_model_0(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
-        c, leader, follower = await open_two(nursery, tmp_path)
+        scheduler, c, leader, follower = await open_two(nursery, tmp_path)
         await run_iteration(client, c, leader, 1)
         await start(client, c.url(leader), 2)
-        reply, result = await c.scheduler.new_instance({"fl_iteration_num": 4})  # type: ignore[attr-defined]
+        reply, result = await scheduler.new_instance({"fl_iteration_num": 4})
         assert reply.ok and result is not None and result.ok
         lead = c.nodes[leader].leader
         assert lead is not None and lead.machine.current_iteration == 2  # pending: iteration 2 goes on
@@ -213,12 +213,12 @@ async def test_a_follower_that_missed_the_new_instance_starts_over_from_the_lead
     """Rule 3: a follower down when the new instance applied restores the old history, then takes the
     leader's model 0 on its re-sync and commits it as a new history."""
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as client:
-        c, leader, follower = await open_two(nursery, tmp_path)
+        scheduler, c, leader, follower = await open_two(nursery, tmp_path)
         await run_iteration(client, c, leader, 1)
         await start(client, c.url(leader), 2)
         # Pending (the Scheduler takes /newInstance only with every Server connected); then the
         # follower goes down, holding no update of iteration 2, which ends without it.
-        reply, result = await c.scheduler.new_instance({"fl_iteration_num": 3})  # type: ignore[attr-defined]
+        reply, result = await scheduler.new_instance({"fl_iteration_num": 3})
         assert reply.ok and result is not None and result.ok
         c.scopes[follower].cancel()
         await trio.sleep(0.2)
