@@ -7,6 +7,8 @@ the devices are :class:`recovery.fleet.Fleet`; this module adds what a test does
   --local_server_num=K``) through ``run_mobile_server.py``;
 - :func:`release_scaled_in`: the scaled-in Servers' end as the guide has it (they say they stay up until
   SIGTERM; the devices move on; ``kill -15``);
+- :func:`start_cluster`, :func:`fleet_of`, :func:`run_fleet`: a cluster up and serving, its devices, and
+  their run beside a test's scenario;
 - :func:`wait_ready`, :func:`initial_model`, :func:`thread` (a blocking call from a trio scenario);
 - :func:`check_training`: every iteration completed and every live Server's model of every iteration is
   FedAvg over exactly the acknowledged updates (:func:`recovery.checks.check_models`), a Server that
@@ -33,7 +35,7 @@ from recovery.checks import (
     read_metrics,
 )
 from recovery.cluster import FL_NAME, DrillCluster, Node
-from recovery.devicelog import read_log
+from recovery.devicelog import DeviceLog, read_log
 from recovery.fleet import Fleet, fetch_model
 from recovery.harness import free_port_block, wait_for_log_line, wait_gone
 
@@ -43,8 +45,11 @@ __all__ = [
     "barrier_iteration",
     "check_training",
     "curl",
+    "fleet_of",
     "initial_model",
     "release_scaled_in",
+    "run_fleet",
+    "start_cluster",
     "start_scale_nodes",
     "thread",
     "wait_ready",
@@ -119,6 +124,42 @@ def assert_exited_on_sigterm(removed: list[Node]) -> None:
         text = node.log.read_text()
         assert "got SIGTERM (scaled in); exiting" in text
         assert "Traceback" not in text
+
+
+def start_cluster(cluster: DrillCluster) -> DrillCluster:
+    """Start ``cluster`` (the guide's scripts) and wait until it is ready and every Server serves."""
+    cluster.start()
+    wait_ready(cluster)
+    for node in cluster.servers.values():
+        cluster.wait_started(node)
+    return cluster
+
+
+def fleet_of(
+    cluster: DrillCluster, devices: int, iterations: int, log: DeviceLog, *, seed: int = SEED
+) -> Fleet:
+    """``devices`` drill devices on every Server of ``cluster``, for ``iterations``, logging to ``log``."""
+    return Fleet(
+        [n.url for n in cluster.servers.values()],
+        devices=devices,
+        seed=seed,
+        fl_name=FL_NAME,
+        fl_iteration_num=iterations,
+        log=log,
+    )
+
+
+def run_fleet(fleet: Fleet, scenario: object = None, limit: float = 300) -> None:
+    """Run ``fleet`` to its end beside ``scenario`` (an async function, optional), at most ``limit`` s."""
+
+    async def main() -> None:
+        with trio.fail_after(limit):
+            async with trio.open_nursery() as nursery:
+                if scenario is not None:
+                    nursery.start_soon(scenario)  # type: ignore[arg-type]
+                await fleet.run()
+
+    trio.run(main)
 
 
 def barrier_iteration(cluster: DrillCluster) -> int:

@@ -18,15 +18,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import trio
 
 from flcluster.crashpoints import ENV as CRASH_ENV
 from recovery.checks import acknowledged_updates, check_device_log, check_models, read_metrics
-from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster
+from recovery.cluster import ClusterOptions, DrillCluster
 from recovery.devicelog import DeviceLog, read_log
 from recovery.fleet import Fleet
 from recovery.harness import wait_gone
-from tests.integration.cluster_tools import served_models
+from tests.integration.cluster_tools import fleet_of, run_fleet, served_models, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -48,23 +47,11 @@ def curl_json(manage_port: int, path: str, body: str | None = None) -> dict[str,
     return json.loads(done.stdout)
 
 
-def run_fleet(cluster: DrillCluster, log_path: Path, seed: int) -> Fleet:
-    """A fleet of the cluster's devices, run to the end of the instance; its log at ``log_path``."""
+def run_instance(cluster: DrillCluster, log_path: Path, seed: int) -> Fleet:
+    """The cluster's devices (seeded ``seed``) run one instance to its end; their log at ``log_path``."""
     with DeviceLog(log_path) as log:
-        fleet = Fleet(
-            [n.url for n in cluster.servers.values()],
-            devices=cluster.options.devices,
-            seed=seed,
-            fl_name=FL_NAME,
-            fl_iteration_num=ITERATIONS,
-            log=log,
-        )
-
-        async def main() -> None:
-            with trio.fail_after(300):
-                await fleet.run()
-
-        trio.run(main)
+        fleet = fleet_of(cluster, cluster.options.devices, ITERATIONS, log, seed=seed)
+        run_fleet(fleet)
     return fleet
 
 
@@ -76,10 +63,10 @@ def test_a_node_killed_while_a_new_instance_applies_comes_back_in_the_new_instan
     cluster = DrillCluster(tmp_path, options)
     try:
         cluster.start({target: {CRASH_ENV: point}})
-        assert cluster.wait_state("CLUSTER_READY", 120) is not None, cluster.state()
+        wait_ready(cluster, 120)
         for node in cluster.servers.values():
             cluster.wait_started(node)
-        first = run_fleet(cluster, tmp_path / "devices-1.jsonl", SEED)
+        first = run_instance(cluster, tmp_path / "devices-1.jsonl", SEED)
         assert set(first.done.values()) <= {"finished", f"ran to iteration {ITERATIONS}"}, first.done
         old_outcomes = read_metrics(cluster.metrics_path)
         assert old_outcomes == {k: [True] for k in range(1, ITERATIONS + 1)}, old_outcomes
@@ -103,7 +90,7 @@ def test_a_node_killed_while_a_new_instance_applies_comes_back_in_the_new_instan
         assert query["result"]["fl_iteration_num"] == 2, query  # type: ignore[index]
 
         second_log = tmp_path / "devices-2.jsonl"
-        second = run_fleet(cluster, second_log, SEED + 1)
+        second = run_instance(cluster, second_log, SEED + 1)
         assert set(second.done.values()) <= {"finished", f"ran to iteration {ITERATIONS}"}, second.done
         entries = read_log(second_log)
         outcomes = read_metrics(cluster.metrics_path, skip=ITERATIONS)  # the first instance's lines

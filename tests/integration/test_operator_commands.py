@@ -41,15 +41,17 @@ from flcluster.wire.codes import ServerText
 from recovery.checks import acknowledged_updates, check_device_log, check_models, read_metrics
 from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster, Node
 from recovery.devicelog import TEXT, DeviceLog, read_log
-from recovery.fleet import Fleet
 from recovery.harness import REPO
 from tests.integration.cluster_tools import (
     SEED,
     assert_exited_on_sigterm,
     check_training,
+    fleet_of,
     initial_model,
     release_scaled_in,
+    run_fleet,
     served_models,
+    start_cluster,
     start_scale_nodes,
     thread,
     wait_ready,
@@ -140,45 +142,12 @@ def wait_metrics(
         time.sleep(0.1)
 
 
-def start_cluster(tmp_path: Path, options: ClusterOptions) -> DrillCluster:
-    cluster = DrillCluster(tmp_path, options)
-    cluster.start()
-    wait_ready(cluster)
-    for node in cluster.servers.values():
-        cluster.wait_started(node)
-    return cluster
-
-
-def fleet_of(cluster: DrillCluster, devices: int, iterations: int, log: DeviceLog) -> Fleet:
-    return Fleet(
-        [n.url for n in cluster.servers.values()],
-        devices=devices,
-        seed=SEED,
-        fl_name=FL_NAME,
-        fl_iteration_num=iterations,
-        log=log,
-    )
-
-
-def run_fleet(fleet: Fleet, scenario: object = None, limit: float = 300) -> None:
-    """Run ``fleet`` to its end beside ``scenario`` (an async function, optional)."""
-
-    async def main() -> None:
-        with trio.fail_after(limit):
-            async with trio.open_nursery() as nursery:
-                if scenario is not None:
-                    nursery.start_soon(scenario)  # type: ignore[arg-type]
-                await fleet.run()
-
-    trio.run(main)
-
-
 def test_flcluster_scale_out_and_in_while_devices_train(tmp_path: Path) -> None:
     iterations = 6
     options = ClusterOptions(
         server_num=2, devices=4, fl_iteration_num=iterations, recovery=False, launch="guide", window_ms=30_000
     )
-    cluster = start_cluster(tmp_path, options)
+    cluster = start_cluster(DrillCluster(tmp_path, options))
     try:
         initial = initial_model(cluster)
         before = cluster.ranks()
@@ -253,7 +222,7 @@ def test_flcluster_instance_query_disable_enable_new(tmp_path: Path) -> None:
     options = ClusterOptions(
         server_num=2, devices=4, fl_iteration_num=job, recovery=False, launch="guide", window_ms=30_000
     )
-    cluster = start_cluster(tmp_path, options)
+    cluster = start_cluster(DrillCluster(tmp_path, options))
     try:
         initial = initial_model(cluster)
         values = {

@@ -25,19 +25,19 @@ import time
 from pathlib import Path
 
 import pytest
-import trio
 
-from recovery.cluster import FL_NAME, ClusterOptions, DrillCluster, Node
+from recovery.cluster import ClusterOptions, DrillCluster, Node
 from recovery.devicelog import DeviceLog
-from recovery.fleet import Fleet
 from recovery.harness import wait_gone
 from tests.integration.cluster_tools import (
-    SEED,
     assert_exited_on_sigterm,
     check_training,
     curl,
+    fleet_of,
     initial_model,
     release_scaled_in,
+    run_fleet,
+    start_cluster,
     start_scale_nodes,
     thread,
     wait_ready,
@@ -67,21 +67,11 @@ def test_the_guides_scaling_commands_while_30_devices_train(tmp_path: Path) -> N
     cluster = DrillCluster(tmp_path, options)
     figures: dict[str, float] = {}
     try:
-        cluster.start()
-        wait_ready(cluster)
-        for node in cluster.servers.values():
-            cluster.wait_started(node)
+        start_cluster(cluster)
         initial = initial_model(cluster)
         log_path = tmp_path / "devices.jsonl"
         device_log = DeviceLog(log_path)
-        fleet = Fleet(
-            [n.url for n in cluster.servers.values()],
-            devices=options.devices,
-            seed=SEED,
-            fl_name=FL_NAME,
-            fl_iteration_num=iterations,
-            log=device_log,
-        )
+        fleet = fleet_of(cluster, options.devices, iterations, device_log)
         removed: list[Node] = []
 
         async def scenario() -> None:
@@ -124,14 +114,8 @@ def test_the_guides_scaling_commands_while_30_devices_train(tmp_path: Path) -> N
             assert not set(chosen) & set(ranks)
             removed.extend(await release_scaled_in(cluster, fleet, chosen, settle=2.0))  # kill -15 $PID
 
-        async def main() -> None:
-            with trio.fail_after(900):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(scenario)
-                    await fleet.run()
-
         try:
-            trio.run(main)
+            run_fleet(fleet, scenario, limit=900)
         finally:
             device_log.close()
         assert_exited_on_sigterm(removed)
@@ -155,21 +139,11 @@ def test_a_server_killed_during_scale_out_and_restarted_does_not_wedge_the_clust
     options = ClusterOptions(server_num=3, devices=8, fl_iteration_num=iterations, window_ms=60_000)
     cluster = DrillCluster(tmp_path, options)
     try:
-        cluster.start()
-        wait_ready(cluster)
-        for node in cluster.servers.values():
-            cluster.wait_started(node)
+        start_cluster(cluster)
         initial = initial_model(cluster)
         log_path = tmp_path / "devices.jsonl"
         device_log = DeviceLog(log_path)
-        fleet = Fleet(
-            [n.url for n in cluster.servers.values()],
-            devices=options.devices,
-            seed=SEED,
-            fl_name=FL_NAME,
-            fl_iteration_num=iterations,
-            log=device_log,
-        )
+        fleet = fleet_of(cluster, options.devices, iterations, device_log)
 
         async def scenario() -> None:
             await fleet.wait_acked(2, 3)
@@ -187,14 +161,8 @@ def test_a_server_killed_during_scale_out_and_restarted_does_not_wedge_the_clust
             fleet.urls.append(new.url)
             assert sorted(cluster.ranks().values(), key=int) == ["0", "1", "2", "3"]
 
-        async def main() -> None:
-            with trio.fail_after(600):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(scenario)
-                    await fleet.run()
-
         try:
-            trio.run(main)
+            run_fleet(fleet, scenario, limit=600)
         finally:
             device_log.close()
         wait_ready(cluster, 10)
@@ -209,22 +177,12 @@ def test_the_scheduler_killed_during_scale_out_rolls_the_scaling_back(tmp_path: 
     options = ClusterOptions(server_num=3, devices=8, fl_iteration_num=iterations, window_ms=60_000)
     cluster = DrillCluster(tmp_path, options)
     try:
-        cluster.start()
-        wait_ready(cluster)
-        for node in cluster.servers.values():
-            cluster.wait_started(node)
+        start_cluster(cluster)
         before = cluster.ranks()
         initial = initial_model(cluster)
         log_path = tmp_path / "devices.jsonl"
         device_log = DeviceLog(log_path)
-        fleet = Fleet(
-            [n.url for n in cluster.servers.values()],
-            devices=options.devices,
-            seed=SEED,
-            fl_name=FL_NAME,
-            fl_iteration_num=iterations,
-            log=device_log,
-        )
+        fleet = fleet_of(cluster, options.devices, iterations, device_log)
         joiners: list[Node] = []
 
         async def scenario() -> None:
@@ -243,14 +201,8 @@ def test_the_scheduler_killed_during_scale_out_rolls_the_scaling_back(tmp_path: 
             del cluster.servers[joiner.node_id]
             assert "but the Scheduler expects server_num=3" in joiner.log.read_text()
 
-        async def main() -> None:
-            with trio.fail_after(600):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(scenario)
-                    await fleet.run()
-
         try:
-            trio.run(main)
+            run_fleet(fleet, scenario, limit=600)
         finally:
             device_log.close()
         wait_ready(cluster, 10)
